@@ -1,0 +1,254 @@
+"""The shared base of every SAE architecture.
+
+Layout (SPEC notation, the layout of Gemma Scope and SAELens): ``W_enc`` is ``(d_in, d_sae)``,
+``W_dec`` is ``(d_sae, d_out)``, ``b_enc`` is ``(d_sae,)``, ``b_dec`` is ``(d_out,)``. ``d_out``
+equals ``d_in`` except for transcoders.
+
+An architecture file subclasses :class:`SAEConfig` and :class:`SAE`, implements ``encode``,
+``loss`` and (optionally) ``export``/``init_from_data``, and registers itself by name. The
+trainer talks to SAEs only through the methods defined here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+InputScaling = Literal["unit_mean_sq_norm", "sqrt_d_in_norm", "none"]
+
+
+@dataclass
+class SAEConfig:
+    """Fields every architecture shares. Subclasses add their own and may change defaults."""
+
+    d_in: int
+    """Width of the activations the encoder reads."""
+
+    d_sae: int
+    """Number of latents (dictionary size)."""
+
+    d_out: int | None = None
+    """Width of the tensor the decoder predicts; None means d_in (an ordinary SAE)."""
+
+    seed: int = 0
+    """Seed of the parameter initialisation."""
+
+    input_scaling: InputScaling = "unit_mean_sq_norm"
+    """How the trainer rescales inputs before training (folded back into the saved weights):
+    'unit_mean_sq_norm' makes E||x||^2 = 1 (JumpReLU paper), 'sqrt_d_in_norm' makes
+    E||x|| = sqrt(d_in) (Anthropic, TopK papers), 'none' trains on raw activations."""
+
+    normalize_decoder: bool = True
+    """Keep every decoder row at unit norm (project out the parallel gradient, renormalise)."""
+
+    lr: float = 2e-4
+    """Adam learning rate at the end of warm-up."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    lr_warmup_steps: int = 100
+    """Steps of linear learning-rate warm-up from 0."""
+
+    lr_decay_fraction: float = 0.2
+    """Fraction of the run at its end over which the learning rate decays linearly to 0."""
+
+    sparsity_warmup_steps: int = 0
+    """Steps over which the sparsity coefficient rises linearly from 0 to its value."""
+
+    grad_clip_norm: float | None = None
+    """Clip the gradient's global norm to this value; None disables clipping."""
+
+    model: str | None = None
+    """The model whose activations this SAE reads (metadata; set by harvesting code)."""
+
+    site: str | None = None
+    """The hook site it reads, e.g. 'layers.3.resid_post' (metadata)."""
+
+    architecture: ClassVar[str] = ""
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def preset(cls, name: str, **fields: Any) -> "SAEConfig":
+        """A config from a named recipe (``cls.presets``), with ``fields`` overriding it."""
+        if name not in cls.presets:
+            known = ", ".join(sorted(cls.presets)) or "none"
+            raise ValueError(f"unknown {cls.architecture!r} preset {name!r}; known: {known}")
+        return cls.from_dict({**cls.presets[name], **fields})
+
+    @property
+    def d_output(self) -> int:
+        return self.d_in if self.d_out is None else self.d_out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.architecture!r} config fields: {unknown}")
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_out is not None and self.d_out <= 0:
+            raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
+        if self.input_scaling not in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none"):
+            raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
+
+
+@dataclass
+class StepContext:
+    """What the trainer tells an SAE's loss about the current step."""
+
+    step: int = 0
+    """Optimiser step index (0-based)."""
+
+    sparsity_scale: float = 1.0
+    """Warm-up factor in [0, 1] applied to the sparsity coefficient."""
+
+    dead_mask: Tensor | None = None
+    """Boolean (d_sae,) mask of latents that have not fired for the dead-token window."""
+
+
+@dataclass
+class LossOutput:
+    """A loss and its named parts, with what the trainer needs for metrics."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    feature_acts: Tensor
+    reconstruction: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SAE(nn.Module):
+    """Base module: ``encode``, ``decode``, ``forward``, ``loss``, decoder-norm helpers and
+    the input-scale fold. Subclasses set ``config_class`` and implement ``encode``/``loss``."""
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    # Parameter or buffer names that scale linearly with the input / output when activations
+    # are rescaled; fold_scaling multiplies them (threshold-like values and biases).
+    input_scaled: ClassVar[tuple[str, ...]] = ("b_enc",)
+    output_scaled: ClassVar[tuple[str, ...]] = ("b_dec",)
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.W_dec = nn.Parameter(init_decoder(cfg.d_sae, cfg.d_output, generator))
+        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous() if cfg.d_output == cfg.d_in
+                                  else init_decoder(cfg.d_sae, cfg.d_in, generator).T.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_output))
+
+    @property
+    def architecture(self) -> str:
+        return self.config_class.architecture
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    # -- inference -------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations ``f`` (..., d_sae) of raw inputs ``x`` (..., d_in)."""
+        raise NotImplementedError
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of ``x`` (the prediction of the output, for a transcoder)."""
+        return self.decode(self.encode(x))
+
+    def check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"{self.architecture} SAE expects activations with last dimension d_in={self.cfg.d_in}, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    # -- training --------------------------------------------------------------------------
+    def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
+        """Training loss on a batch ``x`` (B, d_in); ``target`` (B, d_out) defaults to ``x``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Data-dependent initialisation on a sample of (already scaled) inputs. Default: none."""
+
+    def export(self) -> "SAE":
+        """The inference form (e.g. a Gated or BatchTopK SAE exports to a JumpReLU SAE)."""
+        return self
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (e.g. to clamp thresholds). Default: nothing."""
+
+    def sparsity_coefficient(self) -> float | None:
+        """The coefficient the sparsity warm-up multiplies, for logging; None if there is none."""
+        return None
+
+    @torch.no_grad()
+    def fold_scaling(self, input_scale: float, output_scale: float | None = None) -> None:
+        """Rewrite the weights so the SAE trained on ``x / input_scale`` takes raw ``x``.
+
+        Encoder and decoder matrices stay as they are (their product with a scaled input is
+        scaled); the biases and thresholds listed in ``input_scaled``/``output_scaled`` are
+        multiplied, so ``f_raw = s * f`` and ``x_hat_raw = s * x_hat`` exactly (SPEC 1).
+        """
+        output_scale = input_scale if output_scale is None else output_scale
+        for names, scale in ((self.input_scaled, input_scale), (self.output_scaled, output_scale)):
+            for name in names:
+                getattr(self, name).mul_(scale)
+        if output_scale != input_scale:  # transcoder: f is in input units, output is not
+            self.W_dec.mul_(output_scale / input_scale)
+
+    # -- decoder-norm constraint ------------------------------------------------------------
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component parallel to each decoder row (keeps rows on the sphere)."""
+        if not self.cfg.normalize_decoder or self.W_dec.grad is None:
+            return
+        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        parallel = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * rows)
+
+    @torch.no_grad()
+    def normalize_decoder_rows(self) -> None:
+        if self.cfg.normalize_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def init_decoder(d_sae: int, d_out: int, generator: torch.Generator) -> Tensor:
+    """Kaiming-uniform decoder, each row rescaled to unit norm (SPEC 1 recipe)."""
+    bound = math.sqrt(6.0 / d_sae)  # kaiming_uniform with fan_in = d_sae, gain sqrt(2)
+    weight = (torch.rand(d_sae, d_out, generator=generator) * 2 - 1) * bound
+    return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def reconstruction_error(target: Tensor, reconstruction: Tensor) -> Tensor:
+    """Squared error summed over features, averaged over the batch (SPEC 1)."""
+    return (reconstruction - target).pow(2).sum(dim=-1).mean()

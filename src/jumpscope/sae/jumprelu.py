@@ -1,0 +1,248 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024; SPEC section 1).
+
+f = z * H(z - theta) with one threshold per latent, trained through two straight-through
+estimators with the rectangle kernel. The L0 step is applied to the PRE-activation z (applying
+it to the post-JumpReLU output gives latents just below threshold no sparsity gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .base import SAE, LossOutput, SAEConfig, StepContext, reconstruction_error
+from .registry import register
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """K(u) = 1 for -1/2 < u < 1/2, else 0."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+def _sum_to_threshold(grad: Tensor, threshold: Tensor) -> Tensor:
+    # The threshold gradient is summed over every batch dimension (a kernel density estimate).
+    return grad.reshape(-1, grad.shape[-1]).sum(0).reshape(threshold.shape)
+
+
+class _JumpReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad_out * (z > threshold).to(z.dtype)  # no straight-through term on z
+        grad_theta = -(threshold / eps) * rectangle((z - threshold) / eps) * grad_out
+        return grad_z, _sum_to_threshold(grad_theta, threshold), None
+
+
+class _StepFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[None, Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * rectangle((z - threshold) / eps) * grad_out
+        return None, _sum_to_threshold(grad_theta, threshold), None  # dH/dz := 0
+
+
+def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """JumpReLU with the straight-through threshold gradient of SPEC 1."""
+    return _JumpReLUFunction.apply(z, threshold, bandwidth)
+
+
+def step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Heaviside H(z - threshold) whose gradient reaches only the threshold."""
+    return _StepFunction.apply(z, threshold, bandwidth)
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    """JumpReLU SAE. Defaults are the fast recipe that reaches a requested L0 within a few
+    million tokens; ``JumpReLUConfig.preset("paper", ...)`` gives the paper's recipe."""
+
+    bandwidth: float = 0.001
+    """Width eps of the rectangle kernel in the pseudo-derivatives (on the scaled inputs)."""
+
+    log_threshold: bool = False
+    """Store log(theta) as the parameter (paper) instead of raw theta (trains faster under Adam)."""
+
+    threshold_init: float = 0.001
+    """Initial threshold when it is not initialised from data."""
+
+    threshold_init_l0: float | None = None
+    """Initialise each theta_i at the (1 - L0/d_sae) quantile of its pre-activation on a data
+    sample so training starts at this L0. None: use target_l0 if set, else threshold_init."""
+
+    apply_b_dec_to_input: bool = False
+    """Subtract b_dec from x before the encoder."""
+
+    sparsity_loss: Literal["l0", "tanh"] = "l0"
+    """'l0': lambda * ||f||_0 (paper); 'tanh': lambda * sum tanh(c |f_i| ||W_dec,i||) (Anthropic)."""
+
+    l0_coefficient: float = 0.01
+    """lambda, the sparsity coefficient (ignored when target_l0 is set)."""
+
+    target_l0: float | None = None
+    """Drive the batch L0 to this value with target_l0_coefficient * (L0/target - 1)^2."""
+
+    target_l0_coefficient: float = 10.0
+    """Strength of the target-L0 penalty."""
+
+    tanh_scale: float = 4.0
+    """c in the tanh sparsity penalty."""
+
+    pre_act_coefficient: float = 0.0
+    """lambda_P of the pre-activation penalty sum ReLU(theta_i - z_i) ||W_dec,i|| (0 = off)."""
+
+    threshold_floor: float = 1e-6
+    """Raw thresholds are clamped to at least this after each step (keeps theta > 0)."""
+
+    lr: float = 1e-3
+    adam_beta1: float = 0.0
+    lr_warmup_steps: int = 100
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # Rajamanoharan et al. 2024 / Gemma Scope, tuned for billions of tokens.
+        "paper": dict(lr=7e-5, adam_beta1=0.0, adam_beta2=0.999, lr_warmup_steps=1000,
+                      lr_decay_fraction=0.0, sparsity_warmup_steps=10_000, log_threshold=True,
+                      threshold_init=0.001, bandwidth=0.001, input_scaling="unit_mean_sq_norm"),
+        # Anthropic's January 2025 variant (constants unverified, SPEC 1).
+        "tanh": dict(sparsity_loss="tanh", tanh_scale=4.0, pre_act_coefficient=3e-6,
+                     input_scaling="sqrt_d_in_norm", bandwidth=2.0, threshold_init=0.1,
+                     sparsity_warmup_steps=-1, lr_decay_fraction=0.2, grad_clip_norm=1.0,
+                     normalize_decoder=False),
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bandwidth <= 0:
+            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}")
+        if self.threshold_init <= 0:
+            raise ValueError(f"threshold_init must be > 0, got {self.threshold_init}")
+        for name in ("target_l0", "threshold_init_l0"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < self.d_sae:
+                raise ValueError(f"{name} must lie in (0, d_sae={self.d_sae}), got {value}")
+        if self.sparsity_loss not in ("l0", "tanh"):
+            raise ValueError(f"sparsity_loss must be 'l0' or 'tanh', got {self.sparsity_loss!r}")
+        if self.target_l0 is not None and self.sparsity_loss != "l0":
+            raise ValueError("target_l0 needs sparsity_loss='l0'")
+
+
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    config_class = JumpReLUConfig
+    cfg: JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        initial = torch.full((cfg.d_sae,), float(cfg.threshold_init))
+        if cfg.log_threshold:
+            self.log_threshold = nn.Parameter(initial.log())
+        else:
+            self.threshold_raw = nn.Parameter(initial)
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp() if self.cfg.log_threshold else self.threshold_raw
+
+    @torch.no_grad()
+    def set_threshold(self, values: Tensor) -> None:
+        values = values.clamp_min(self.cfg.threshold_floor)
+        if self.cfg.log_threshold:
+            self.log_threshold.copy_(values.log())
+        else:
+            self.threshold_raw.copy_(values)
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_activation(x)
+        return pre * (pre > self.threshold).to(pre.dtype)
+
+    def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
+        cfg = self.cfg
+        target = x if target is None else target
+        pre = self.pre_activation(x)
+        threshold = self.threshold
+        acts = jumprelu(pre, threshold, cfg.bandwidth)
+        recon = self.decode(acts)
+        terms = {"mse": reconstruction_error(target, recon)}
+        if cfg.sparsity_loss == "l0":
+            l0 = step(pre, threshold, cfg.bandwidth).sum(-1).mean()
+            if cfg.target_l0 is not None:
+                sparsity = cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
+            else:
+                sparsity = cfg.l0_coefficient * l0
+        else:
+            norms = self.W_dec.norm(dim=1)
+            sparsity = cfg.l0_coefficient * torch.tanh(cfg.tanh_scale * acts.abs() * norms).sum(-1).mean()
+        terms["sparsity"] = ctx.sparsity_scale * sparsity
+        if cfg.pre_act_coefficient:
+            norms = self.W_dec.norm(dim=1)
+            terms["pre_act"] = cfg.pre_act_coefficient * (torch.relu(threshold - pre) * norms).sum(-1).mean()
+        total = torch.stack(list(terms.values())).sum()
+        return LossOutput(total, terms, acts, recon)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        l0 = self.cfg.threshold_init_l0 if self.cfg.threshold_init_l0 is not None else self.cfg.target_l0
+        if l0 is None:
+            return
+        pre = self.pre_activation(x)
+        rank = min(pre.shape[0], max(1, math.ceil((1.0 - l0 / self.cfg.d_sae) * pre.shape[0])))
+        self.set_threshold(pre.kthvalue(rank, dim=0).values)
+
+    def after_step(self) -> None:
+        if not self.cfg.log_threshold:
+            with torch.no_grad():
+                self.threshold_raw.clamp_(min=self.cfg.threshold_floor)
+
+    def sparsity_coefficient(self) -> float | None:
+        return self.cfg.target_l0_coefficient if self.cfg.target_l0 is not None else self.cfg.l0_coefficient
+
+    @torch.no_grad()
+    def fold_scaling(self, input_scale: float, output_scale: float | None = None) -> None:
+        super().fold_scaling(input_scale, output_scale)
+        self.set_threshold(self.threshold * input_scale)
+
+
+def jumprelu_from_weights(W_enc: Tensor, W_dec: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor,
+                          **fields: Any) -> JumpReLUSAE:
+    """An inference JumpReLU SAE holding exactly these weights (raw threshold, float32)."""
+    d_in, d_sae = W_enc.shape
+    if W_dec.shape[0] != d_sae or b_enc.shape != (d_sae,) or threshold.shape != (d_sae,) \
+            or b_dec.shape != (W_dec.shape[1],):
+        raise ValueError(
+            f"inconsistent JumpReLU weight shapes: W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}, "
+            f"b_enc {tuple(b_enc.shape)}, b_dec {tuple(b_dec.shape)}, threshold {tuple(threshold.shape)}")
+    d_out = W_dec.shape[1]
+    fields.setdefault("threshold_floor", 0.0)  # keep the given thresholds bit-exact (even 0)
+    cfg = JumpReLUConfig(d_in=d_in, d_sae=d_sae, d_out=None if d_out == d_in else d_out, **fields)
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        for name, value in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
+            getattr(sae, name).copy_(value)
+        if cfg.log_threshold:
+            sae.log_threshold.copy_(threshold.log())
+        else:
+            sae.threshold_raw.copy_(threshold)
+    return sae
