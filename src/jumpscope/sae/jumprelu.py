@@ -87,6 +87,10 @@ class JumpReLUConfig(SAEConfig):
     """Initialise each theta_i at the (1 - L0/d_sae) quantile of its pre-activation on a data
     sample so training starts at this L0. None: use target_l0 if set, else threshold_init."""
 
+    b_dec_init: Literal["zeros", "mean"] = "mean"
+    """Initial decoder bias: zeros (paper) or the mean of the initialisation sample, which spares
+    the first thousands of steps learning the activations' mean."""
+
     apply_b_dec_to_input: bool = False
     """Subtract b_dec from x before the encoder."""
 
@@ -119,7 +123,8 @@ class JumpReLUConfig(SAEConfig):
         # Rajamanoharan et al. 2024 / Gemma Scope, tuned for billions of tokens.
         "paper": dict(lr=7e-5, adam_beta1=0.0, adam_beta2=0.999, lr_warmup_steps=1000,
                       lr_decay_fraction=0.0, sparsity_warmup_steps=10_000, log_threshold=True,
-                      threshold_init=0.001, bandwidth=0.001, input_scaling="unit_mean_sq_norm"),
+                      threshold_init=0.001, bandwidth=0.001, input_scaling="unit_mean_sq_norm",
+                      b_dec_init="zeros"),
         # Anthropic's January 2025 variant (constants unverified, SPEC 1).
         "tanh": dict(sparsity_loss="tanh", tanh_scale=4.0, pre_act_coefficient=3e-6,
                      input_scaling="sqrt_d_in_norm", bandwidth=2.0, threshold_init=0.1,
@@ -137,6 +142,8 @@ class JumpReLUConfig(SAEConfig):
             value = getattr(self, name)
             if value is not None and not 0 < value < self.d_sae:
                 raise ValueError(f"{name} must lie in (0, d_sae={self.d_sae}), got {value}")
+        if self.b_dec_init not in ("zeros", "mean"):
+            raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.sparsity_loss not in ("l0", "tanh"):
             raise ValueError(f"sparsity_loss must be 'l0' or 'tanh', got {self.sparsity_loss!r}")
         if self.target_l0 is not None and self.sparsity_loss != "l0":
@@ -204,6 +211,8 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
+        if self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(x.mean(0))
         l0 = self.cfg.threshold_init_l0 if self.cfg.threshold_init_l0 is not None else self.cfg.target_l0
         if l0 is None:
             return

@@ -1,0 +1,82 @@
+"""Trainer configuration: what the loop does, independent of any architecture.
+
+Optimiser hyperparameters (lr, betas, warm-ups) live in each SAE's own config, so a sweep over
+architectures trains each with its own defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+
+@dataclass
+class TrainerConfig:
+    """How long to train, how to batch, log and checkpoint."""
+
+    total_tokens: int = 10_000_000
+    """Activation vectors (tokens) to train on; the run stops early if the data runs out."""
+
+    batch_size: int = 4096
+    """Tokens per optimiser step. Incoming batches of any size are re-chunked to this."""
+
+    init_sample_tokens: int = 16_384
+    """Tokens, taken from the start of the stream, used to estimate the input scale and for
+    data-dependent initialisation (e.g. JumpReLU thresholds). They are trained on as well."""
+
+    dead_tokens: int | None = None
+    """A latent that has not fired for this many tokens is dead (drives AuxK and the dead
+    fraction in the log). None: 10M tokens, capped at a quarter of total_tokens."""
+
+    final_metrics_tokens: int | None = None
+    """Tokens at the end of training over which the final metrics and feature densities are
+    measured. None: the last 10% of the run, at most 2M tokens."""
+
+    log_every: int = 50
+    """Write a JSONL log line (and refresh the progress bar) every this many steps."""
+
+    checkpoint_every: int = 1000
+    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+
+    out_dir: str | None = None
+    """Folder for checkpoints, the JSONL log and the trained SAEs; None keeps them in memory."""
+
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+
+    autocast: Literal["none", "bf16"] = "none"
+    """Mixed precision for the SAE forward on CUDA; ignored (float32) on CPU."""
+
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        positive = ("total_tokens", "batch_size", "init_sample_tokens", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.total_tokens < self.batch_size:
+            raise ValueError(f"total_tokens ({self.total_tokens}) is smaller than one batch ({self.batch_size})")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+    @property
+    def dead_window(self) -> int:
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(self.batch_size, min(10_000_000, self.total_tokens // 4))
+
+    @property
+    def final_metrics_window(self) -> int:
+        if self.final_metrics_tokens is not None:
+            return self.final_metrics_tokens
+        return max(self.batch_size, min(2_000_000, self.total_tokens // 10))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

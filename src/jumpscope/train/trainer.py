@@ -1,0 +1,279 @@
+"""The training loop. It knows no architecture: it calls ``sae.loss``, the decoder-norm helpers,
+``init_from_data``, ``after_step`` and ``fold_scaling`` of the SAE base class, and nothing else.
+
+Many SAEs train at once on the same batches (a sweep pays for the data once); each has its own
+Adam, schedules and input scale. A killed run resumes from its last checkpoint and ends with
+the same weights as an uninterrupted one, given the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..sae.base import SAE, StepContext
+from ..sae.metrics import StreamingMetrics, batch_fvu
+from .batches import Batch, check_finite, rebatch
+from .checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .config import TrainerConfig
+from .distributed import SingleProcess
+from .optim import lr_factor, make_optimizer, sparsity_factor
+from .progress import ProgressReporter
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.safetensors"
+LOG_FILE = "train_log.jsonl"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def name_saes(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
+    if isinstance(saes, SAE):
+        saes = [saes]
+    if isinstance(saes, Mapping):
+        named = dict(saes)
+    else:
+        named = {f"{sae.architecture}_{index}": sae for index, sae in enumerate(saes)}
+    if not named:
+        raise ValueError("no SAEs to train")
+    return named
+
+
+def estimate_scale(sample: Tensor, convention: str) -> float:
+    """The scalar s such that sample / s follows the SAE's input-scaling convention (SPEC 1)."""
+    norms = sample.double().norm(dim=-1)
+    if convention == "unit_mean_sq_norm":
+        scale = norms.pow(2).mean().sqrt().item()
+    elif convention == "sqrt_d_in_norm":
+        scale = norms.mean().item() / math.sqrt(sample.shape[-1])
+    else:
+        return 1.0
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"cannot estimate the input scale: the sample's mean norm is {scale}")
+    return scale
+
+
+class Trainer:
+    def __init__(self, saes: SAE | Sequence[SAE] | Mapping[str, SAE], cfg: TrainerConfig | None = None,
+                 process_group: SingleProcess | None = None):
+        self.cfg = cfg or TrainerConfig()
+        self.saes = name_saes(saes)
+        self.dist = process_group or SingleProcess()
+        self.device = resolve_device(self.cfg.device)
+        widths = {(sae.cfg.d_in, sae.cfg.d_output) for sae in self.saes.values()}
+        if len({w[0] for w in widths}) != 1:
+            raise ValueError(f"SAEs trained together must share d_in, got {sorted(widths)}")
+        self.transcoding = any(sae.cfg.d_out is not None for sae in self.saes.values())
+        if self.transcoding and len(widths) != 1:
+            raise ValueError(f"transcoders trained together must share d_in and d_out, got {sorted(widths)}")
+        self.widths = next(iter(widths)) if self.transcoding else (next(iter(widths))[0],)
+        for sae in self.saes.values():
+            sae.to(self.device).train()
+        self.optimizers = {name: make_optimizer(sae) for name, sae in self.saes.items()}
+        self.step = 0
+        self.input_scales: dict[str, float] = {}
+        self.output_scales: dict[str, float] = {}
+        self.since_fired = {n: torch.zeros(s.cfg.d_sae, dtype=torch.int64, device=self.device)
+                            for n, s in self.saes.items()}
+        self.final_metrics = {n: StreamingMetrics(s.cfg.d_sae, s.cfg.d_output, self.device)
+                              for n, s in self.saes.items()}
+        self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir else None
+
+    # -- public -------------------------------------------------------------------------------
+    def fit(self, batches: Iterable, resume: bool = False) -> dict[str, SAE]:
+        """Train on ``batches``; returns the SAEs with the input scale folded in (raw inputs)."""
+        checkpoint = self.out_dir / CHECKPOINT_FILE if self.out_dir else None
+        if checkpoint is not None and checkpoint.exists():
+            if not resume:
+                raise FileExistsError(f"{checkpoint} exists: pass resume=True (--resume) to continue that run, "
+                                      "or choose another output folder")
+            self._load(checkpoint)
+            log.info("resuming from step %d (%d tokens)", self.step, self.step * self.cfg.batch_size)
+        cfg = self.cfg
+        stream = rebatch(batches, cfg.batch_size, self.widths, skip_rows=self.step * cfg.batch_size)
+        if not self.input_scales:
+            stream = self._initialise(stream)
+        reporter = ProgressReporter(self.out_dir / LOG_FILE if self.out_dir and self.dist.is_main else None,
+                                    total=cfg.total_steps, start=self.step, enabled=cfg.progress and self.dist.is_main,
+                                    truncate_after=self.step)
+        with reporter:
+            for batch in stream:
+                if self.step >= cfg.total_steps:
+                    break
+                check_finite(batch, self.step)
+                rows = self._train_step(batch)
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                    reporter.report(self.step, self.step * cfg.batch_size, rows)
+                if checkpoint is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self._save(checkpoint)
+        if self.step < cfg.total_steps:
+            log.warning("the data ran out after %d of %d steps", self.step, cfg.total_steps)
+        if checkpoint is not None:
+            self._save(checkpoint)
+        return self._finish()
+
+    def final_summary(self) -> dict[str, dict[str, Any]]:
+        """Metrics over the last ``final_metrics_window`` tokens, per SAE, in raw units."""
+        return {name: metrics.compute() for name, metrics in self.final_metrics.items() if metrics.n_tokens}
+
+    # -- steps --------------------------------------------------------------------------------
+    def _initialise(self, stream: Iterator[Batch]) -> Iterator[Batch]:
+        """Estimate each SAE's input scale on the first tokens and run data-dependent inits."""
+        sample_batches: list[Batch] = []
+        rows = 0
+        for batch in stream:
+            sample_batches.append(batch)
+            rows += batch[0].shape[0]
+            if rows >= self.cfg.init_sample_tokens:
+                break
+        if not sample_batches:
+            raise ValueError("no activation batches were given")
+        sample = [torch.cat(column).to(self.device, torch.float32) for column in zip(*sample_batches)]
+        check_finite(tuple(sample), step=0)
+        for name, sae in self.saes.items():
+            convention = sae.cfg.input_scaling
+            self.input_scales[name] = estimate_scale(sample[0], convention)
+            self.output_scales[name] = estimate_scale(sample[-1], convention) if self.transcoding else \
+                self.input_scales[name]
+            sae.init_from_data(sample[0] / self.input_scales[name])
+            self.dist.broadcast_module(sae)
+
+        def replay() -> Iterator[Batch]:
+            yield from sample_batches
+            yield from stream
+
+        return replay()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.autocast == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self, batch: Batch) -> dict[str, dict[str, float]]:
+        cfg = self.cfg
+        total = cfg.total_steps
+        inputs = batch[0].to(self.device, torch.float32, non_blocking=True)
+        targets = batch[-1].to(self.device, torch.float32, non_blocking=True) if self.transcoding else None
+        logging_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == total
+        in_final_window = (total - self.step) * cfg.batch_size <= cfg.final_metrics_window
+        rows: dict[str, dict[str, float]] = {}
+        for name, sae in self.saes.items():
+            sae_cfg = sae.cfg
+            scale_in, scale_out = self.input_scales[name], self.output_scales[name]
+            target_scaled = targets / scale_out if targets is not None else None
+            ctx = StepContext(step=self.step,
+                              sparsity_scale=sparsity_factor(self.step, total, sae_cfg.sparsity_warmup_steps),
+                              dead_mask=self.since_fired[name] >= cfg.dead_window)
+            with self._autocast():
+                out = sae.loss(inputs / scale_in, ctx, target_scaled)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(
+                    f"SAE {name!r}: the loss became {out.loss.item()} at step {self.step} "
+                    f"({ {k: v.item() for k, v in out.terms.items()} }); lower its learning rate "
+                    f"(lr={sae_cfg.lr}) or check the activations. The last checkpoint is intact.")
+            optimizer = self.optimizers[name]
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.dist.reduce_gradients(sae)
+            sae.remove_parallel_decoder_grad()
+            if sae_cfg.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), sae_cfg.grad_clip_norm)
+            lr = sae_cfg.lr * lr_factor(self.step, total, sae_cfg.lr_warmup_steps, sae_cfg.lr_decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            sae.normalize_decoder_rows()
+            sae.after_step()
+
+            acts = out.feature_acts.detach()
+            fired = self.dist.all_reduce_max_((acts > 0).any(0).to(torch.int64)).bool()
+            self.since_fired[name] += inputs.shape[0] * self.dist.world_size
+            self.since_fired[name][fired] = 0
+            if in_final_window:
+                reference = targets if targets is not None else inputs
+                self.final_metrics[name].update(reference, out.reconstruction.detach().float() * scale_out,
+                                                acts.float() * scale_in)
+            if logging_step:
+                reference = target_scaled if target_scaled is not None else inputs / scale_in
+                rows[name] = {
+                    "loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()},
+                    "l0": (acts > 0).sum(-1).float().mean().item(),
+                    "fvu": batch_fvu(reference, out.reconstruction.detach().float()),
+                    "dead_fraction": (self.since_fired[name] >= cfg.dead_window).float().mean().item(),
+                    "lr": lr, "sparsity_scale": ctx.sparsity_scale,
+                }
+        return rows
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save(self, path: Path) -> None:
+        if not self.dist.is_main:
+            return
+        tensors: dict[str, Tensor] = {}
+        groups = {}
+        for index, (name, sae) in enumerate(self.saes.items()):
+            tensors.update({f"sae{index}.model.{k}": v for k, v in sae.state_dict().items()})
+            optim_tensors, groups[name] = optimizer_tensors(self.optimizers[name], f"sae{index}.optim")
+            tensors.update(optim_tensors)
+            tensors[f"sae{index}.since_fired"] = self.since_fired[name]
+            tensors.update({f"sae{index}.final.{k}": v for k, v in self.final_metrics[name].state_dict().items()})
+        state = {"step": self.step, "names": list(self.saes), "input_scales": self.input_scales,
+                 "output_scales": self.output_scales, "param_groups": groups, "trainer": self.cfg.to_dict(),
+                 "configs": {n: {"architecture": s.architecture, **s.cfg.to_dict()} for n, s in self.saes.items()}}
+        save_checkpoint(path, tensors, state)
+
+    def _load(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path)
+        configs = {n: {"architecture": s.architecture, **s.cfg.to_dict()} for n, s in self.saes.items()}
+        if state["configs"] != configs:
+            raise ValueError(f"{path} was written by a run with different SAEs or configs; resume with the same "
+                             f"settings or use another output folder.\n saved: {state['configs']}\n now: {configs}")
+        for key in ("batch_size", "total_tokens"):
+            if state["trainer"][key] != getattr(self.cfg, key):
+                raise ValueError(f"{path} was written with {key}={state['trainer'][key]}, "
+                                 f"this run has {getattr(self.cfg, key)}; resume with the same value")
+        for index, (name, sae) in enumerate(self.saes.items()):
+            prefix = f"sae{index}.model."
+            sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            restore_optimizer(self.optimizers[name], tensors, f"sae{index}.optim", state["param_groups"][name])
+            self.since_fired[name] = tensors[f"sae{index}.since_fired"].to(self.device)
+            prefix = f"sae{index}.final."
+            self.final_metrics[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                                      if k.startswith(prefix)})
+        self.step = int(state["step"])
+        self.input_scales = {k: float(v) for k, v in state["input_scales"].items()}
+        self.output_scales = {k: float(v) for k, v in state["output_scales"].items()}
+
+    # -- output -------------------------------------------------------------------------------
+    def _finish(self) -> dict[str, SAE]:
+        summary = self.final_summary()
+        for name, sae in self.saes.items():
+            sae.fold_scaling(self.input_scales[name], self.output_scales[name])
+            sae.eval()
+        if self.out_dir is not None and self.dist.is_main:
+            from ..formats.native import save_native  # the trainer writes artifacts; formats never import train
+
+            for name, sae in self.saes.items():
+                metrics = self.final_metrics[name]
+                density = {"firing_counts": metrics.firing_counts.cpu(), "n_tokens": metrics.n_tokens}
+                metadata = {"input_scale": self.input_scales[name], "output_scale": self.output_scales[name],
+                            "tokens_trained": self.step * self.cfg.batch_size, "final_metrics": summary.get(name)}
+                save_native(sae, self.out_dir / name, density=density if metrics.n_tokens else None,
+                            metadata=metadata)
+            (self.out_dir / "summary.json").write_text(json.dumps(
+                {"steps": self.step, "tokens": self.step * self.cfg.batch_size, "saes": summary}, indent=2))
+        return self.saes
