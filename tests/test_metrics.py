@@ -1,0 +1,49 @@
+"""Streaming metrics equal the whole-sample SPEC 3 formulas, computed independently in numpy."""
+
+import numpy as np
+import pytest
+import torch
+
+from jumpscope.sae.metrics import StreamingMetrics
+
+
+def numpy_metrics(x, x_hat, f):
+    err = ((x - x_hat) ** 2).sum(-1)
+    freq = (f > 0).mean(0)
+    cos = (x * x_hat).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(x_hat, axis=-1))
+    return {"l0": (f > 0).sum(-1).mean(), "fvu": err.mean() / ((x - x.mean(0)) ** 2).sum(-1).mean(),
+            "mse": ((x - x_hat) ** 2).mean(), "cosine": cos.mean(), "dead_fraction": (freq == 0).mean(),
+            "dense_fraction": (freq > 0.1).mean(), "freq": freq}
+
+
+def test_streaming_equals_whole_sample_for_any_split():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 5)) + 3.0
+    x_hat = x + 0.3 * rng.normal(size=x.shape)
+    f = rng.exponential(size=(1000, 12)) * (rng.random((1000, 12)) < np.linspace(0, 0.4, 12))
+    expected = numpy_metrics(x, x_hat, f)
+    metrics = StreamingMetrics(d_sae=12, d_out=5)
+    for start, stop in ((0, 1), (1, 377), (377, 999), (999, 1000)):
+        metrics.update(torch.tensor(x[start:stop], dtype=torch.float32),
+                       torch.tensor(x_hat[start:stop], dtype=torch.float32),
+                       torch.tensor(f[start:stop], dtype=torch.float32))
+    result = metrics.compute()
+    for key in ("l0", "fvu", "mse", "cosine", "dead_fraction", "dense_fraction"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert result["n_tokens"] == 1000
+    histogram = result["density_histogram"]
+    live = expected["freq"][expected["freq"] > 0]
+    assert histogram["dead"] == int((expected["freq"] == 0).sum()) == 1
+    assert sum(histogram["counts"]) == len(live)
+    edges = np.array(histogram["log10_frequency_edges"])
+    assert histogram["counts"] == np.histogram(np.log10(live), bins=edges)[0].tolist()
+
+
+def test_state_round_trip_and_empty_error():
+    metrics = StreamingMetrics(d_sae=3, d_out=2)
+    with pytest.raises(ValueError, match="no tokens"):
+        metrics.compute()
+    metrics.update(torch.randn(10, 2), torch.randn(10, 2), torch.rand(10, 3))
+    copy = StreamingMetrics(d_sae=3, d_out=2)
+    copy.load_state_dict(metrics.state_dict())
+    assert copy.compute() == metrics.compute()

@@ -1,0 +1,191 @@
+"""The trainer: resumes exactly, folds the input scale, trains SAEs independently, fails clearly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from jumpscope.sae import build
+from jumpscope.train import Trainer, TrainerConfig
+from jumpscope.train.batches import rebatch
+from jumpscope.train.optim import lr_factor, sparsity_factor
+
+D_IN = 8
+
+
+def stream(n_batches, rows=96, seed=0, scale=1.0):
+    """A replayable, deterministic stream of sparse-ish activations with a mean offset."""
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(24, D_IN, generator=generator)
+    for _ in range(n_batches):
+        codes = (torch.rand(rows, 24, generator=generator) < 0.15) * torch.rand(rows, 24, generator=generator)
+        yield scale * (codes @ dictionary + 0.3)
+
+
+def small_saes():
+    return {"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, seed=1),
+            "jump_log": build("jumprelu", d_in=D_IN, d_sae=32, l0_coefficient=0.05, log_threshold=True,
+                              threshold_init_l0=4, seed=2)}
+
+
+def config(tmp_path=None, **fields):
+    values = dict(total_tokens=128 * 40, batch_size=128, init_sample_tokens=256, log_every=5,
+                  checkpoint_every=7, progress=False, device="cpu")
+    if tmp_path is not None:
+        values["out_dir"] = str(tmp_path)
+    return TrainerConfig(**{**values, **fields})
+
+
+def assert_same_weights(saes_a, saes_b):
+    assert saes_a.keys() == saes_b.keys()
+    for name in saes_a:
+        state_a, state_b = saes_a[name].state_dict(), saes_b[name].state_dict()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), f"{name}.{key} differs"
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crashing(batches, after):
+    for index, batch in enumerate(batches):
+        if index == after:
+            raise Crash("simulated kill")
+        yield batch
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    reference = Trainer(small_saes(), config(tmp_path / "ref")).fit(stream(60))
+    with pytest.raises(Crash):
+        Trainer(small_saes(), config(tmp_path / "run")).fit(crashing(stream(60), after=31))
+    checkpoint = tmp_path / "run" / "checkpoint.safetensors"
+    assert checkpoint.exists()
+    resumed = Trainer(small_saes(), config(tmp_path / "run")).fit(stream(60), resume=True)
+    assert_same_weights(reference, resumed)
+    # The log has each (step, sae) once, in order, even though steps after the checkpoint ran twice.
+    lines = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    keys = [(line["step"], line["sae"]) for line in lines]
+    assert len(keys) == len(set(keys)) and [k[0] for k in keys] == sorted(k[0] for k in keys)
+    assert {line["step"] for line in lines} == set(range(5, 41, 5)) | {40}
+
+
+def test_killed_process_resumes_to_identical_weights(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_trainer import small_saes, stream, config
+        from jumpscope.train import Trainer
+        def slow(batches):
+            for batch in batches:
+                time.sleep(0.05)
+                yield batch
+        Trainer(small_saes(), config({str(tmp_path / 'run')!r}, checkpoint_every=3)).fit(slow(stream(60)))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script])
+    checkpoint = tmp_path / "run" / "checkpoint.safetensors"
+    deadline = time.time() + 60
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert checkpoint.exists()
+    resumed = Trainer(small_saes(), config(tmp_path / "run")).fit(stream(60), resume=True)
+    reference = Trainer(small_saes(), config()).fit(stream(60))
+    assert_same_weights(reference, resumed)
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path):
+    Trainer(small_saes(), config(tmp_path)).fit(stream(60))
+    with pytest.raises(FileExistsError, match="resume"):
+        Trainer(small_saes(), config(tmp_path)).fit(stream(60))
+    other = {"jump": build("jumprelu", d_in=D_IN, d_sae=64, target_l0=3)}
+    with pytest.raises(ValueError, match="different SAEs or configs"):
+        Trainer(other, config(tmp_path)).fit(stream(60), resume=True)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    Trainer(small_saes(), config(tmp_path)).fit(stream(60))
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupt"):
+        Trainer(small_saes(), config(tmp_path)).fit(stream(60), resume=True)
+
+
+def test_input_scale_is_folded_so_saved_sae_takes_raw_activations():
+    # Training on 50x larger activations must give the same SAE with biases/thresholds 50x larger.
+    small = Trainer(small_saes(), config()).fit(stream(60))
+    large = Trainer(small_saes(), config()).fit(stream(60, scale=50.0))
+    for name in small:
+        a, b = small[name], large[name]
+        assert torch.allclose(a.W_enc, b.W_enc, atol=2e-4) and torch.allclose(a.W_dec, b.W_dec, atol=2e-4)
+        assert torch.allclose(50 * a.b_dec, b.b_dec, rtol=1e-3, atol=2e-3)
+        assert torch.allclose(50 * a.threshold, b.threshold, rtol=1e-3, atol=2e-3)
+        x = next(iter(stream(1, seed=5)))
+        assert torch.allclose(50 * a(x), b(50 * x), rtol=1e-3, atol=5e-3)
+
+
+def test_saes_trained_together_equal_saes_trained_alone():
+    together = Trainer(small_saes(), config()).fit(stream(60))
+    for name in together:
+        alone = Trainer({name: small_saes()[name]}, config()).fit(stream(60))
+        assert_same_weights({name: together[name]}, alone)
+
+
+def test_training_reaches_target_l0_with_unit_norm_decoder():
+    # bandwidth 0.02: with d_in=8 and 128-row batches, eps=0.001 leaves ~0.1 kernel hits per batch.
+    trainer = Trainer({"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, bandwidth=0.02)},
+                      config(total_tokens=128 * 500))
+    saes = trainer.fit(stream(700))
+    summary = trainer.final_summary()["jump"]
+    assert abs(summary["l0"] - 3) < 0.3
+    assert summary["fvu"] < 0.4
+    assert torch.allclose(saes["jump"].W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
+
+
+def test_decoder_gradient_projection_removes_parallel_component():
+    sae = build("jumprelu", d_in=D_IN, d_sae=16)
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_decoder_grad()
+    assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(16), atol=1e-6)
+
+
+def test_bad_inputs_are_clear_errors():
+    def with_nan():
+        batch = next(iter(stream(1, rows=200)))
+        batch[3, 2] = float("nan")
+        yield batch
+    with pytest.raises(ValueError, match="non-finite activations"):
+        Trainer(small_saes(), config()).fit(with_nan())
+    with pytest.raises(ValueError, match=r"widths \[5\].*expect \[8\]"):
+        Trainer(small_saes(), config()).fit([torch.randn(128, 5)])
+    with pytest.raises(ValueError, match="no activation batches"):
+        Trainer(small_saes(), config()).fit([])
+    with pytest.raises(ValueError, match="share d_in"):
+        Trainer([build("jumprelu", d_in=4, d_sae=8), build("jumprelu", d_in=5, d_sae=8)], config())
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        TrainerConfig(total_tokens=10, batch_size=128)
+
+
+def test_rebatch_is_independent_of_incoming_chunking():
+    data = torch.randn(1000, 3)
+    chunks = [data[:7], data[7:300], data[300:301], data[301:]]
+    batches = [b[0] for b in rebatch(chunks, 64, (3,), skip_rows=100)]
+    assert len(batches) == (1000 - 100) // 64
+    assert torch.equal(torch.cat(batches), data[100:100 + 64 * len(batches)])
+
+
+def test_schedules():
+    assert lr_factor(0, 100, 10, 0.2) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.2) == 1.0 and lr_factor(79, 100, 10, 0.2) == 1.0
+    assert lr_factor(90, 100, 10, 0.2) == pytest.approx(0.5)
+    assert sparsity_factor(4, 100, 10) == pytest.approx(0.5) and sparsity_factor(50, 100, 10) == 1.0
+    assert sparsity_factor(49, 100, -1) == pytest.approx(0.5)
