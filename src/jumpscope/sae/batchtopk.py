@@ -1,0 +1,98 @@
+"""BatchTopK SAE (Bussmann et al. 2024, arXiv 2412.06410; SPEC section 2).
+
+In training, keep the k * B largest ReLU'd pre-activations over the whole batch of B tokens
+(so L0 is k on average, varying per token), with TopK's AuxK loss. A running average of the
+smallest kept positive activation becomes one global threshold, used at inference:
+f = z * (z > threshold). ``export`` writes that as a JumpReLU SAE.
+
+Like dropout, ``encode`` depends on the mode: batch top-k in ``train()`` mode, the threshold in
+``eval()`` mode (call ``.eval()`` before using a trained SAE for inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .jumprelu import JumpReLUSAE, jumprelu_from_weights
+from .registry import register
+from .topk import TopKSAE, TopKSAEConfig
+
+
+@dataclass
+class BatchTopKSAEConfig(TopKSAEConfig):
+    """BatchTopK SAE: TopK's fields, k being the mean number of active latents per token."""
+
+    threshold_momentum: float = 0.99
+    """Momentum of the running average of the smallest kept activation per training batch
+    (new = m * old + (1 - m) * batch value); the first batch initialises it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ValueError(f"threshold_momentum must lie in [0, 1), got {self.threshold_momentum}")
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    config_class = BatchTopKSAEConfig
+    cfg: BatchTopKSAEConfig
+    input_scaled = ("b_enc", "threshold")
+
+    def __init__(self, cfg: BatchTopKSAEConfig):
+        super().__init__(cfg)
+        # 0 means "not yet estimated": every update is a positive value, and a 0 threshold
+        # makes the inference encoder a plain ReLU until the first training batch.
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """The top k * B ReLU'd pre-activations over the flattened batch, and the smallest kept
+        positive value (+inf when none is positive)."""
+        acts = torch.relu(pre)
+        flat = acts.reshape(-1)
+        keep = self.cfg.k * (flat.numel() // self.cfg.d_sae)
+        values, indices = flat.topk(keep, sorted=False)
+        kept = torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
+        detached = values.detach()
+        smallest = torch.where(detached > 0, detached, torch.full_like(detached, float("inf"))).min()
+        return kept, smallest
+
+    def threshold_activation(self, pre: Tensor) -> Tensor:
+        acts = torch.relu(pre)
+        return acts * (acts > self.threshold).to(acts.dtype)
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return self.batch_topk(pre)[0] if self.training else self.threshold_activation(pre)
+
+    def training_activation(self, pre: Tensor) -> Tensor:
+        if not self.training:
+            return self.threshold_activation(pre)
+        acts, smallest = self.batch_topk(pre)
+        self.update_threshold(smallest)
+        return acts
+
+    @torch.no_grad()
+    def update_threshold(self, smallest: Tensor) -> None:
+        """Fold one batch's smallest kept positive activation into the running threshold
+        (without a host sync; a batch with nothing positive leaves it unchanged)."""
+        old = self.threshold
+        value = smallest.to(old.dtype)
+        m = self.cfg.threshold_momentum
+        new = torch.where(old > 0, m * old + (1.0 - m) * value, value)
+        self.threshold.copy_(torch.where(torch.isfinite(value), new, old))
+
+    @torch.no_grad()
+    def export(self) -> JumpReLUSAE:
+        """The inference form: a JumpReLU SAE with the global threshold on every latent.
+
+        The threshold is >= 0, so z * (z > t) = ReLU(z) * (ReLU(z) > t); folding -b_dec @ W_enc
+        into b_enc gives the same pre-activation from raw x.
+        """
+        b_enc = self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
+        threshold = self.threshold.expand(self.cfg.d_sae).clone()
+        return jumprelu_from_weights(
+            self.W_enc, self.W_dec, b_enc, self.b_dec, threshold,
+            model=self.cfg.model, site=self.cfg.site, input_scaling=self.cfg.input_scaling,
+            normalize_decoder=self.cfg.normalize_decoder).to(self.W_enc.device)

@@ -1,0 +1,129 @@
+"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, arXiv 2406.04093; SPEC section 2).
+
+z = (x - b_dec) W_enc + b_enc; f keeps the k largest entries of z per token, ReLU'd, and zeros
+the rest; x_hat = f W_dec + b_dec. AuxK reconstructs the (stop-gradient) residual from the top
+k_aux pre-activations of dead latents only, so dead latents get a gradient; that gradient
+reaches W_enc and b_enc through z (a known fused-kernel peer drops it; this one does not).
+
+Subclasses change the selection by overriding ``activate`` (inference) and
+``training_activation`` (inside ``loss``); see batchtopk.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
+from .registry import register
+
+
+@dataclass
+class TopKSAEConfig(SAEConfig):
+    """TopK SAE. The sparsity is set by k; there is no sparsity coefficient."""
+
+    k: int = 32
+    """Active latents per token (the L0), in [1, d_sae]."""
+
+    k_aux: int | None = None
+    """Dead latents used by the AuxK reconstruction; None means d_in // 2 (the paper's choice).
+    Fewer are used when fewer latents are dead."""
+
+    aux_coefficient: float = 1.0 / 32
+    """Weight of the AuxK loss (the paper's 1/32); 0 disables it."""
+
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from x before the encoder (part of the TopK architecture; turn it off
+    for a transcoder, whose b_dec lives in output space)."""
+
+    init_b_dec_to_mean: bool = True
+    """In ``init_from_data``, set b_dec to the sample mean of the inputs (ordinary SAEs only).
+    The paper uses the geometric median; the mean is a close, cheap stand-in. It centres the
+    encoder input, so the top-k choice is not dominated by the large mean direction of the
+    residual stream, and the reconstruction starts at the mean instead of 0."""
+
+    input_scaling: InputScaling = "sqrt_d_in_norm"
+    """How the trainer rescales inputs (see SAEConfig); the paper uses E||x|| = sqrt(d_in)."""
+
+    lr: float = 5e-4
+    """Adam learning rate (the paper uses 2e-4 / sqrt(d_sae / 2^14) over billions of tokens;
+    5e-4 suits runs of a few million)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k must be an integer in [1, d_sae={self.d_sae}], got {self.k!r}")
+        if self.k_aux is not None and (not isinstance(self.k_aux, int) or not 1 <= self.k_aux <= self.d_sae):
+            raise ValueError(f"k_aux must be None or an integer in [1, d_sae={self.d_sae}], got {self.k_aux!r}")
+        if self.aux_coefficient < 0:
+            raise ValueError(f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
+        if self.apply_b_dec_to_input and self.d_output != self.d_in:
+            raise ValueError("apply_b_dec_to_input needs d_out == d_in; set it to False for a transcoder")
+
+    @property
+    def aux_k(self) -> int:
+        """k_aux with its default resolved (at least 1, at most d_sae)."""
+        return self.k_aux if self.k_aux is not None else min(self.d_sae, max(1, self.d_in // 2))
+
+
+@register("topk")
+class TopKSAE(SAE):
+    config_class = TopKSAEConfig
+    cfg: TopKSAEConfig
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Keep the k largest pre-activations of each token, ReLU'd; zeros elsewhere."""
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+
+    def training_activation(self, pre: Tensor) -> Tensor:
+        """The activation used inside ``loss`` (may update running statistics in subclasses)."""
+        return self.activate(pre)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activate(self.pre_activation(x))
+
+    def auxk_loss(self, pre: Tensor, error: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """||e - e_hat||^2 (summed over features, batch mean); e_hat = top-k_aux dead latents @ W_dec."""
+        if dead_mask is None:
+            return pre.new_zeros(())
+        dead_mask = dead_mask.to(device=pre.device, dtype=torch.bool)
+        k_aux = min(self.cfg.aux_k, int(dead_mask.sum()))
+        if k_aux == 0:
+            return pre.new_zeros(())
+        values, indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        aux_acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        return reconstruction_error(error, aux_acts @ self.W_dec)
+
+    def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
+        target = x if target is None else target
+        pre = self.pre_activation(x)
+        acts = self.training_activation(pre)
+        recon = self.decode(acts)
+        terms = {"mse": reconstruction_error(target, recon)}
+        if self.cfg.aux_coefficient:
+            aux = self.auxk_loss(pre, (target - recon).detach(), ctx.dead_mask)
+        else:
+            aux = pre.new_zeros(())
+        terms["aux"] = self.cfg.aux_coefficient * aux
+        return LossOutput(terms["mse"] + terms["aux"], terms, acts, recon)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        if self.cfg.init_b_dec_to_mean and self.cfg.d_out is None:
+            self.check_input(x)
+            self.b_dec.copy_(x.reshape(-1, self.cfg.d_in).mean(0).to(self.b_dec))
+
+    @torch.no_grad()
+    def fold_scaling(self, input_scale: float, output_scale: float | None = None) -> None:
+        if self.cfg.apply_b_dec_to_input and output_scale is not None and output_scale != input_scale:
+            raise ValueError("cannot fold different input and output scales when b_dec is applied to the input")
+        super().fold_scaling(input_scale, output_scale)
