@@ -1,0 +1,190 @@
+"""The ``jumpscope`` command line.
+
+Each subcommand is a function ``run(args) -> int`` registered with :func:`command`, together
+with a function that adds its arguments to its parser. Errors a user can cause (a missing or
+corrupt file, an architecture a format cannot represent, an invalid config) print
+``jumpscope: error: <message>`` on stderr and exit with status 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .config_cli import field_table
+
+__all__ = ["main", "build_parser", "command", "COMMANDS"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Decorator registering ``run(args) -> int`` as subcommand ``name``; ``help`` is its
+    one-line description, ``configure(parser)`` adds its arguments."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, configure, run)
+        return run
+
+    return register
+
+
+# -- archs -----------------------------------------------------------------------------------------
+def add_archs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="an architecture: show its config fields and presets")
+
+
+def _summary(cls: type) -> str:
+    text = " ".join((cls.__doc__ or "").split())
+    return text.split(". ")[0].rstrip(".") + "." if text else ""
+
+
+@command("archs", "List the SAE architectures, or show one's config fields and presets.", add_archs_arguments)
+def archs(args: argparse.Namespace) -> int:
+    from .sae import architectures, config_class
+
+    if args.name is None:
+        names = architectures()
+        width = max(map(len, names), default=0)
+        for name in names:
+            print(f"{name:<{width}}  {_summary(config_class(name))}")
+        return 0
+    cls = config_class(args.name)
+    print(f"{args.name} ({cls.__name__})")
+    print(textwrap.fill(" ".join((cls.__doc__ or "").split()), 88))
+    print("\nconfig fields:")
+    for name, type_, default, doc in field_table(cls):
+        print(f"  {name}: {type_} = {default}")
+        print(textwrap.fill(doc or "(undocumented)", 88, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    presets = getattr(cls, "presets", {}) or {}
+    if presets:
+        print(f"\npresets ({cls.__name__}.preset(name, **overrides)):")
+        for preset, values in presets.items():
+            settings = ", ".join(f"{key}={value!r}" for key, value in values.items())
+            print(textwrap.fill(f"{preset}: {settings}", 88, initial_indent="  ", subsequent_indent=" " * 6))
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------------
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="an SAE folder or file (native, Gemma Scope or SAELens)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+
+def _existing(path: str) -> Path:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no SAE at {path}: no such file or folder")
+    return Path(path)
+
+
+@command("info", "Print an SAE's architecture, sizes, model, site and metadata.", add_info_arguments)
+def info(args: argparse.Namespace) -> int:
+    from . import formats
+    from .formats import native
+
+    path = _existing(args.path)
+    fmt = formats.detect_format(path)
+    sae = formats.load(path, format=fmt)
+    cfg = sae.cfg
+    report: dict[str, Any] = {
+        "path": str(path), "format": fmt, "architecture": sae.architecture, "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae, "d_out": cfg.d_output, "model": cfg.model, "site": cfg.site,
+        "parameters": sum(p.numel() for p in sae.parameters()),
+        "metadata": native.read_metadata(path) if fmt == "native" else {},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    for key, value in report.items():
+        if key != "metadata":
+            print(f"{key + ':':<14}{'-' if value is None else value}")
+    print("metadata:" + ("" if report["metadata"] else "     -"))
+    for key, value in report["metadata"].items():
+        print(f"  {key}: {value if isinstance(value, str) else json.dumps(value, default=str)}")
+    return 0
+
+
+# -- convert ---------------------------------------------------------------------------------------
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from .formats import FORMATS as FORMAT_NAMES
+
+    parser.add_argument("src", help="the SAE to read (its format is detected unless --from is given)")
+    parser.add_argument("dst", help="where to write it")
+    parser.add_argument("--to", required=True, choices=FORMAT_NAMES, help="the format to write")
+    parser.add_argument("--from", dest="from_format", choices=FORMAT_NAMES, help="the format of SRC")
+    parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+
+
+@command("convert", "Convert an SAE between the native, Gemma Scope and SAELens formats.", add_convert_arguments)
+def convert(args: argparse.Namespace) -> int:
+    from . import formats
+
+    src = _existing(args.src)
+    dst = Path(args.dst)
+    if dst.exists() and not args.force and (dst.is_file() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists; pass --force to overwrite it")
+    sae = formats.load(src, format=args.from_format)
+    written = formats.save(sae, dst, format=args.to)
+    print(f"wrote {sae.architecture} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) "
+          f"as {args.to} to {written or dst}")
+    return 0
+
+
+# -- main ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jumpscope", description="Train, evaluate and use JumpReLU sparse autoencoders.")
+    parser.add_argument("--version", action="version", version=f"jumpscope {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(sub)
+        sub.set_defaults(run=cmd.run, parser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage or input error) and never
+    raises SystemExit. Without a subcommand it prints the help and returns 0."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "run", None) is None:
+            parser.print_help()
+            return 0
+        try:
+            return int(args.run(args) or 0)
+        except (ValueError, TypeError, OSError) as error:
+            if args.debug:
+                raise
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"jumpscope: error: {message}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print("jumpscope: interrupted", file=sys.stderr)
+            return 130
+    except SystemExit as exit_:
+        code = exit_.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
