@@ -1,0 +1,165 @@
+"""jumpscope's own folder format: exact round trips of every registered architecture.
+
+A folder holds
+
+- ``cfg.json``: ``{"format_version": 1, "architecture": name, "config": cfg.to_dict(),
+  "jumpscope_version": ..., "metadata": {...}}`` (metadata: e.g. input_scale, tokens_trained);
+- ``sae.safetensors``: the SAE's ``state_dict`` exactly as stored (float32, contiguous);
+- optionally ``feature_density.safetensors``: ``firing_counts`` (int64, (d_sae,)) and
+  ``n_tokens`` (int64 scalar), the firing statistics of an evaluation sample.
+
+Every file is written atomically (temp file in the folder, fsync, ``os.replace``); the weights
+first and ``cfg.json`` last. Loading validates everything and never unpickles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..sae import registry
+from ..sae.base import SAE, SAEConfig
+from ..safeio import (check_finite, check_tensors, finite_or_none, read_json, read_safetensors, to_json, write_safetensors,
+                  write_text)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+DENSITY_FILE = "feature_density.safetensors"
+
+
+def save_native(sae: SAE, folder: str | Path, *, density: dict[str, Any] | None = None,
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``sae`` (its state_dict as stored, not exported) to ``folder``; returns the folder.
+
+    ``density``: ``{"firing_counts": int64 tensor (d_sae,), "n_tokens": int}`` or None (a stale
+    density file from an earlier save is then removed). ``metadata``: plain JSON values; NaN or
+    infinite floats in it are written as null (JSON has no NaN)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    name = sae.architecture
+    registry.get_class(name)  # an unregistered class cannot be loaded back
+    if density is not None:
+        counts, n_tokens = _check_density(density, sae.cfg.d_sae, "density")
+    document = {"format_version": FORMAT_VERSION, "architecture": name, "config": sae.cfg.to_dict(),
+                "jumpscope_version": __version__, "metadata": finite_or_none(dict(metadata or {}))}
+    text = to_json(document, folder / CONFIG_FILE)
+    write_safetensors(folder / WEIGHTS_FILE, sae.state_dict())
+    if density is not None:
+        write_safetensors(folder / DENSITY_FILE, {"firing_counts": counts,
+                                                  "n_tokens": torch.tensor(n_tokens, dtype=torch.int64)})
+    else:
+        (folder / DENSITY_FILE).unlink(missing_ok=True)
+    write_text(folder / CONFIG_FILE, text)
+    return folder
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The validated ``cfg.json`` of a native folder (architecture known, config a dict)."""
+    folder = _existing_folder(folder)
+    path = folder / CONFIG_FILE
+    document = read_json(path)
+    version = document.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{path}: missing or invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version} was written by a newer jumpscope "
+                         f"(this one reads up to {FORMAT_VERSION}); upgrade jumpscope")
+    name = document.get("architecture")
+    if not isinstance(name, str):
+        raise ValueError(f"{path}: missing or invalid 'architecture' {name!r}")
+    if name not in registry.architectures():
+        raise ValueError(f"{path}: unknown SAE architecture {name!r}; known: {', '.join(registry.architectures())}")
+    if not isinstance(document.get("config"), dict):
+        raise ValueError(f"{path}: 'config' must be a JSON object")
+    if not isinstance(document.get("metadata", {}), dict):
+        raise ValueError(f"{path}: 'metadata' must be a JSON object")
+    return document
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    """The ``metadata`` dict saved with the SAE (e.g. input_scale, tokens_trained)."""
+    return dict(read_config(folder).get("metadata", {}))
+
+
+def build_config(name: str, values: dict[str, Any], source: str | Path) -> SAEConfig:
+    """``config_class(name).from_dict(values)`` with errors that name the file."""
+    try:
+        return registry.config_class(name).from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: invalid {name!r} config ({error})") from None
+
+
+def load_state(sae: SAE, tensors: dict[str, Tensor], source: str | Path) -> SAE:
+    """Validate ``tensors`` against ``sae``'s own (keys, shapes, dtypes, finiteness), load them."""
+    expected = sae.state_dict()
+    check_tensors(tensors, expected, source)
+    wrong = [f"{name} {tensors[name].dtype} (expected {value.dtype})"
+             for name, value in expected.items() if tensors[name].dtype != value.dtype]
+    if wrong:
+        raise ValueError(f"{source}: wrong tensor dtypes: {', '.join(wrong)}")
+    check_finite(tensors, source)
+    sae.load_state_dict(tensors, strict=True)
+    return sae
+
+
+def load_native(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """The SAE saved in ``folder``, on ``device``, with bit-identical tensors, in eval mode
+    (inference: a BatchTopK SAE then encodes with its threshold; call ``.train()`` to train on)."""
+    folder = _existing_folder(folder)
+    document = read_config(folder)
+    cfg = build_config(document["architecture"], document["config"], folder / CONFIG_FILE)
+    sae = registry.build(cfg)
+    tensors = read_safetensors(folder / WEIGHTS_FILE)
+    return load_state(sae, tensors, folder / WEIGHTS_FILE).eval().to(device)
+
+
+def load_density(folder: str | Path) -> dict[str, Any] | None:
+    """``{"firing_counts": int64 (d_sae,), "n_tokens": int}``, or None when none was saved."""
+    folder = _existing_folder(folder)
+    path = folder / DENSITY_FILE
+    if not path.exists():
+        return None
+    tensors = read_safetensors(path)
+    if set(tensors) != {"firing_counts", "n_tokens"}:
+        raise ValueError(f"{path}: expected keys ['firing_counts', 'n_tokens'], got {sorted(tensors)}")
+    d_sae = None
+    if (folder / CONFIG_FILE).exists():
+        d_sae = read_config(folder)["config"].get("d_sae")
+    n_tokens = tensors["n_tokens"]
+    if n_tokens.dtype != torch.int64 or n_tokens.numel() != 1:
+        raise ValueError(f"{path}: n_tokens must be one int64, got {n_tokens.dtype} {tuple(n_tokens.shape)}")
+    counts, total = _check_density({"firing_counts": tensors["firing_counts"], "n_tokens": int(n_tokens.item())},
+                                   d_sae, path)
+    return {"firing_counts": counts, "n_tokens": total}
+
+
+def _check_density(density: dict[str, Any], d_sae: int | None, source: Any) -> tuple[Tensor, int]:
+    if not isinstance(density, dict) or set(density) != {"firing_counts", "n_tokens"}:
+        keys = sorted(density) if isinstance(density, dict) else type(density).__name__
+        raise ValueError(f"{source}: density needs exactly 'firing_counts' and 'n_tokens', got {keys}")
+    counts, n_tokens = density["firing_counts"], density["n_tokens"]
+    if not isinstance(counts, Tensor) or counts.dtype != torch.int64 or counts.dim() != 1:
+        raise ValueError(f"{source}: firing_counts must be a 1-d int64 tensor")
+    if d_sae is not None and counts.shape[0] != d_sae:
+        raise ValueError(f"{source}: firing_counts has {counts.shape[0]} entries, the SAE has d_sae={d_sae}")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+        raise ValueError(f"{source}: n_tokens must be a non-negative int, got {n_tokens!r}")
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > n_tokens):
+        raise ValueError(f"{source}: firing_counts must lie in [0, n_tokens={n_tokens}]")
+    return counts.detach().cpu(), n_tokens
+
+
+def _existing_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"SAE folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    return folder
