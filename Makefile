@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench interop
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,13 @@ demo: $(VENV)/.demo
 bench: $(VENV)/.dev
 	$(PY) benchmarks/synthetic_recovery.py
 
+# Two-way format checks against the real SAELens package, in its own venv (never our dependency).
+interop:
+	$(PYTHON) -m venv .venv-saelens
+	.venv-saelens/bin/pip install -q $(TORCH)
+	.venv-saelens/bin/pip install -q sae-lens pytest
+	.venv-saelens/bin/pip install -q --no-deps -e .
+	.venv-saelens/bin/python -m pytest -q tests/test_formats_saelens_interop.py
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) .venv-saelens build dist src/*.egg-info

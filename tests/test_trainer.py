@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from jumpscope.sae import build
 from jumpscope.train import Trainer, TrainerConfig
@@ -189,3 +190,18 @@ def test_schedules():
     assert lr_factor(90, 100, 10, 0.2) == pytest.approx(0.5)
     assert sparsity_factor(4, 100, 10) == pytest.approx(0.5) and sparsity_factor(50, 100, 10) == 1.0
     assert sparsity_factor(49, 100, -1) == pytest.approx(0.5)
+
+
+def test_diverging_loss_is_reported_before_a_checkpoint_is_written(tmp_path):
+    saes = {"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, lr=1e30)}
+    with pytest.raises(FloatingPointError, match="'jump': the loss became NaN or inf"):
+        Trainer(saes, config(tmp_path, checkpoint_every=1)).fit(stream(60))
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    if checkpoint.exists():  # whatever was written before the failure holds only finite values
+        assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint)).values())
+
+
+def test_bf16_autocast_falls_back_to_float32_on_cpu():
+    plain = Trainer(small_saes(), config()).fit(stream(60))
+    autocast = Trainer(small_saes(), config(autocast="bf16")).fit(stream(60))
+    assert_same_weights(plain, autocast)

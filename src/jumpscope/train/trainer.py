@@ -92,6 +92,8 @@ class Trainer:
         self.final_metrics = {n: StreamingMetrics(s.cfg.d_sae, s.cfg.d_output, self.device)
                               for n, s in self.saes.items()}
         self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir else None
+        self.batch_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.loss_finite = {name: torch.ones((), dtype=torch.bool, device=self.device) for name in self.saes}
 
     # -- public -------------------------------------------------------------------------------
     def fit(self, batches: Iterable, resume: bool = False) -> dict[str, SAE]:
@@ -114,12 +116,18 @@ class Trainer:
             for batch in stream:
                 if self.step >= cfg.total_steps:
                     break
-                check_finite(batch, self.step)
+                if self.device.type == "cpu":  # free on CPU; on CUDA checked at sync points below
+                    check_finite(batch, self.step)
+                self.batch_finite &= torch.stack([torch.isfinite(part).all() for part in batch]).all().to(self.device)
                 rows = self._train_step(batch)
                 self.step += 1
-                if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                logging_step = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
+                checkpoint_step = checkpoint is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                if logging_step or checkpoint_step or self.device.type == "cpu":
+                    self._raise_if_nonfinite()
+                if logging_step:
                     reporter.report(self.step, self.step * cfg.batch_size, rows)
-                if checkpoint is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                if checkpoint_step:
                     self._save(checkpoint)
         if self.step < cfg.total_steps:
             log.warning("the data ran out after %d of %d steps", self.step, cfg.total_steps)
@@ -181,11 +189,7 @@ class Trainer:
                               dead_mask=self.since_fired[name] >= cfg.dead_window)
             with self._autocast():
                 out = sae.loss(inputs / scale_in, ctx, target_scaled)
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(
-                    f"SAE {name!r}: the loss became {out.loss.item()} at step {self.step} "
-                    f"({ {k: v.item() for k, v in out.terms.items()} }); lower its learning rate "
-                    f"(lr={sae_cfg.lr}) or check the activations. The last checkpoint is intact.")
+            self.loss_finite[name] &= torch.isfinite(out.loss.detach())  # no host sync here
             optimizer = self.optimizers[name]
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -218,6 +222,17 @@ class Trainer:
                     "lr": lr, "sparsity_scale": ctx.sparsity_scale,
                 }
         return rows
+
+    def _raise_if_nonfinite(self) -> None:
+        """Fail on NaN/inf before anything is logged or checkpointed (one host sync)."""
+        if not bool(self.batch_finite):
+            raise ValueError(f"non-finite activations (NaN or inf) in a batch at or before step {self.step}; "
+                             "check the model's dtype (fp16 overflow?) or the cache. The last checkpoint is intact.")
+        for name, finite in self.loss_finite.items():
+            if not bool(finite):
+                raise FloatingPointError(
+                    f"SAE {name!r}: the loss became NaN or inf at or before step {self.step}; lower its learning "
+                    f"rate (lr={self.saes[name].cfg.lr}) or check the activations. The last checkpoint is intact.")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, path: Path) -> None:
