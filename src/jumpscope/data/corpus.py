@@ -1,0 +1,401 @@
+"""Text corpora for harvesting activations: each is a deterministic, re-iterable stream of documents.
+
+One entry point, :func:`open_corpus`, takes a spec string:
+
+* ``"builtin"``: needs nothing. The docstrings of the installed Python standard library (modules,
+  classes, functions, methods) plus the reference-manual topics of ``pydoc_data.topics``.
+* a path: a ``.txt``, ``.jsonl`` or ``.parquet`` file, or a folder of them (recursive, sorted;
+  hidden files and folders skipped), or a folder written by ``datasets.save_to_disk``.
+* a glob pattern (``data/**/*.jsonl``): the matches in sorted order, folders expanded.
+* ``"hf:NAME[:CONFIG][:SPLIT]"``: a Hugging Face dataset (needs ``pip install datasets``). Offline by
+  default (it must be in the local cache); ``allow_network=True`` streams it from the hub.
+
+This module imports only the standard library at the top: the builtin extraction loads it on its
+own, by file path, in a fresh ``python -S`` interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import io
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+ACCEPTED = ("accepted corpus specs: 'builtin' (Python stdlib docstrings, needs nothing); a path to a "
+            ".txt, .jsonl or .parquet file or to a folder of them; a glob pattern such as "
+            "'data/**/*.jsonl'; 'hf:NAME[:CONFIG][:SPLIT]' (needs `pip install datasets`); or a "
+            "folder written by datasets.save_to_disk")
+
+
+OPTIONS = ("txt_split", "text_field", "encoding", "allow_network", "split", "cache_dir")
+
+
+class CorpusError(ValueError):
+    """A corpus spec that cannot be opened, or a document source that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named, re-iterable stream of documents (str). Iterating twice yields the same documents."""
+
+    name: str
+    """Identifies the source in manifests (``builtin:python-3.11.7``, ``files:/abs/path``, ``hf:...``)."""
+    _make: Callable[[], Iterator[str]] = field(repr=False, compare=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._make())
+
+
+def open_corpus(spec: str, **options: Any) -> Corpus:
+    """Open ``spec`` (see the module docstring). Options, where they apply:
+
+    ``txt_split``: ``"file"`` (default, one document per .txt file), ``"paragraph"`` (split on blank
+    lines) or ``"line"``; ``text_field`` (default ``"text"``) for jsonl / parquet / HF rows;
+    ``encoding`` (default utf-8); ``allow_network`` and ``split`` for HF datasets; ``cache_dir``
+    (``False`` for no disk cache) for ``"builtin"``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise CorpusError(f"corpus spec must be a non-empty string, got {spec!r}; {ACCEPTED}")
+    if unknown := sorted(set(options) - set(OPTIONS)):
+        raise TypeError(f"unknown corpus option(s) {unknown}; accepted: {', '.join(OPTIONS)}")
+    if options.get("txt_split", "file") not in ("file", "paragraph", "line"):
+        raise CorpusError(f"txt_split must be 'file', 'paragraph' or 'line', got {options['txt_split']!r}")
+    if spec == "builtin":
+        entries = builtin_entries(cache_dir=options.get("cache_dir"))
+        return Corpus(f"builtin:python-{_python_version()}", lambda: (text for _, text in entries))
+    if spec.startswith("hf:"):
+        return _hf_corpus(spec, **options)
+    path = Path(spec).expanduser()
+    if any(c in spec for c in "*?["):
+        files = _expand(sorted(glob.glob(str(path), recursive=True)))
+        if not files:
+            raise CorpusError(f"glob {spec!r} matches no {'/'.join(SUFFIXES)} files; {ACCEPTED}")
+    elif path.is_dir() and _is_saved_dataset(path):
+        return _hf_corpus(spec, _local=path, **options)
+    elif path.is_dir():
+        files = _expand([str(path)])
+        if not files:
+            raise CorpusError(f"folder {str(path)!r} holds no {'/'.join(SUFFIXES)} files; {ACCEPTED}")
+    elif path.is_file():
+        if path.suffix.lower() not in SUFFIXES:
+            raise CorpusError(f"unsupported file type {path.suffix!r} for {str(path)!r}; {ACCEPTED}")
+        files = [path]
+    else:
+        raise CorpusError(f"unknown corpus spec {spec!r} (not 'builtin', 'hf:...', an existing path "
+                          f"or a glob); {ACCEPTED}")
+    if any(f.suffix.lower() == ".parquet" for f in files) and importlib.util.find_spec("pyarrow") is None:
+        raise CorpusError(f"reading .parquet files ({spec!r}) needs pyarrow, which is not installed: "
+                          f"pip install pyarrow")
+    return Corpus(f"files:{path.absolute()}", lambda: _read_files(files, options))
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    """Files among ``paths`` plus the supported files under folders among them, sorted, hidden skipped."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
+                     and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            out += sorted(found, key=lambda f: f.relative_to(p).as_posix())
+        elif p.is_file() and p.suffix.lower() in SUFFIXES:
+            out.append(p)
+    return out
+
+
+def _read_files(files: list[Path], options: dict[str, Any]) -> Iterator[str]:
+    field_ = options.get("text_field", "text")
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            yield from _read_txt(path, options.get("txt_split", "file"), options.get("encoding", "utf-8"))
+        elif suffix == ".jsonl":
+            yield from _read_jsonl(path, field_, options.get("encoding", "utf-8"))
+        else:
+            yield from _read_parquet(path, field_)
+
+
+def _read_txt(path: Path, split: str, encoding: str) -> Iterator[str]:
+    text = path.read_text(encoding=encoding)
+    if split == "file":
+        parts = [text]
+    elif split == "paragraph":
+        parts = re.split(r"\n[ \t\r\f\v]*\n", text)
+    else:
+        parts = text.splitlines()
+    for part in parts:  # whitespace-only documents carry nothing to tokenize
+        if part.strip():
+            yield part if split == "file" else part.strip()
+
+
+def _read_jsonl(path: Path, text_field: str, encoding: str) -> Iterator[str]:
+    with open(path, encoding=encoding) as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict) or text_field not in row:
+                what = f"fields {sorted(row)}" if isinstance(row, dict) else f"a {type(row).__name__}"
+                raise CorpusError(f"{path}:{lineno}: no field {text_field!r} (the line holds {what}); "
+                                  f"choose the field with text_field=...")
+            if not isinstance(row[text_field], str):
+                raise CorpusError(f"{path}:{lineno}: field {text_field!r} is a "
+                                  f"{type(row[text_field]).__name__}, not a string")
+            yield row[text_field]
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError(f"reading {path} needs pyarrow, which is not installed: pip install pyarrow") from None
+    table = pq.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        raise CorpusError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); "
+                          f"choose it with text_field=...")
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def _hf_corpus(spec: str, _local: Path | None = None, *, text_field: str = "text", split: str | None = None,
+               allow_network: bool = False, **_: Any) -> Corpus:
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"corpus {spec!r} needs the Hugging Face 'datasets' package, which is not "
+                          f"installed: pip install datasets") from None
+    if _local is not None:
+        ds = datasets.load_from_disk(str(_local))
+        name = f"hf-disk:{_local.resolve()}"
+    else:
+        parts = spec[3:].split(":")
+        if not parts[0] or len(parts) > 3:
+            raise CorpusError(f"bad Hugging Face spec {spec!r}: expected 'hf:NAME[:CONFIG][:SPLIT]'")
+        dname, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+        split = parts[2] if len(parts) > 2 and parts[2] else (split or "train")
+        name = f"hf:{dname}:{config or ''}:{split}"
+        if allow_network:
+            ds = datasets.load_dataset(dname, config, split=split, streaming=True)
+        else:
+            try:
+                with _hf_offline(datasets):
+                    ds = datasets.load_dataset(dname, config, split=split)
+            except Exception as err:
+                raise CorpusError(f"could not load {spec!r} offline ({type(err).__name__}: {err}); it must "
+                                  f"be in the local Hugging Face cache, or pass allow_network=True to stream "
+                                  f"it from the hub") from err
+    if isinstance(ds, (datasets.DatasetDict, dict)):
+        splits = sorted(ds)
+        chosen = split or ("train" if "train" in splits else splits[0] if len(splits) == 1 else None)
+        if chosen not in splits:
+            raise CorpusError(f"{spec!r} holds splits {splits}; choose one with split=...")
+        ds, name = ds[chosen], f"{name}:{chosen}"
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise CorpusError(f"{spec!r} has no column {text_field!r} (columns: {columns}); choose it with text_field=...")
+    return Corpus(name, lambda: (row[text_field] for row in ds if row[text_field]))
+
+
+@contextlib.contextmanager
+def _hf_offline(datasets: Any) -> Iterator[None]:
+    """HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 semantics for the duration of a load, restored after:
+    the environment (read at import) and the module flags that the libraries check at call time."""
+    names = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    env = {k: os.environ.get(k) for k in names}
+    flags = [(m, k, getattr(m, k)) for m in (datasets.config, sys.modules.get("huggingface_hub.constants"))
+             for k in names if m is not None and hasattr(m, k)]
+    try:
+        os.environ.update(dict.fromkeys(names, "1"))
+        for module, k, _ in flags:
+            setattr(module, k, True)
+        yield
+    finally:
+        for module, k, value in flags:
+            setattr(module, k, value)
+        for k, v in env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+# ---------------------------------------------------------------- builtin: stdlib docstrings
+
+# Never imported: GUIs, modules that print or open a browser, test suites, distutils (replaced by
+# setuptools' copy when that is installed), lib2to3 (may write grammar pickles next to itself) and
+# readline/rlcompleter (touch the terminal).
+_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "tests",
+                   "idle_test", "lib2to3", "distutils", "readline", "rlcompleter"})
+_MEMORY: dict[str, list[tuple[str, str]]] = {}
+last_extraction_seconds: float | None = None
+"""Wall time of the last builtin extraction in this process (None: none ran, the cache answered)."""
+
+
+def builtin_entries(cache_dir: str | Path | None | bool = None, *, refresh: bool = False,
+                    isolated: bool = True) -> list[tuple[str, str]]:
+    """The builtin corpus as sorted ``(qualified name, text)`` pairs, deduplicated on text.
+
+    Cached in memory, and on disk as JSON (atomic write) under ``cache_dir`` (default
+    ``$JUMPSCOPE_CACHE_DIR`` or ``$XDG_CACHE_HOME/jumpscope`` or ``~/.cache/jumpscope``; ``False``:
+    no disk cache), keyed by the exact Python build and this file's content. ``isolated`` runs the extraction in a fresh
+    ``python -S`` (hash seed 0) so nothing already imported or patched here can change the result,
+    and none of the imports land in this process.
+    """
+    global last_extraction_seconds
+    key = hashlib.sha256(f"{sys.version}|{sys.platform}|{sys.base_prefix}".encode()
+                         + Path(__file__).read_bytes()).hexdigest()[:16]  # this code changes: a new key
+    if not refresh and key in _MEMORY:
+        return _MEMORY[key]
+    file = None
+    if cache_dir is not False:
+        root = Path(cache_dir) if cache_dir else Path(os.environ.get("JUMPSCOPE_CACHE_DIR") or Path(
+            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jumpscope")
+        file = root / f"builtin-corpus-py{_python_version()}-{key}.json"
+        if not refresh and file.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                data = json.loads(file.read_text(encoding="utf-8"))
+                if data["key"] == key:
+                    _MEMORY[key] = [(q, t) for q, t in data["entries"]]
+                    return _MEMORY[key]
+    start = time.perf_counter()
+    entries = _extract_isolated() if isolated and sys.executable else extract_builtin()
+    last_extraction_seconds = time.perf_counter() - start
+    _MEMORY[key] = entries
+    if file is not None:
+        payload = json.dumps({"key": key, "python": sys.version, "entries": entries}, ensure_ascii=False)
+        with contextlib.suppress(OSError):  # a cache that cannot be written is only slower next time
+            from jumpscope.safeio import atomic_write
+            atomic_write(file, lambda temp: Path(temp).write_text(payload, encoding="utf-8"))
+    return entries
+
+
+def _python_version() -> str:
+    return ".".join(map(str, sys.version_info[:3]))
+
+
+def _extract_isolated() -> list[tuple[str, str]]:
+    code = ("import importlib.util as u,sys;s=u.spec_from_file_location('_jumpscope_corpus',sys.argv[1]);"
+            "m=u.module_from_spec(s);sys.modules[s.name]=m;s.loader.exec_module(m);m._extract_to(sys.argv[2])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") or k == "PYTHONHOME"}
+    env.update(PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1", PYTHONIOENCODING="utf-8")
+    with tempfile.TemporaryDirectory(prefix="jumpscope-builtin-") as tmp:
+        out = Path(tmp) / "entries.json"
+        proc = subprocess.run([sys.executable, "-S", "-c", code, __file__, str(out)], env=env, cwd=tmp,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not out.is_file():
+            raise CorpusError(f"builtin corpus extraction failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        return [(q, t) for q, t in json.loads(out.read_text(encoding="utf-8"))]
+
+
+def _extract_to(out: str) -> None:
+    Path(out).write_text(json.dumps(extract_builtin(), ensure_ascii=False), encoding="utf-8")
+
+
+def _skipped(name: str) -> bool:
+    return any(part.startswith("_") or part in _SKIP for part in name.split("."))
+
+
+def _import(name: str) -> Any | None:
+    """Import quietly; None for modules that fail (or exit) on import."""
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except (Exception, SystemExit):
+        return None
+
+
+def stdlib_modules() -> list[tuple[str, Any]]:
+    """Public stdlib modules and submodules that import cleanly, as sorted ``(name, module)`` pairs."""
+    found: dict[str, Any] = {}
+
+    def visit(name: str) -> None:
+        if _skipped(name) or name in found or (module := _import(name)) is None:
+            return
+        found[name] = module
+        for info in sorted(pkgutil.iter_modules(getattr(module, "__path__", None) or []), key=lambda i: i.name):
+            visit(f"{name}.{info.name}")
+
+    for top in sorted(sys.stdlib_module_names):
+        visit(top)
+    return sorted(found.items())
+
+
+def _member_docs(prefix: str, obj: Any, seen: set[int]) -> Iterator[tuple[str, str]]:
+    """(qualified name, own docstring) for ``obj`` (a class) and its own members, recursively."""
+    for name, attr in sorted(vars(obj).items()):
+        target = getattr(attr, "__func__", attr) if isinstance(attr, (classmethod, staticmethod)) else attr
+        if inspect.isclass(target):
+            if id(target) not in seen and str(getattr(target, "__qualname__", "")).startswith(
+                    f"{obj.__qualname__}."):
+                seen.add(id(target))
+                yield f"{prefix}.{name}", target.__doc__
+                yield from _member_docs(f"{prefix}.{name}", target, seen)
+        elif inspect.isroutine(target) or inspect.isdatadescriptor(target):
+            yield f"{prefix}.{name}", getattr(target, "__doc__", None)
+
+
+def extract_builtin() -> list[tuple[str, str]]:
+    """Extract the builtin corpus in this process (see :func:`builtin_entries`, which caches it).
+
+    Module, class, function and method docstrings (each object's own, not inherited; objects
+    documented under the public module that defines them, or that re-exports them from a private
+    one), sorted by qualified name, then the ``pydoc_data.topics`` topics as ``topic:NAME``, sorted.
+    Texts are ``inspect.cleandoc``-ed; empty ones dropped; repeated texts kept at first occurrence.
+    """
+    with warnings.catch_warnings():  # some attribute reads warn (typing.io is deprecated, ...)
+        warnings.simplefilter("ignore")
+        raw = _raw_docs()
+    from pydoc_data.topics import topics
+    raw += [(f"topic:{key}", topics[key]) for key in sorted(topics)]
+    entries, texts = [], set()
+    for qualname, doc in raw:
+        text = inspect.cleandoc(doc).strip() if isinstance(doc, str) else ""
+        if text and text not in texts:
+            texts.add(text)
+            entries.append((qualname, text))
+    return entries
+
+
+def _raw_docs() -> list[tuple[str, Any]]:
+    raw: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    for modname, module in stdlib_modules():
+        raw.append((modname, module.__doc__))
+        for name, obj in sorted(vars(module).items()):
+            try:  # an object whose attributes cannot be read is left out, whole
+                owner = getattr(obj, "__module__", None)
+                if id(obj) in seen or not (inspect.isclass(obj) or inspect.isroutine(obj)) or not isinstance(
+                        owner, str) or (owner != modname and not owner.split(".")[-1].startswith("_")):
+                    continue  # not a class or function, or documented under the public module defining it
+                seen.add(id(obj))
+                docs = [(f"{modname}.{name}", obj.__doc__)]
+                if inspect.isclass(obj):
+                    docs += _member_docs(f"{modname}.{name}", obj, seen)
+            except Exception:
+                continue
+            raw += docs
+    raw.sort(key=lambda e: (e[0], e[1] if isinstance(e[1], str) else ""))
+    return raw
