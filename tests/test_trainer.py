@@ -166,12 +166,15 @@ def test_bad_inputs_are_clear_errors():
         yield batch
     with pytest.raises(ValueError, match="non-finite activations"):
         Trainer(small_saes(), config()).fit(with_nan())
-    with pytest.raises(ValueError, match=r"widths \[5\].*expect \[8\]"):
+    with pytest.raises(ValueError, match="'input' has width 5, the SAE reading it expects 8"):
         Trainer(small_saes(), config()).fit([torch.randn(128, 5)])
     with pytest.raises(ValueError, match="no activation batches"):
         Trainer(small_saes(), config()).fit([])
-    with pytest.raises(ValueError, match="share d_in"):
-        Trainer([build("jumprelu", d_in=4, d_sae=8), build("jumprelu", d_in=5, d_sae=8)], config())
+    with pytest.raises(ValueError, match="disagree on its width: 4 vs 5"):
+        Trainer([build("jumprelu", d_in=4, d_sae=8), build("jumprelu", d_in=5, d_sae=8)], config()).fit(
+            [torch.randn(128, 4)])
+    with pytest.raises(ValueError, match="no cfg.site"):
+        Trainer(small_saes(), config()).fit([{"layers.0.resid_post": torch.randn(128, D_IN)}])
     with pytest.raises(ValueError, match="smaller than one batch"):
         TrainerConfig(total_tokens=10, batch_size=128)
 
@@ -179,7 +182,7 @@ def test_bad_inputs_are_clear_errors():
 def test_rebatch_is_independent_of_incoming_chunking():
     data = torch.randn(1000, 3)
     chunks = [data[:7], data[7:300], data[300:301], data[301:]]
-    batches = [b[0] for b in rebatch(chunks, 64, (3,), skip_rows=100)]
+    batches = [b["input"] for b in rebatch(chunks, 64, {"input": 3}, skip_rows=100)]
     assert len(batches) == (1000 - 100) // 64
     assert torch.equal(torch.cat(batches), data[100:100 + 64 * len(batches)])
 
@@ -205,3 +208,41 @@ def test_bf16_autocast_falls_back_to_float32_on_cpu():
     plain = Trainer(small_saes(), config()).fit(stream(60))
     autocast = Trainer(small_saes(), config(autocast="bf16")).fit(stream(60))
     assert_same_weights(plain, autocast)
+
+
+def test_dict_batches_route_each_sae_to_its_site():
+    # Two sites of different widths from "one model pass": each SAE reads its own site, and the
+    # result equals training it alone on that site's tensors.
+    def sites(n_batches):
+        for a, b in zip(stream(n_batches, seed=1), stream(n_batches, seed=2)):
+            yield {"layers.0.resid_post": a, "layers.1.mlp_out": torch.cat([b, b[:, :4]], dim=1)}
+
+    saes = {"first": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, site="layers.0.resid_post"),
+            "second": build("jumprelu", d_in=D_IN + 4, d_sae=32, target_l0=3, site="layers.1.mlp_out")}
+    together = Trainer(saes, config()).fit(sites(60))
+    alone = Trainer({"second": build("jumprelu", d_in=D_IN + 4, d_sae=32, target_l0=3)}, config()).fit(
+        torch.cat([b, b[:, :4]], dim=1) for b in stream(60, seed=2))
+    assert_same_weights({"second": together["second"]}, alone)
+    explicit = Trainer({"x": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3)}, config(),
+                       inputs={"x": "layers.0.resid_post"}).fit(sites(60))
+    assert_same_weights({"x": together["first"]}, explicit)
+
+
+def test_transcoder_pairs_fold_input_and_output_scales_separately():
+    mixing = torch.randn(D_IN, 5, generator=torch.Generator().manual_seed(3))
+
+    def pairs(output_scale):
+        for x in stream(60):
+            yield x, output_scale * torch.tanh(x @ mixing)
+
+    def transcoder():
+        return {"tc": build("jumprelu", d_in=D_IN, d_out=5, d_sae=32, target_l0=3, b_dec_init="zeros")}
+
+    plain = Trainer(transcoder(), config()).fit(pairs(1.0))["tc"]
+    scaled = Trainer(transcoder(), config()).fit(pairs(20.0))["tc"]
+    x = next(iter(stream(1, seed=9)))
+    assert plain(x).shape == (96, 5)
+    assert torch.allclose(plain.encode(x), scaled.encode(x), rtol=1e-3, atol=1e-3)  # inputs unchanged
+    assert torch.allclose(20 * plain(x), scaled(x), rtol=1e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="needs a target entry"):
+        Trainer(transcoder(), config(), inputs={"tc": "a"}).fit([{"a": torch.randn(128, D_IN)}])

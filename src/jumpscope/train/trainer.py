@@ -9,6 +9,7 @@ the same weights as an uninterrupted one, given the same data in the same order.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -69,18 +70,21 @@ def estimate_scale(sample: Tensor, convention: str) -> float:
 
 class Trainer:
     def __init__(self, saes: SAE | Sequence[SAE] | Mapping[str, SAE], cfg: TrainerConfig | None = None,
-                 process_group: SingleProcess | None = None):
+                 process_group: SingleProcess | None = None,
+                 inputs: Mapping[str, str | tuple[str, str]] | None = None):
+        """``inputs`` routes each SAE to the batch entry it reads, as a key or an (input, target)
+        pair of keys. By default an SAE reads "input" (and a transcoder "target") of tensor or
+        tuple batches, and its own ``cfg.site`` of dict batches."""
         self.cfg = cfg or TrainerConfig()
         self.saes = name_saes(saes)
         self.dist = process_group or SingleProcess()
         self.device = resolve_device(self.cfg.device)
-        widths = {(sae.cfg.d_in, sae.cfg.d_output) for sae in self.saes.values()}
-        if len({w[0] for w in widths}) != 1:
-            raise ValueError(f"SAEs trained together must share d_in, got {sorted(widths)}")
-        self.transcoding = any(sae.cfg.d_out is not None for sae in self.saes.values())
-        if self.transcoding and len(widths) != 1:
-            raise ValueError(f"transcoders trained together must share d_in and d_out, got {sorted(widths)}")
-        self.widths = next(iter(widths)) if self.transcoding else (next(iter(widths))[0],)
+        unknown = sorted(set(inputs or {}) - set(self.saes))
+        if unknown:
+            raise ValueError(f"inputs name SAEs that are not being trained: {unknown}")
+        self.explicit_routes = {name: (route, None) if isinstance(route, str) else tuple(route)
+                                for name, route in (inputs or {}).items()}
+        self.routes: dict[str, tuple[str, str | None]] = {}
         for sae in self.saes.values():
             sae.to(self.device).train()
         self.optimizers = {name: make_optimizer(sae) for name, sae in self.saes.items()}
@@ -98,6 +102,12 @@ class Trainer:
     # -- public -------------------------------------------------------------------------------
     def fit(self, batches: Iterable, resume: bool = False) -> dict[str, SAE]:
         """Train on ``batches``; returns the SAEs with the input scale folded in (raw inputs)."""
+        items = iter(batches)
+        first = next(items, None)
+        if first is None:
+            raise ValueError("no activation batches were given")
+        self._resolve_routes(first)
+        batches = itertools.chain([first], items)
         checkpoint = self.out_dir / CHECKPOINT_FILE if self.out_dir else None
         if checkpoint is not None and checkpoint.exists():
             if not resume:
@@ -118,7 +128,7 @@ class Trainer:
                     break
                 if self.device.type == "cpu":  # free on CPU; on CUDA checked at sync points below
                     check_finite(batch, self.step)
-                self.batch_finite &= torch.stack([torch.isfinite(part).all() for part in batch]).all().to(self.device)
+                self.batch_finite &= torch.stack([torch.isfinite(v).all() for v in batch.values()]).all().to(self.device)
                 rows = self._train_step(batch)
                 self.step += 1
                 logging_step = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
@@ -135,6 +145,30 @@ class Trainer:
             self._save(checkpoint)
         return self._finish()
 
+    def _resolve_routes(self, first_item: Any) -> None:
+        dict_batches = isinstance(first_item, Mapping)
+        for name, sae in self.saes.items():
+            if name in self.explicit_routes:
+                route = self.explicit_routes[name]
+            elif dict_batches:
+                if sae.cfg.site is None:
+                    raise ValueError(f"SAE {name!r} has no cfg.site to pick its entry of dict batches "
+                                     f"(keys {sorted(first_item)}); set it or pass inputs={{{name!r}: key}}")
+                route = (sae.cfg.site, None)
+            else:
+                route = ("input", "target" if sae.cfg.d_out is not None else None)
+            if sae.cfg.d_out is not None and route[1] is None:
+                raise ValueError(f"transcoder {name!r} needs a target entry: pass inputs={{{name!r}: (input, target)}}")
+            self.routes[name] = route
+        widths: dict[str, int] = {}
+        for name, sae in self.saes.items():
+            input_key, target_key = self.routes[name]
+            for key, width in ((input_key, sae.cfg.d_in), (target_key, sae.cfg.d_output)):
+                if key is not None and widths.setdefault(key, width) != width:
+                    raise ValueError(f"SAEs reading {key!r} disagree on its width: {widths[key]} vs {width} "
+                                     f"({name!r})")
+        self.widths = widths
+
     def final_summary(self) -> dict[str, dict[str, Any]]:
         """Metrics over the last ``final_metrics_window`` tokens, per SAE, in raw units."""
         return {name: metrics.compute() for name, metrics in self.final_metrics.items() if metrics.n_tokens}
@@ -146,19 +180,21 @@ class Trainer:
         rows = 0
         for batch in stream:
             sample_batches.append(batch)
-            rows += batch[0].shape[0]
+            rows += next(iter(batch.values())).shape[0]
             if rows >= self.cfg.init_sample_tokens:
                 break
         if not sample_batches:
             raise ValueError("no activation batches were given")
-        sample = [torch.cat(column).to(self.device, torch.float32) for column in zip(*sample_batches)]
-        check_finite(tuple(sample), step=0)
+        sample = {key: torch.cat([b[key] for b in sample_batches]).to(self.device, torch.float32)
+                  for key in self.widths}
+        check_finite(sample, step=0)
         for name, sae in self.saes.items():
+            input_key, target_key = self.routes[name]
             convention = sae.cfg.input_scaling
-            self.input_scales[name] = estimate_scale(sample[0], convention)
-            self.output_scales[name] = estimate_scale(sample[-1], convention) if self.transcoding else \
+            self.input_scales[name] = estimate_scale(sample[input_key], convention)
+            self.output_scales[name] = estimate_scale(sample[target_key], convention) if target_key else \
                 self.input_scales[name]
-            sae.init_from_data(sample[0] / self.input_scales[name])
+            sae.init_from_data(sample[input_key] / self.input_scales[name])
             self.dist.broadcast_module(sae)
 
         def replay() -> Iterator[Batch]:
@@ -175,13 +211,14 @@ class Trainer:
     def _train_step(self, batch: Batch) -> dict[str, dict[str, float]]:
         cfg = self.cfg
         total = cfg.total_steps
-        inputs = batch[0].to(self.device, torch.float32, non_blocking=True)
-        targets = batch[-1].to(self.device, torch.float32, non_blocking=True) if self.transcoding else None
+        batch = {key: value.to(self.device, torch.float32, non_blocking=True) for key, value in batch.items()}
         logging_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == total
         in_final_window = (total - self.step) * cfg.batch_size <= cfg.final_metrics_window
         rows: dict[str, dict[str, float]] = {}
         for name, sae in self.saes.items():
             sae_cfg = sae.cfg
+            inputs = batch[self.routes[name][0]]
+            targets = batch[self.routes[name][1]] if self.routes[name][1] else None
             scale_in, scale_out = self.input_scales[name], self.output_scales[name]
             target_scaled = targets / scale_out if targets is not None else None
             ctx = StepContext(step=self.step,
