@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .hookpoints import first_input, first_output, unwrap
 from .sites import Site, parse_site, resolve_module
 
 __all__ = ["Harvester", "harvest"]
@@ -29,40 +30,6 @@ __all__ = ["Harvester", "harvest"]
 
 class _StopForward(BaseException):
     """Raised by a hook once every site is captured; BaseException so no ``except Exception`` eats it."""
-
-
-def _unwrap(model: Any) -> nn.Module:
-    from .loading import LoadedModel  # local import: loading pulls in transformers' auto classes
-
-    return model.model if isinstance(model, LoadedModel) else model
-
-
-def _first_param(module: nn.Module) -> str | None:
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    return next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
-
-
-def _first_input(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    if args:
-        return args[0]
-    name = _first_param(module)
-    if name is not None and name in kwargs:
-        return kwargs[name]
-    raise RuntimeError(f"{type(module).__name__} was called without a positional input or a "
-                       f"{name or 'first'}= keyword; cannot read its input")
-
-
-def _first_output(output: Any) -> Any:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return output[0]
-    if isinstance(output, Mapping) and output:  # transformers ModelOutput
-        return next(iter(output.values()))
-    return output
 
 
 class Harvester:
@@ -73,7 +40,7 @@ class Harvester:
             sites = [sites]
         if not sites:
             raise ValueError("Harvester needs at least one site")
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.sites: list[Site] = [parse_site(s, self.model) for s in dict.fromkeys(sites)]
         # group sites by hook point: (module path, reads) -> site names
         self._points: dict[tuple[str, str], list[str]] = {}
@@ -124,11 +91,11 @@ class Harvester:
                 where = f"the {reads} of {path or 'the model'}"
                 if reads == "input":
                     def pre_hook(mod, args, kw, names=names, where=where):
-                        store(names, _first_input(mod, args, kw), where)
+                        store(names, first_input(mod, args, kw), where)
                     handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
                 else:
                     def hook(mod, args, output, names=names, where=where):
-                        store(names, _first_output(output), where)
+                        store(names, first_output(output), where)
                     handles.append(module.register_forward_hook(hook))
             with torch.inference_mode():
                 try:
