@@ -188,3 +188,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code or 0
         print(code, file=sys.stderr)
         return 1
+
+from . import cli_train  # noqa: E402,F401  (registers the train command)

@@ -1,0 +1,74 @@
+"""``jumpscope train``: options generated from the job, activation, trainer and SAE configs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from .cli import command
+from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit, option_name
+
+SAE_PREFIX = "sae-"
+# Set by the job from the data and the generic options; not options of their own.
+SAE_JOB_FIELDS = ("d_in", "d_sae", "d_out", "site", "model", "target_l0", "l0_coefficient", "l1_coefficient", "k")
+TRAINER_JOB_FIELDS = ("total_tokens", "out_dir", "device")
+
+
+def _sae_config_classes() -> list[type]:
+    from .sae import architectures, config_class
+
+    return [config_class(name) for name in architectures()]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .jobs.activations import ActivationConfig
+    from .jobs.train import TrainJobConfig
+    from .train import TrainerConfig
+
+    parser.add_argument("--site", action="append", default=None, metavar="SITE",
+                        help="a hook site such as layers.3.resid_post (repeatable; one SAE each; default: the "
+                             "middle layer's resid_post)")
+    add_dataclass_arguments(parser.add_argument_group("job"), TrainJobConfig, exclude=("site",))
+    add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
+    add_dataclass_arguments(parser.add_argument_group("trainer"), TrainerConfig, exclude=TRAINER_JOB_FIELDS)
+    group = parser.add_argument_group("SAE options (any architecture's config field; see `jumpscope archs NAME`)")
+    seen = set(SAE_JOB_FIELDS)
+    for cls in _sae_config_classes():
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in seen]
+        seen.update(fields)
+        add_dataclass_arguments(group, cls, prefix=SAE_PREFIX,
+                                exclude=[f.name for f in dataclasses.fields(cls) if f.name not in fields])
+
+
+def sae_fields_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arch: str) -> dict:
+    from .sae import config_class
+
+    own = {f.name for f in dataclasses.fields(config_class(arch))}
+    given = {key[len(SAE_PREFIX):].replace("-", "_"): value for key, value in vars(args).items()
+             if key.startswith(SAE_PREFIX.replace("-", "_"))}
+    foreign = sorted(name for name in given if name not in own)
+    if foreign:
+        parser.error(f"{', '.join(option_name(n, SAE_PREFIX) for n in foreign)} not a field of {arch!r} "
+                     f"(see `jumpscope archs {arch}`)")
+    return given
+
+
+@command("train", "Train SAEs on a model's activations (default: JumpReLU on MiniLM, built-in corpus).",
+         add_train_arguments)
+def train(args: argparse.Namespace) -> int:
+    from .jobs.activations import ActivationConfig
+    from .jobs.train import TrainJobConfig, run_train
+    from .sae import architectures
+    from .train import TrainerConfig
+
+    parser = args.parser
+    if getattr(args, "arch", "jumprelu") not in architectures():
+        parser.error(f"unknown --arch {args.arch!r}; choose from {', '.join(architectures())}")
+    job = dataclass_from_args_or_exit(parser, TrainJobConfig, args, site=tuple(args.site or ()))
+    activations = dataclass_from_args_or_exit(parser, ActivationConfig, args)
+    trainer_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
+                      if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
+    _, summary = run_train(job, activations, trainer_fields, sae_fields_from_args(parser, args, job.arch))
+    print(summary)
+    print(f"SAEs, log and summary written to {job.out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Jobs: whole workflows (text -> activations -> SAEs -> reports) behind the command line."""

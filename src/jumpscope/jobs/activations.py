@@ -1,0 +1,176 @@
+"""Text in, activations out: model + corpus + sites -> a replayable stream of activation chunks.
+
+Every job that needs activations (train, and later sweeps, suites, Jacobian SAEs) builds them
+here, live from the model (one forward per batch of windows feeds every site) or from an on-disk
+cache written once and read back as often as needed. One document in ``eval_every`` is held out
+for evaluation and never trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from ..data.buffer import shuffled, skip_rows
+from ..data.cache import CacheReader, CacheWriter, is_complete
+from ..data.corpus import Corpus, open_corpus
+from ..data.tokens import batch_windows, pack_tokens
+from ..models.harvest import harvest
+from ..models.loading import LoadedModel, load_model
+from ..models.sites import parse_site
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActivationConfig:
+    """Where activations come from."""
+
+    model: str = "minilm"
+    """A model: 'minilm' (the built-in all-MiniLM-L6-v2), a llama2.c .bin, a local transformers
+    folder, or a Hugging Face hub id (with --allow-network unless cached)."""
+
+    corpus: str = "builtin"
+    """Text: 'builtin' (Python standard-library docs), a .txt/.jsonl/.parquet file, a folder or
+    glob of them, or 'hf:NAME[:CONFIG][:SPLIT]' (needs the datasets package)."""
+
+    context_size: int | None = None
+    """Tokens per context window (BOS or CLS/SEP framing included). None: 128 for encoders,
+    else min(1024, the model's maximum positions)."""
+
+    model_batch_size: int = 16
+    """Context windows per model forward pass."""
+
+    dtype: str = "float32"
+    """Model dtype: float32, bfloat16 or float16."""
+
+    shuffle_buffer_tokens: int = 65_536
+    """Activations held in the shuffle buffer (memory is bounded by this, whatever the total)."""
+
+    cache: str | None = None
+    """Folder of an on-disk activation cache: written (resumably) on first use, then read back,
+    so later runs and sweeps need not run the model again."""
+
+    eval_every: int = 20
+    """Hold out one document in this many for evaluation."""
+
+    seed: int = 0
+    """Seed of the shuffle order."""
+
+    allow_network: bool = False
+    """Allow downloads from the Hugging Face hub (models and datasets)."""
+
+    def __post_init__(self) -> None:
+        for name in ("model_batch_size", "shuffle_buffer_tokens", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.context_size is not None and self.context_size < 2:
+            raise ValueError(f"context_size must be at least 2, got {self.context_size}")
+
+
+def default_site(loaded: LoadedModel) -> str:
+    """The residual stream after the middle layer."""
+    layers = getattr(loaded.model.config, "num_hidden_layers", None)
+    if not layers:
+        raise ValueError(f"cannot pick a default site for {loaded.name}: give --site")
+    return f"layers.{layers // 2}.resid_post"
+
+
+def max_positions(loaded: LoadedModel) -> int | None:
+    config = loaded.model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def context_size_for(cfg: ActivationConfig, loaded: LoadedModel) -> int:
+    if cfg.context_size is not None:
+        return cfg.context_size
+    if loaded.kind == "encoder":
+        return 128
+    return min(1024, max_positions(loaded) or 1024)
+
+
+class HeldOut:
+    """Documents of a corpus, split deterministically into training and evaluation parts."""
+
+    def __init__(self, corpus: Corpus, every: int, evaluation: bool):
+        self.corpus, self.every, self.evaluation = corpus, every, evaluation
+
+    def __iter__(self) -> Iterator[str]:
+        for index, document in enumerate(self.corpus):
+            if (index % self.every == self.every - 1) == self.evaluation:
+                yield document
+
+
+class ActivationSource:
+    """Activations of ``sites`` of a model over a corpus, as ``{site: Tensor [n, d]}`` chunks."""
+
+    def __init__(self, cfg: ActivationConfig, sites: Iterable[str] = (), device: str = "cpu",
+                 loaded: LoadedModel | None = None):
+        self.cfg = cfg
+        self.loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=device,
+                                           allow_network=cfg.allow_network)
+        if self.loaded.tokenizer is None:
+            raise ValueError(f"model {self.loaded.name} has no tokenizer; it cannot read text")
+        self.sites = list(dict.fromkeys(sites)) or [default_site(self.loaded)]
+        self.site_dims = {}
+        for name in self.sites:
+            site = parse_site(name, self.loaded.model)
+            if site.d is None:
+                raise ValueError(f"the width of {name!r} is unknown until the model runs; use a named site")
+            self.site_dims[name] = site.d
+        self.context_size = context_size_for(cfg, self.loaded)
+        self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network)
+
+    def windows(self, evaluation: bool = False) -> Iterator[tuple]:
+        documents = HeldOut(self.corpus, self.cfg.eval_every, evaluation)
+        packed = pack_tokens(self.loaded.tokenizer, documents, self.context_size,
+                             max_positions=max_positions(self.loaded))
+        return batch_windows(packed, self.cfg.model_batch_size)
+
+    def chunks(self, evaluation: bool = False) -> Iterator[dict]:
+        """Unshuffled activation chunks, in corpus order."""
+        return harvest(self.loaded.model, self.windows(evaluation), self.sites)
+
+    def training_stream(self, total_tokens: int, batch_size: int) -> Iterable:
+        """A replayable shuffled stream for the trainer (from the cache when one is configured)."""
+        if self.cfg.cache is None:
+            return _Replay(lambda: shuffled(self.chunks(), self.cfg.shuffle_buffer_tokens, batch_size, self.cfg.seed))
+        self.fill_cache(total_tokens)
+        reader = CacheReader(self.cfg.cache)
+        return _Replay(lambda: reader.iterate(sites=None, shuffle_shards=True, seed=self.cfg.seed,
+                                              buffer_rows=self.cfg.shuffle_buffer_tokens, batch_size=batch_size))
+
+    def manifest(self) -> dict[str, Any]:
+        return {"model": self.loaded.name, "corpus": self.corpus.name, "context_size": self.context_size,
+                "sites": self.site_dims, "dtype": self.cfg.dtype, "eval_every": self.cfg.eval_every}
+
+    def fill_cache(self, total_tokens: int) -> None:
+        """Write at least ``total_tokens`` activations to the cache, resuming a partial one."""
+        folder = self.cfg.cache
+        if is_complete(folder):
+            reader = CacheReader(folder)
+            if reader.total_tokens < total_tokens:
+                log.warning("cache %s holds %d tokens, fewer than the %d asked for: the run will be shorter",
+                            folder, reader.total_tokens, total_tokens)
+            return
+        writer = CacheWriter(folder, self.site_dims, metadata=self.manifest(), model=self.loaded.name,
+                             corpus=self.corpus.name, context_size=self.context_size)
+        from tqdm.auto import tqdm
+
+        with writer, tqdm(total=total_tokens, initial=writer.tokens_done, unit="tok", desc="caching") as bar:
+            for chunk in skip_rows(self.chunks(), writer.tokens_done):
+                writer.write(chunk)
+                bar.update(next(iter(chunk.values())).shape[0])
+                if bar.n >= total_tokens:
+                    break
+
+
+class _Replay:
+    """An iterable that restarts its stream on every ``iter()`` (the trainer replays on resume)."""
+
+    def __init__(self, make: Any):
+        self.make = make
+
+    def __iter__(self) -> Iterator:
+        return iter(self.make())
