@@ -27,8 +27,9 @@ venv: $(VENV)/.base
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -ra
 
+# The main job on the embedded default: JumpReLU on MiniLM's middle residual stream, built-in corpus.
 demo: $(VENV)/.demo
-	$(PY) benchmarks/synthetic_recovery.py --quick
+	$(VENV)/bin/jumpscope train --resume
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/synthetic_recovery.py

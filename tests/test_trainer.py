@@ -1,5 +1,6 @@
 """The trainer: resumes exactly, folds the input scale, trains SAEs independently, fails clearly."""
 
+import itertools
 import json
 import os
 import signal
@@ -246,3 +247,15 @@ def test_transcoder_pairs_fold_input_and_output_scales_separately():
     assert torch.allclose(20 * plain(x), scaled(x), rtol=1e-3, atol=2e-3)
     with pytest.raises(ValueError, match="needs a target entry"):
         Trainer(transcoder(), config(), inputs={"tc": "a"}).fit([{"a": torch.randn(128, D_IN)}])
+
+
+def test_resuming_a_finished_run_reads_no_data(tmp_path):
+    first = Trainer(small_saes(), config(tmp_path)).fit(stream(60))
+
+    def must_not_be_read():
+        raise AssertionError("a finished run replayed its data")
+        yield
+
+    again = Trainer(small_saes(), config(tmp_path)).fit(itertools.chain([next(iter(stream(1)))], must_not_be_read()),
+                                                         resume=True)
+    assert_same_weights(first, again)

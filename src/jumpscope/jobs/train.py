@@ -67,7 +67,8 @@ class TrainJobConfig:
     """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
 
     resume: bool = False
-    """Continue the run in --out from its last checkpoint."""
+    """Continue the run in --out from its last checkpoint (a finished run is only re-evaluated;
+    with no checkpoint the run starts fresh)."""
 
     eval_tokens: int = 16_384
     """Held-out tokens for the final summary (metrics and the downstream measure)."""

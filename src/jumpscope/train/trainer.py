@@ -116,6 +116,8 @@ class Trainer:
             self._load(checkpoint)
             log.info("resuming from step %d (%d tokens)", self.step, self.step * self.cfg.batch_size)
         cfg = self.cfg
+        if self.step >= cfg.total_steps:  # a finished run: nothing to replay
+            batches = iter(())
         stream = rebatch(batches, cfg.batch_size, self.widths, skip_rows=self.step * cfg.batch_size)
         if not self.input_scales:
             stream = self._initialise(stream)
