@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import kernels
 from .jumprelu import JumpReLUSAE, jumprelu_from_weights
 from .registry import register
 from .topk import TopKSAE, TopKSAEConfig
@@ -72,6 +73,13 @@ class BatchTopKSAE(TopKSAE):
         acts, smallest = self.batch_topk(pre)
         self.update_threshold(smallest)
         return acts
+
+    def sparse_entries(self, z: Tensor) -> kernels.Entries | None:
+        if not self.training:
+            return None  # the eval-mode threshold activation takes the dense path
+        entries, smallest = kernels.batch_topk_entries(z, self.cfg.k)
+        self.update_threshold(smallest)
+        return entries
 
     @torch.no_grad()
     def update_threshold(self, smallest: Tensor) -> None:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .base import SAE, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .registry import register
 
@@ -115,6 +116,12 @@ class JumpReLUConfig(SAEConfig):
     threshold_floor: float = 1e-6
     """Raw thresholds are clamped to at least this after each step (keeps theta > 0)."""
 
+    kernel: kernels.Kernel = "auto"
+    """Training kernel: 'dense' (the reference path), 'sparse' (decoder and backward over the active
+    entries only, plus JumpReLU's threshold-window and TopK's AuxK entries; sae/kernels.py) or 'auto'
+    (sparse on CPU when at most 10% of the (token, latent) entries are active and d_sae >= 512, dense
+    otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0' and no pre_act term."""
+
     lr: float = 1e-3
     adam_beta1: float = 0.0
     lr_warmup_steps: int = 100
@@ -148,6 +155,13 @@ class JumpReLUConfig(SAEConfig):
             raise ValueError(f"sparsity_loss must be 'l0' or 'tanh', got {self.sparsity_loss!r}")
         if self.target_l0 is not None and self.sparsity_loss != "l0":
             raise ValueError("target_l0 needs sparsity_loss='l0'")
+        kernels.check_kernel(self.kernel)
+        if self.kernel == "sparse" and not self.sparse_supported:
+            raise ValueError("kernel='sparse' needs sparsity_loss='l0' and pre_act_coefficient=0")
+
+    @property
+    def sparse_supported(self) -> bool:
+        return self.sparsity_loss == "l0" and not self.pre_act_coefficient
 
 
 @register("jumprelu")
@@ -190,15 +204,15 @@ class JumpReLUSAE(SAE):
         target = x if target is None else target
         pre = self.pre_activation(x)
         threshold = self.threshold
+        if cfg.sparse_supported and kernels.use_sparse(cfg.kernel, pre, None):
+            out = self._sparse_loss(x, pre, threshold, target, ctx)
+            if out is not None:
+                return out
         acts = jumprelu(pre, threshold, cfg.bandwidth)
         recon = self.decode(acts)
         terms = {"mse": reconstruction_error(target, recon)}
         if cfg.sparsity_loss == "l0":
-            l0 = step(pre, threshold, cfg.bandwidth).sum(-1).mean()
-            if cfg.target_l0 is not None:
-                sparsity = cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
-            else:
-                sparsity = cfg.l0_coefficient * l0
+            sparsity = self._l0_penalty(step(pre, threshold, cfg.bandwidth).sum(-1).mean())
         else:
             norms = self.W_dec.norm(dim=1)
             sparsity = cfg.l0_coefficient * torch.tanh(cfg.tanh_scale * acts.abs() * norms).sum(-1).mean()
@@ -208,6 +222,28 @@ class JumpReLUSAE(SAE):
             terms["pre_act"] = cfg.pre_act_coefficient * (torch.relu(threshold - pre) * norms).sum(-1).mean()
         total = torch.stack(list(terms.values())).sum()
         return LossOutput(total, terms, acts, recon)
+
+    def _l0_penalty(self, l0: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.target_l0 is not None:
+            return cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
+        return cfg.l0_coefficient * l0
+
+    def _sparse_loss(self, x: Tensor, pre: Tensor, threshold: Tensor, target: Tensor,
+                     ctx: StepContext) -> LossOutput | None:
+        """The same loss through sae/kernels.py; None when 'auto' finds the batch too dense."""
+        cfg = self.cfg
+        z = pre.detach().reshape(-1, cfg.d_sae)
+        entries = kernels.jumprelu_entries(z, threshold.detach(), cfg.bandwidth)
+        if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * z.numel():
+            return None
+        recon, _, l0, acts = kernels.sparse_sae(
+            x.reshape(-1, cfg.d_in), self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, theta=threshold,
+            buffer=z, apply_b_dec_to_input=cfg.apply_b_dec_to_input, bandwidth=cfg.bandwidth)
+        recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
+        terms = {"mse": reconstruction_error(target, recon),
+                 "sparsity": ctx.sparsity_scale * self._l0_penalty(l0.mean())}
+        return LossOutput(torch.stack(list(terms.values())).sum(), terms, acts.reshape(pre.shape), recon)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

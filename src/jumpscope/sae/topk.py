@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import kernels
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .registry import register
 
@@ -51,8 +52,15 @@ class TopKSAEConfig(SAEConfig):
     """Adam learning rate (the paper uses 2e-4 / sqrt(d_sae / 2^14) over billions of tokens;
     5e-4 suits runs of a few million)."""
 
+    kernel: kernels.Kernel = "auto"
+    """Training kernel: 'dense' (the reference path), 'sparse' (decoder and backward over the active
+    entries only, plus JumpReLU's threshold-window and TopK's AuxK entries; sae/kernels.py) or 'auto'
+    (sparse on CPU when at most 10% of the (token, latent) entries are active and d_sae >= 512, dense
+    otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0' and no pre_act term."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        kernels.check_kernel(self.kernel)
         if not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
             raise ValueError(f"k must be an integer in [1, d_sae={self.d_sae}], got {self.k!r}")
         if self.k_aux is not None and (not isinstance(self.k_aux, int) or not 1 <= self.k_aux <= self.d_sae):
@@ -106,6 +114,10 @@ class TopKSAE(SAE):
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
         target = x if target is None else target
         pre = self.pre_activation(x)
+        if kernels.use_sparse(self.cfg.kernel, pre, self.cfg.k / self.cfg.d_sae):
+            entries = self.sparse_entries(pre.detach().reshape(-1, self.cfg.d_sae))
+            if entries is not None:
+                return self._sparse_loss(x, pre, entries, ctx, target)
         acts = self.training_activation(pre)
         recon = self.decode(acts)
         terms = {"mse": reconstruction_error(target, recon)}
@@ -115,6 +127,34 @@ class TopKSAE(SAE):
             aux = pre.new_zeros(())
         terms["aux"] = self.cfg.aux_coefficient * aux
         return LossOutput(terms["mse"] + terms["aux"], terms, acts, recon)
+
+    def sparse_entries(self, z: Tensor) -> kernels.Entries | None:
+        """The active entries of ``training_activation`` on z (B, d_sae) for the sparse kernel
+        (None: take the dense path)."""
+        return kernels.topk_entries(z, self.cfg.k)
+
+    def _sparse_loss(self, x: Tensor, pre: Tensor, entries: kernels.Entries, ctx: StepContext,
+                     target: Tensor) -> LossOutput:
+        """``loss`` through sae/kernels.py (the AuxK decode is sparse too)."""
+        cfg = self.cfg
+        z = pre.detach().reshape(-1, cfg.d_sae)
+        aux = None
+        if cfg.aux_coefficient and ctx.dead_mask is not None:
+            dead = ctx.dead_mask.to(device=z.device, dtype=torch.bool)
+            k_aux = min(cfg.aux_k, int(dead.sum()))
+            if k_aux:
+                aux = kernels.auxk_entries(z, dead, k_aux)
+        recon, aux_recon, _, acts = kernels.sparse_sae(
+            x.reshape(-1, cfg.d_in), self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, aux=aux,
+            buffer=z, apply_b_dec_to_input=cfg.apply_b_dec_to_input)
+        recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
+        terms = {"mse": reconstruction_error(target, recon)}
+        if aux is not None:
+            error = (target - recon).detach().reshape(aux_recon.shape)
+            terms["aux"] = cfg.aux_coefficient * reconstruction_error(error, aux_recon)
+        else:
+            terms["aux"] = cfg.aux_coefficient * pre.new_zeros(())
+        return LossOutput(terms["mse"] + terms["aux"], terms, acts.reshape(pre.shape), recon)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

@@ -1,0 +1,244 @@
+"""Sparse training kernels (sae/kernels.py) give the dense reference path's loss, activations,
+reconstruction and every parameter gradient, for JumpReLU, TopK (with AuxK) and BatchTopK."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from jumpscope.sae import StepContext, build, kernels
+from jumpscope.train import Trainer, TrainerConfig
+
+D_IN, D_SAE, BATCH = 8, 64, 96
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def with_kernel(sae, kernel):
+    copied = copy.deepcopy(sae)
+    copied.cfg = dataclasses.replace(sae.cfg, kernel=kernel)
+    return copied
+
+
+def data(seed=0, d=D_IN):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, d, generator=generator) + 0.2
+
+
+def randomise(sae, seed=1, b_enc_shift=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=generator) + b_enc_shift)
+        sae.b_dec.copy_(0.3 * torch.randn(sae.b_dec.shape, generator=generator))
+        sae.W_enc.add_(0.1 * torch.randn(sae.W_enc.shape, generator=generator))
+
+
+def run(sae, x, ctx, target, extra_acts_loss=False):
+    out = sae.loss(x, ctx, target)
+    total = out.loss + (0.1 * out.feature_acts.pow(2).sum() if extra_acts_loss else 0.0)
+    sae.zero_grad(set_to_none=True)
+    total.backward()
+    return out, {name: p.grad for name, p in sae.named_parameters()}
+
+
+def assert_paths_agree(sae, x, ctx, target=None, extra_acts_loss=False):
+    dense, sparse = with_kernel(sae, "dense"), with_kernel(sae, "sparse")
+    out_d, grads_d = run(dense, x, ctx, target, extra_acts_loss)
+    out_s, grads_s = run(sparse, x, ctx, target, extra_acts_loss)
+    torch.testing.assert_close(out_s.loss, out_d.loss, **TOL)
+    assert out_s.terms.keys() == out_d.terms.keys()
+    for key in out_d.terms:
+        torch.testing.assert_close(out_s.terms[key], out_d.terms[key], **TOL)
+    torch.testing.assert_close(out_s.feature_acts, out_d.feature_acts.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out_s.reconstruction, out_d.reconstruction, **TOL)
+    for name, grad in grads_d.items():
+        assert grad is not None or grads_s[name] is None or not grads_s[name].any(), name
+        if grad is not None:
+            assert grads_s[name] is not None, name
+            torch.testing.assert_close(grads_s[name], grad, **TOL, msg=lambda m: f"{name}: {m}")
+    for name, buffer in dense.named_buffers():
+        torch.testing.assert_close(dict(sparse.named_buffers())[name], buffer, **TOL)
+    return out_d
+
+
+JUMPRELU_CASES = [
+    dict(log_threshold=False, l0_coefficient=0.3),
+    dict(log_threshold=True, l0_coefficient=0.3),
+    dict(log_threshold=False, target_l0=6.0),
+    dict(log_threshold=True, target_l0=6.0, apply_b_dec_to_input=True),
+    dict(log_threshold=False, l0_coefficient=0.3, apply_b_dec_to_input=True),
+    dict(log_threshold=False, target_l0=6.0, d_out=5, b_dec_init="zeros"),  # transcoder
+    dict(log_threshold=True, l0_coefficient=0.3, d_out=5, b_dec_init="zeros"),
+]
+
+
+def jumprelu_sae(**fields):
+    sae = build("jumprelu", d_in=D_IN, d_sae=D_SAE, bandwidth=0.5, threshold_init_l0=8, seed=3, **fields)
+    sae.init_from_data(data(seed=9))
+    randomise(sae)
+    return sae
+
+
+@pytest.mark.parametrize("fields", JUMPRELU_CASES, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+@pytest.mark.parametrize("extra_acts_loss", [False, True])
+def test_jumprelu_sparse_matches_dense(fields, extra_acts_loss):
+    sae = jumprelu_sae(**fields)
+    x = data()
+    target = data(seed=5, d=5) if fields.get("d_out") else None
+    entries = kernels.jumprelu_entries(sae.pre_activation(x).detach(), sae.threshold.detach(), 0.5)
+    window, active = entries.window.bool(), entries.active.bool()
+    assert (window & ~active).sum() > 10 and (window & active).sum() > 10  # both sides of theta
+    assert (active & ~window).sum() > 10
+    assert_paths_agree(sae, x, StepContext(sparsity_scale=0.7), target, extra_acts_loss)
+
+
+def test_jumprelu_sparsity_term_alone_trains_only_the_threshold():
+    sae = with_kernel(jumprelu_sae(l0_coefficient=1.0), "sparse")
+    sae.loss(data(), StepContext()).terms["sparsity"].backward()
+    assert sae.W_enc.grad is None and sae.W_dec.grad is None
+    assert torch.count_nonzero(sae.threshold_raw.grad) > 0
+
+
+def test_jumprelu_with_nothing_active_or_in_the_window():
+    sae = jumprelu_sae(l0_coefficient=0.3)
+    with torch.no_grad():
+        sae.threshold_raw.fill_(1e3)
+    out = assert_paths_agree(sae, data(), StepContext())
+    assert not out.feature_acts.any()
+
+
+def test_jumprelu_sparse_needs_the_l0_loss():
+    with pytest.raises(ValueError, match="kernel='sparse'"):
+        build("jumprelu", d_in=4, d_sae=8, sparsity_loss="tanh", kernel="sparse")
+    with pytest.raises(ValueError, match="kernel must be"):
+        build("topk", d_in=4, d_sae=8, k=2, kernel="fast")
+
+
+def topk_sae(arch, b_enc_shift=0.0, **fields):
+    sae = build(arch, d_in=D_IN, d_sae=D_SAE, k=6, seed=4, **fields)
+    randomise(sae, b_enc_shift=b_enc_shift)
+    return sae
+
+
+def dead_mask(fraction=0.3, seed=2):
+    return torch.rand(D_SAE, generator=torch.Generator().manual_seed(seed)) < fraction
+
+
+TOPK_CASES = [
+    dict(),
+    dict(b_enc_shift=-1.5),  # many of the top-k (and aux) pre-activations are negative: ReLU'd to 0
+    dict(k_aux=40),  # more than the dead latents: all of them are used
+    dict(apply_b_dec_to_input=False, d_out=5),  # transcoder
+]
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("fields", TOPK_CASES, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "default")
+def test_topk_sparse_matches_dense(arch, fields):
+    sae = topk_sae(arch, **fields)
+    target = data(seed=5, d=5) if fields.get("d_out") else None
+    out = assert_paths_agree(sae, data(), StepContext(dead_mask=dead_mask()), target, extra_acts_loss=True)
+    assert out.terms["aux"] > 0
+    if fields.get("b_enc_shift"):
+        assert ((out.feature_acts > 0).sum(-1) < 6).any()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_topk_auxk_gradient_reaches_dead_encoder_columns(arch):
+    sae = with_kernel(topk_sae(arch), "sparse")
+    dead = dead_mask()
+    sae.loss(data(), StepContext(dead_mask=dead)).terms["aux"].backward()
+    assert (sae.W_enc.grad[:, dead].abs().sum(0) > 0).any()
+    assert (sae.b_enc.grad[dead] != 0).any()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_topk_without_dead_latents(arch):
+    sae = topk_sae(arch)
+    assert_paths_agree(sae, data(), StepContext(dead_mask=torch.zeros(D_SAE, dtype=torch.bool)))
+    assert_paths_agree(sae, data(), StepContext())
+
+
+def test_batchtopk_eval_mode_uses_the_dense_threshold_path():
+    sae = with_kernel(topk_sae("batchtopk"), "sparse")
+    sae.loss(data(), StepContext())
+    sae.eval()
+    out = sae.loss(data(seed=1), StepContext())
+    torch.testing.assert_close(out.feature_acts, sae.threshold_activation(sae.pre_activation(data(seed=1))))
+
+
+def test_flat_topk_prefilter_is_exact():
+    flat = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+    keep = 5000
+    fast = kernels._flat_topk_index(flat, keep).sort().values
+    assert torch.equal(fast, flat.topk(keep).indices.sort().values)
+
+
+def test_auto_picks_sparse_only_on_cpu_at_low_density():
+    z = torch.zeros(4, 4096)
+    assert kernels.use_sparse("auto", z, 32 / 4096)
+    assert not kernels.use_sparse("auto", z, 0.5)
+    assert not kernels.use_sparse("auto", torch.zeros(4, 64), 0.01)  # tiny: dense
+    assert kernels.use_sparse("sparse", torch.zeros(4, 64), 0.5) and not kernels.use_sparse("dense", z, 0.0)
+
+
+def stream(n_batches, rows=128, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(48, D_IN, generator=generator)
+    for _ in range(n_batches):
+        codes = (torch.rand(rows, 48, generator=generator) < 0.1) * torch.rand(rows, 48, generator=generator)
+        yield codes @ dictionary + 0.3
+
+
+@pytest.mark.parametrize("arch, fields", [
+    ("jumprelu", dict(target_l0=6, bandwidth=0.2)),
+    ("jumprelu", dict(l0_coefficient=0.05, log_threshold=True, threshold_init_l0=6, apply_b_dec_to_input=True)),
+    ("topk", dict(k=6)),
+    ("batchtopk", dict(k=6)),
+])
+def test_training_with_sparse_kernel_matches_dense(arch, fields):
+    saes = {kernel: build(arch, d_in=D_IN, d_sae=D_SAE, seed=7, kernel=kernel, **fields)
+            for kernel in ("dense", "sparse")}
+    # a short dead window so that AuxK is active for the TopK architectures
+    cfg = TrainerConfig(total_tokens=128 * 12, batch_size=128, init_sample_tokens=256, log_every=4,
+                        checkpoint_every=0, dead_tokens=256, progress=False, device="cpu")
+    trained = Trainer(saes, cfg).fit(stream(12))
+    dense, sparse = trained["dense"].state_dict(), trained["sparse"].state_dict()
+    for key, value in dense.items():
+        torch.testing.assert_close(sparse[key], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+def test_sddmm_fallback_without_sampled_addmm(monkeypatch):
+    sae = topk_sae("topk")
+    x, ctx = data(), StepContext(dead_mask=dead_mask())
+    expected = run(with_kernel(sae, "sparse"), x, ctx, None)[1]
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("sampled_addmm")
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", unsupported)
+    grads = run(with_kernel(sae, "sparse"), x, ctx, None)[1]
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, **TOL)
+
+
+def graph_names(tensor):
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_auto_takes_the_sparse_path_on_cpu_when_sparse_enough():
+    x = torch.randn(256, D_IN)
+    for l0, sparse in ((8, True), (200, False)):
+        sae = build("jumprelu", d_in=D_IN, d_sae=512, threshold_init_l0=l0, bandwidth=0.05)
+        sae.init_from_data(x)
+        assert ("_SparseSAEBackward" in graph_names(sae.loss(x, StepContext()).loss)) == sparse
+    topk = build("topk", d_in=D_IN, d_sae=512, k=8)
+    assert "_SparseSAEBackward" in graph_names(topk.loss(x, StepContext()).loss)
+    topk = build("topk", d_in=D_IN, d_sae=256, k=8)  # below AUTO_MIN_LATENTS
+    assert "_SparseSAEBackward" not in graph_names(topk.loss(x, StepContext()).loss)
