@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from sae_checks import assert_fold_takes_raw_inputs, randomize, sample  # noqa: F401
 
 from jumpscope.sae import StepContext, build, get_class
 from jumpscope.sae.gated import GatedSAE, GatedSAEConfig
@@ -14,16 +14,7 @@ from jumpscope.sae.jumprelu import JumpReLUSAE
 
 
 def randomized(seed: int = 0, **fields) -> GatedSAE:
-    sae = GatedSAE(GatedSAEConfig(d_in=6, d_sae=40, **fields))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return sae
-
-
-def sample(n: int = 64, d: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return randomize(GatedSAE(GatedSAEConfig(d_in=6, d_sae=40, **fields)), seed)
 
 
 def gated_reference(sae: GatedSAE, x: torch.Tensor) -> torch.Tensor:
@@ -127,10 +118,7 @@ def test_fold_scaling_takes_raw_inputs(apply_b_dec):
     sae = randomized(apply_b_dec_to_input=apply_b_dec)
     s = 0.3
     x_raw = sample() * s
-    folded = copy.deepcopy(sae)
-    folded.fold_scaling(s)
-    torch.testing.assert_close(folded.encode(x_raw), s * sae.encode(x_raw / s), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(folded(x_raw), s * sae(x_raw / s), atol=1e-5, rtol=1e-5)
+    folded = assert_fold_takes_raw_inputs(sae, s, x_raw)
     torch.testing.assert_close(folded.r_mag, sae.r_mag)
     # and the exported form of the folded SAE takes raw inputs too
     torch.testing.assert_close(folded.export()(x_raw), s * sae(x_raw / s), atol=1e-5, rtol=1e-5)

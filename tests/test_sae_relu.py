@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from sae_checks import assert_fold_takes_raw_inputs, randomize, sample  # noqa: F401
 
 from jumpscope.sae import StepContext, build, get_class
 from jumpscope.sae.jumprelu import JumpReLUSAE
@@ -13,16 +12,7 @@ from jumpscope.sae.relu import ReLUSAE, ReLUSAEConfig
 
 
 def randomized(seed: int = 0, **fields) -> ReLUSAE:
-    sae = ReLUSAE(ReLUSAEConfig(d_in=6, d_sae=20, **fields))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return sae
-
-
-def sample(n: int = 64, d: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return randomize(ReLUSAE(ReLUSAEConfig(d_in=6, d_sae=20, **fields)), seed)
 
 
 def test_registered_with_its_contract():
@@ -85,10 +75,7 @@ def test_fold_scaling_takes_raw_inputs(apply_b_dec):
     sae = randomized(apply_b_dec_to_input=apply_b_dec)
     s = 3.7
     x_raw = sample() * s
-    folded = copy.deepcopy(sae)
-    folded.fold_scaling(s)
-    torch.testing.assert_close(folded.encode(x_raw), s * sae.encode(x_raw / s), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(folded(x_raw), s * sae(x_raw / s), atol=1e-5, rtol=1e-5)
+    folded = assert_fold_takes_raw_inputs(sae, s, x_raw)
 
 
 @pytest.mark.parametrize(("fields", "message"), [

@@ -3,10 +3,9 @@ exact JumpReLU export of BatchTopK, input-scale fold, validation."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from sae_checks import assert_fold_takes_raw_inputs, randomize, sample  # noqa: F401
 
 from jumpscope.sae import StepContext, build, get_class
 from jumpscope.sae.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
@@ -16,17 +15,10 @@ from jumpscope.sae.topk import TopKSAE, TopKSAEConfig
 
 def randomized(cls=TopKSAE, seed: int = 0, bias: float = 0.0, **fields):
     cfg_cls = cls.config_class
-    sae = cls(cfg_cls(**{"d_in": 6, "d_sae": 24, "k": 4, **fields}))
-    g = torch.Generator().manual_seed(seed)
+    sae = randomize(cls(cfg_cls(**{"d_in": 6, "d_sae": 24, "k": 4, **fields})), seed)
     with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         sae.b_enc.add_(bias)
     return sae
-
-
-def sample(n: int = 64, d: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 
 
 def pre_reference(sae, x):
@@ -142,10 +134,7 @@ def test_fold_scaling_takes_raw_inputs(cls):
         assert sae.threshold.item() > 0
     s = 2.5
     x_raw = sample() * s
-    folded = copy.deepcopy(sae)
-    folded.fold_scaling(s)
-    torch.testing.assert_close(folded.encode(x_raw), s * sae.encode(x_raw / s), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(folded(x_raw), s * sae(x_raw / s), atol=1e-5, rtol=1e-5)
+    folded = assert_fold_takes_raw_inputs(sae, s, x_raw)
 
 
 @pytest.mark.parametrize(("fields", "message"), [

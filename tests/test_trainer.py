@@ -259,3 +259,23 @@ def test_resuming_a_finished_run_reads_no_data(tmp_path):
     again = Trainer(small_saes(), config(tmp_path)).fit(itertools.chain([next(iter(stream(1)))], must_not_be_read()),
                                                          resume=True)
     assert_same_weights(first, again)
+
+
+def test_resume_may_change_runtime_fields_such_as_the_kernel(tmp_path):
+    def saes(kernel):
+        return {"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, kernel=kernel)}
+
+    with pytest.raises(Crash):
+        Trainer(saes("dense"), config(tmp_path)).fit(crashing(stream(60), after=20))
+    resumed = Trainer(saes("sparse"), config(tmp_path)).fit(stream(60), resume=True)
+    reference = Trainer(saes("dense"), config()).fit(stream(60))
+    for key, value in reference["jump"].state_dict().items():
+        assert torch.allclose(value, resumed["jump"].state_dict()[key], atol=1e-4), key
+
+
+def test_transcoders_with_mean_b_dec_init_keep_a_zero_output_bias_at_init():
+    sae = build("jumprelu", d_in=D_IN, d_out=5, d_sae=16, target_l0=3)  # b_dec_init="mean" by default
+    sae.init_from_data(torch.randn(200, D_IN))
+    assert torch.equal(sae.b_dec, torch.zeros(5))
+    with pytest.raises(ValueError, match="apply_b_dec_to_input needs d_out == d_in"):
+        build("topk", d_in=D_IN, d_out=5, d_sae=16, k=2)

@@ -46,6 +46,14 @@ class SAEConfig:
     normalize_decoder: bool = True
     """Keep every decoder row at unit norm (project out the parallel gradient, renormalise)."""
 
+    apply_b_dec_to_input: bool = False
+    """Subtract b_dec from x before the encoder (needs d_out == d_in: a transcoder's b_dec lives
+    in output space)."""
+
+    b_dec_init: Literal["zeros", "mean"] = "zeros"
+    """Initial decoder bias: zeros, or the mean of the initialisation sample (ordinary SAEs only),
+    which spares the first thousands of steps learning the activations' mean."""
+
     lr: float = 2e-4
     """Adam learning rate at the end of warm-up."""
 
@@ -77,6 +85,8 @@ class SAEConfig:
     """The hook site it reads, e.g. 'layers.3.resid_post' (metadata)."""
 
     architecture: ClassVar[str] = ""
+    # Fields that change how the SAE computes, not what it computes (a resumed run may differ).
+    runtime_fields: ClassVar[tuple[str, ...]] = ()
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
@@ -111,6 +121,10 @@ class SAEConfig:
             raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
         if self.input_scaling not in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none"):
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
+        if self.b_dec_init not in ("zeros", "mean"):
+            raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
+        if self.apply_b_dec_to_input and self.d_output != self.d_in:
+            raise ValueError("apply_b_dec_to_input needs d_out == d_in; set it to False for a transcoder")
 
 
 @dataclass
@@ -177,6 +191,13 @@ class SAE(nn.Module):
         """Latent activations ``f`` (..., d_sae) of raw inputs ``x`` (..., d_in)."""
         raise NotImplementedError
 
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations ``z`` (..., d_sae) of raw inputs ``x``."""
+        self.check_input(x)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
@@ -198,7 +219,23 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        """Data-dependent initialisation on a sample of (already scaled) inputs. Default: none."""
+        """Data-dependent initialisation on a sample of (already scaled) inputs: here b_dec
+        (``b_dec_init``); architectures extend it."""
+        self.check_input(x)
+        if self.cfg.b_dec_init == "mean" and self.cfg.d_out is None:
+            self.b_dec.copy_(x.reshape(-1, self.cfg.d_in).mean(0).to(self.b_dec))
+
+    def export_as_jumprelu(self, W_enc: Tensor, b_enc: Tensor, threshold: Tensor) -> "SAE":
+        """The exactly equivalent JumpReLU SAE reading raw x (b_dec folded into b_enc when it is
+        subtracted from the input), on this SAE's device, with its metadata."""
+        from .jumprelu import jumprelu_from_weights  # jumprelu imports this module
+
+        if self.cfg.apply_b_dec_to_input:
+            b_enc = b_enc - self.b_dec @ W_enc
+        return jumprelu_from_weights(
+            W_enc.detach(), self.W_dec.detach(), b_enc.detach(), self.b_dec.detach(), threshold.detach(),
+            model=self.cfg.model, site=self.cfg.site, input_scaling=self.cfg.input_scaling,
+            normalize_decoder=self.cfg.normalize_decoder).to(self.W_enc.device)
 
     def export(self) -> "SAE":
         """The inference form (e.g. a Gated or BatchTopK SAE exports to a JumpReLU SAE)."""
@@ -220,6 +257,8 @@ class SAE(nn.Module):
         multiplied, so ``f_raw = s * f`` and ``x_hat_raw = s * x_hat`` exactly (SPEC 1).
         """
         output_scale = input_scale if output_scale is None else output_scale
+        if self.cfg.apply_b_dec_to_input and output_scale != input_scale:
+            raise ValueError("cannot fold different input and output scales when b_dec is applied to the input")
         for names, scale in ((self.input_scaled, input_scale), (self.output_scaled, output_scale)):
             for name in names:
                 getattr(self, name).mul_(scale)

@@ -98,9 +98,4 @@ class BatchTopKSAE(TopKSAE):
         The threshold is >= 0, so z * (z > t) = ReLU(z) * (ReLU(z) > t); folding -b_dec @ W_enc
         into b_enc gives the same pre-activation from raw x.
         """
-        b_enc = self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
-        threshold = self.threshold.expand(self.cfg.d_sae).clone()
-        return jumprelu_from_weights(
-            self.W_enc, self.W_dec, b_enc, self.b_dec, threshold,
-            model=self.cfg.model, site=self.cfg.site, input_scaling=self.cfg.input_scaling,
-            normalize_decoder=self.cfg.normalize_decoder).to(self.W_enc.device)
+        return self.export_as_jumprelu(self.W_enc, self.b_enc, self.threshold.expand(self.cfg.d_sae).clone())

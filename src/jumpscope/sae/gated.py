@@ -45,8 +45,6 @@ class GatedSAEConfig(SAEConfig):
         super().__post_init__()
         if self.l1_coefficient < 0:
             raise ValueError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
-        if self.apply_b_dec_to_input and self.d_output != self.d_in:
-            raise ValueError("apply_b_dec_to_input needs d_out == d_in; set it to False for a transcoder")
 
 
 @register("gated")
@@ -92,12 +90,6 @@ class GatedSAE(SAE):
         return self.cfg.l1_coefficient
 
     @torch.no_grad()
-    def fold_scaling(self, input_scale: float, output_scale: float | None = None) -> None:
-        if self.cfg.apply_b_dec_to_input and output_scale is not None and output_scale != input_scale:
-            raise ValueError("cannot fold different input and output scales when b_dec is applied to the input")
-        super().fold_scaling(input_scale, output_scale)
-
-    @torch.no_grad()
     def export(self) -> JumpReLUSAE:
         """The exactly equivalent JumpReLU SAE: pre = pi_mag, theta = b_mag - exp(r_mag) * b_gate.
 
@@ -108,9 +100,5 @@ class GatedSAE(SAE):
         """
         scale = self.r_mag.exp()
         W_enc = self.W_enc * scale
-        b_enc = self.b_mag - self.b_dec @ W_enc if self.cfg.apply_b_dec_to_input else self.b_mag.clone()
         threshold = (self.b_mag - scale * self.b_gate).clamp_min(0.0)
-        return jumprelu_from_weights(
-            W_enc, self.W_dec, b_enc, self.b_dec, threshold,
-            model=self.cfg.model, site=self.cfg.site, input_scaling=self.cfg.input_scaling,
-            normalize_decoder=self.cfg.normalize_decoder).to(self.W_enc.device)
+        return self.export_as_jumprelu(W_enc, self.b_mag, threshold)

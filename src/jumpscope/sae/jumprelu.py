@@ -75,6 +75,8 @@ class JumpReLUConfig(SAEConfig):
     """JumpReLU SAE. Defaults are the fast recipe that reaches a requested L0 within a few
     million tokens; ``JumpReLUConfig.preset("paper", ...)`` gives the paper's recipe."""
 
+    runtime_fields: ClassVar[tuple[str, ...]] = ("kernel",)
+
     bandwidth: float = 0.001
     """Width eps of the rectangle kernel in the pseudo-derivatives (on the scaled inputs)."""
 
@@ -89,11 +91,6 @@ class JumpReLUConfig(SAEConfig):
     sample so training starts at this L0. None: use target_l0 if set, else threshold_init."""
 
     b_dec_init: Literal["zeros", "mean"] = "mean"
-    """Initial decoder bias: zeros (paper) or the mean of the initialisation sample, which spares
-    the first thousands of steps learning the activations' mean."""
-
-    apply_b_dec_to_input: bool = False
-    """Subtract b_dec from x before the encoder."""
 
     sparsity_loss: Literal["l0", "tanh"] = "l0"
     """'l0': lambda * ||f||_0 (paper); 'tanh': lambda * sum tanh(c |f_i| ||W_dec,i||) (Anthropic)."""
@@ -149,8 +146,6 @@ class JumpReLUConfig(SAEConfig):
             value = getattr(self, name)
             if value is not None and not 0 < value < self.d_sae:
                 raise ValueError(f"{name} must lie in (0, d_sae={self.d_sae}), got {value}")
-        if self.b_dec_init not in ("zeros", "mean"):
-            raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.sparsity_loss not in ("l0", "tanh"):
             raise ValueError(f"sparsity_loss must be 'l0' or 'tanh', got {self.sparsity_loss!r}")
         if self.target_l0 is not None and self.sparsity_loss != "l0":
@@ -188,12 +183,6 @@ class JumpReLUSAE(SAE):
             self.log_threshold.copy_(values.log())
         else:
             self.threshold_raw.copy_(values)
-
-    def pre_activation(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
         pre = self.pre_activation(x)
@@ -247,8 +236,7 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        if self.cfg.b_dec_init == "mean":
-            self.b_dec.copy_(x.mean(0))
+        super().init_from_data(x)
         l0 = self.cfg.threshold_init_l0 if self.cfg.threshold_init_l0 is not None else self.cfg.target_l0
         if l0 is None:
             return

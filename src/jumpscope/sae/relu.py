@@ -28,9 +28,6 @@ class ReLUSAEConfig(SAEConfig):
     l1_coefficient: float = 5.0
     """lambda, the coefficient of the decoder-norm-weighted L1 penalty (on the scaled inputs)."""
 
-    apply_b_dec_to_input: bool = False
-    """Subtract b_dec from x before the encoder."""
-
     decoder_init_norm: float = 0.1
     """Norm of each decoder row at initialisation (W_enc = W_dec^T is scaled alike), so the
     initial reconstruction is small; Anthropic used 0.05-1. 1.0 keeps the base's unit rows."""
@@ -62,8 +59,6 @@ class ReLUSAEConfig(SAEConfig):
             raise ValueError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
         if self.decoder_init_norm <= 0:
             raise ValueError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm}")
-        if self.apply_b_dec_to_input and self.d_output != self.d_in:
-            raise ValueError("apply_b_dec_to_input needs d_out == d_in (a transcoder's b_dec is in output space)")
 
 
 @register("relu")
@@ -76,12 +71,6 @@ class ReLUSAE(SAE):
         with torch.no_grad():
             self.W_dec.mul_(cfg.decoder_init_norm)
             self.W_enc.mul_(cfg.decoder_init_norm)
-
-    def pre_activation(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.pre_activation(x))
@@ -101,16 +90,6 @@ class ReLUSAE(SAE):
         return self.cfg.l1_coefficient
 
     @torch.no_grad()
-    def fold_scaling(self, input_scale: float, output_scale: float | None = None) -> None:
-        if self.cfg.apply_b_dec_to_input and output_scale is not None and output_scale != input_scale:
-            raise ValueError("cannot fold different input and output scales when b_dec is applied to the input")
-        super().fold_scaling(input_scale, output_scale)
-
-    @torch.no_grad()
     def export(self) -> JumpReLUSAE:
         """The same SAE as a JumpReLU SAE with threshold 0 (JumpReLU_0(z) = z * (z > 0) = ReLU(z))."""
-        b_enc = self.b_enc - self.b_dec @ self.W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
-        return jumprelu_from_weights(
-            self.W_enc, self.W_dec, b_enc, self.b_dec, torch.zeros_like(self.b_enc),
-            model=self.cfg.model, site=self.cfg.site, input_scaling=self.cfg.input_scaling,
-            normalize_decoder=self.cfg.normalize_decoder).to(self.W_enc.device)
+        return self.export_as_jumprelu(self.W_enc, self.b_enc, torch.zeros_like(self.b_enc))

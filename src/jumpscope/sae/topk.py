@@ -12,6 +12,7 @@ Subclasses change the selection by overriding ``activate`` (inference) and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -24,6 +25,8 @@ from .registry import register
 @dataclass
 class TopKSAEConfig(SAEConfig):
     """TopK SAE. The sparsity is set by k; there is no sparsity coefficient."""
+
+    runtime_fields: ClassVar[tuple[str, ...]] = ("kernel",)
 
     k: int = 32
     """Active latents per token (the L0), in [1, d_sae]."""
@@ -39,11 +42,10 @@ class TopKSAEConfig(SAEConfig):
     """Subtract b_dec from x before the encoder (part of the TopK architecture; turn it off
     for a transcoder, whose b_dec lives in output space)."""
 
-    init_b_dec_to_mean: bool = True
-    """In ``init_from_data``, set b_dec to the sample mean of the inputs (ordinary SAEs only).
-    The paper uses the geometric median; the mean is a close, cheap stand-in. It centres the
-    encoder input, so the top-k choice is not dominated by the large mean direction of the
-    residual stream, and the reconstruction starts at the mean instead of 0."""
+    b_dec_init: Literal["zeros", "mean"] = "mean"
+    """Initial b_dec: the sample mean of the inputs (the paper uses the geometric median; the
+    mean is a close, cheap stand-in). It centres the encoder input, so the top-k choice is not
+    dominated by the large mean direction of the residual stream."""
 
     input_scaling: InputScaling = "sqrt_d_in_norm"
     """How the trainer rescales inputs (see SAEConfig); the paper uses E||x|| = sqrt(d_in)."""
@@ -67,8 +69,6 @@ class TopKSAEConfig(SAEConfig):
             raise ValueError(f"k_aux must be None or an integer in [1, d_sae={self.d_sae}], got {self.k_aux!r}")
         if self.aux_coefficient < 0:
             raise ValueError(f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
-        if self.apply_b_dec_to_input and self.d_output != self.d_in:
-            raise ValueError("apply_b_dec_to_input needs d_out == d_in; set it to False for a transcoder")
 
     @property
     def aux_k(self) -> int:
@@ -80,12 +80,6 @@ class TopKSAEConfig(SAEConfig):
 class TopKSAE(SAE):
     config_class = TopKSAEConfig
     cfg: TopKSAEConfig
-
-    def pre_activation(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
 
     def activate(self, pre: Tensor) -> Tensor:
         """Keep the k largest pre-activations of each token, ReLU'd; zeros elsewhere."""
@@ -156,14 +150,3 @@ class TopKSAE(SAE):
             terms["aux"] = cfg.aux_coefficient * pre.new_zeros(())
         return LossOutput(terms["mse"] + terms["aux"], terms, acts.reshape(pre.shape), recon)
 
-    @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> None:
-        if self.cfg.init_b_dec_to_mean and self.cfg.d_out is None:
-            self.check_input(x)
-            self.b_dec.copy_(x.reshape(-1, self.cfg.d_in).mean(0).to(self.b_dec))
-
-    @torch.no_grad()
-    def fold_scaling(self, input_scale: float, output_scale: float | None = None) -> None:
-        if self.cfg.apply_b_dec_to_input and output_scale is not None and output_scale != input_scale:
-            raise ValueError("cannot fold different input and output scales when b_dec is applied to the input")
-        super().fold_scaling(input_scale, output_scale)

@@ -287,12 +287,19 @@ class Trainer:
             tensors.update({f"sae{index}.final.{k}": v for k, v in self.final_metrics[name].state_dict().items()})
         state = {"step": self.step, "names": list(self.saes), "input_scales": self.input_scales,
                  "output_scales": self.output_scales, "param_groups": groups, "trainer": self.cfg.to_dict(),
-                 "configs": {n: {"architecture": s.architecture, **s.cfg.to_dict()} for n, s in self.saes.items()}}
+                 "configs": self._configs()}
         save_checkpoint(path, tensors, state)
+
+    def _configs(self) -> dict[str, dict[str, Any]]:
+        """What must match for a checkpoint to resume: each SAE's architecture and config, less
+        its runtime fields (e.g. the kernel choice), which change how, not what, it computes."""
+        return {name: {"architecture": sae.architecture,
+                       **{k: v for k, v in sae.cfg.to_dict().items() if k not in sae.cfg.runtime_fields}}
+                for name, sae in self.saes.items()}
 
     def _load(self, path: Path) -> None:
         tensors, state = load_checkpoint(path)
-        configs = {n: {"architecture": s.architecture, **s.cfg.to_dict()} for n, s in self.saes.items()}
+        configs = self._configs()
         if state["configs"] != configs:
             raise ValueError(f"{path} was written by a run with different SAEs or configs; resume with the same "
                              f"settings or use another output folder.\n saved: {state['configs']}\n now: {configs}")
