@@ -69,6 +69,8 @@ JUMPRELU_CASES = [
     dict(log_threshold=False, l0_coefficient=0.3, apply_b_dec_to_input=True),
     dict(log_threshold=False, target_l0=6.0, d_out=5, b_dec_init="zeros"),  # transcoder
     dict(log_threshold=True, l0_coefficient=0.3, d_out=5, b_dec_init="zeros"),
+    dict(log_threshold=False, target_l0=6.0, pre_act_coefficient=0.05),  # dense term beside the sparse path
+    dict(log_threshold=True, l0_coefficient=0.3, pre_act_coefficient=0.05, apply_b_dec_to_input=True),
 ]
 
 
@@ -223,10 +225,11 @@ def test_sddmm_fallback_without_sampled_addmm(monkeypatch):
 
 
 def graph_names(tensor):
-    names, stack = set(), [tensor.grad_fn]
+    names, seen, stack = set(), set(), [tensor.grad_fn]
     while stack:
         node = stack.pop()
-        if node is not None and type(node).__name__ not in names:
+        if node is not None and id(node) not in seen:  # by node, not type: branches repeat types
+            seen.add(id(node))
             names.add(type(node).__name__)
             stack.extend(next_node for next_node, _ in node.next_functions)
     return names
