@@ -74,3 +74,32 @@ def test_bad_train_options_are_clear_errors(tmp_path, capsys, argv, message):
     code = main(["train", "--out", str(tmp_path / "x"), "--no-progress", *argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_cache_from_another_site_or_model_is_refused(tmp_path):
+    cache = tmp_path / "cache"
+    run_train(small_job(tmp_path / "a"), activations(cache=str(cache)), FAST)
+    with pytest.raises(ValueError, match=r"written for another run \(sites: cache has \{'layers.3.resid_post'"):
+        run_train(small_job(tmp_path / "b", site=("layers.2.resid_post",)), activations(cache=str(cache)), FAST)
+    with pytest.raises(ValueError, match="context_size: cache has 128, this run wants 64"):
+        run_train(small_job(tmp_path / "c"), activations(cache=str(cache), context_size=64), FAST)
+
+
+@pytest.mark.parametrize("text", ["", "far too short for one window"])
+def test_empty_or_short_corpora_are_clear_errors(tmp_path, text):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(text)
+    with pytest.raises(ValueError, match="gives no training context window of 128 tokens: it is empty or shorter"):
+        run_train(small_job(tmp_path / "run"), activations(corpus=str(corpus)), FAST)
+
+
+def test_a_single_document_corpus_splits_into_training_and_held_out_windows(tmp_path):
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(" ".join(f"Sentence number {i} talks about sparse features and layers." for i in range(900)))
+    _, summary = run_train(small_job(tmp_path / "run", tokens=512 * 4), activations(corpus=str(corpus)), FAST)
+    assert f"| {SITE} | 128 |" in summary
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "x")]) == 2
+    assert "no-such-org/no-such-model" in capsys.readouterr().err

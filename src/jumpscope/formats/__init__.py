@@ -25,6 +25,15 @@ _MARKERS = {"native": ("cfg.json", "sae.safetensors"), "saelens": ("cfg.json", "
             "gemma_scope": ("params.npz",)}
 
 
+def format_name(format: str) -> str:
+    """Canonical format name; spellings such as 'gemma-scope' or 'GemmaScope' are accepted."""
+    name = format.lower().replace("-", "_")
+    name = {"gemmascope": "gemma_scope", "sae_lens": "saelens"}.get(name, name)
+    if name not in FORMATS:
+        raise ValueError(f"unknown SAE format {format!r}; known: {', '.join(FORMATS)}")
+    return name
+
+
 def detect_format(path: str | Path) -> str:
     """"native", "gemma_scope" or "saelens", from the files at ``path`` (a folder, or a .npz file)."""
     path = Path(path)
@@ -49,7 +58,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", format: str | Non
     """Load an SAE in any format (detected when ``format`` is None). ``options`` go to the
     format's loader: Gemma Scope config fields (``model=``, ``site=``); SAELens
     ``norm_scaling_factor=``."""
-    format = detect_format(path) if format is None else format
+    format = detect_format(path) if format is None else format_name(format)
     if format == "native":
         if options:
             raise TypeError(f"the native loader takes no options, got {sorted(options)}")
@@ -64,6 +73,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", format: str | Non
 def save(sae: SAE, path: str | Path, format: str = "native", **options: Any) -> Path:
     """Write ``sae`` in ``format``; returns what was written (the folder, or the .npz file).
     ``options``: ``density=``/``metadata=`` for native and SAELens."""
+    format = format_name(format)
     if format == "native":
         return save_native(sae, path, **options)
     if format == "gemma_scope":

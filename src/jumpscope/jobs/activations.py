@@ -2,8 +2,8 @@
 
 Every job that needs activations (train, and later sweeps, suites, Jacobian SAEs) builds them
 here, live from the model (one forward per batch of windows feeds every site) or from an on-disk
-cache written once and read back as often as needed. One document in ``eval_every`` is held out
-for evaluation and never trained on.
+cache written once and read back as often as needed. One context window in ``eval_every`` is held
+out for evaluation and never trained on (by window, so a single-document corpus splits too).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from ..data.buffer import shuffled, skip_rows
 from ..data.cache import CacheReader, CacheWriter, is_complete
-from ..data.corpus import Corpus, open_corpus
+from ..data.corpus import open_corpus
 from ..data.tokens import batch_windows, pack_tokens
 from ..models.harvest import harvest
 from ..models.loading import LoadedModel, load_model
@@ -53,7 +53,7 @@ class ActivationConfig:
     so later runs and sweeps need not run the model again."""
 
     eval_every: int = 20
-    """Hold out one document in this many for evaluation."""
+    """Hold out one context window in this many for evaluation."""
 
     seed: int = 0
     """Seed of the shuffle order."""
@@ -90,16 +90,21 @@ def context_size_for(cfg: ActivationConfig, loaded: LoadedModel) -> int:
     return min(1024, max_positions(loaded) or 1024)
 
 
-class HeldOut:
-    """Documents of a corpus, split deterministically into training and evaluation parts."""
+def held_out(windows: Iterable, every: int, evaluation: bool) -> Iterator:
+    """The training (or evaluation) part of a stream of windows: one in ``every`` is held out."""
+    for index, window in enumerate(windows):
+        if (index % every == every - 1) == evaluation:
+            yield window
 
-    def __init__(self, corpus: Corpus, every: int, evaluation: bool):
-        self.corpus, self.every, self.evaluation = corpus, every, evaluation
 
-    def __iter__(self) -> Iterator[str]:
-        for index, document in enumerate(self.corpus):
-            if (index % self.every == self.every - 1) == self.evaluation:
-                yield document
+def nonempty(windows: Iterator, corpus: str, context_size: int, what: str) -> Iterator:
+    """``windows``, or a clear error when there is not a single one."""
+    first = next(windows, None)
+    if first is None:
+        raise ValueError(f"corpus {corpus} gives no {what} context window of {context_size} tokens: it is empty "
+                         "or shorter than one context; give more text or a smaller --context-size")
+    yield first
+    yield from windows
 
 
 class ActivationSource:
@@ -123,10 +128,11 @@ class ActivationSource:
         self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network)
 
     def windows(self, evaluation: bool = False) -> Iterator[tuple]:
-        documents = HeldOut(self.corpus, self.cfg.eval_every, evaluation)
-        packed = pack_tokens(self.loaded.tokenizer, documents, self.context_size,
+        packed = pack_tokens(self.loaded.tokenizer, self.corpus, self.context_size,
                              max_positions=max_positions(self.loaded))
-        return batch_windows(packed, self.cfg.model_batch_size)
+        part = nonempty(held_out(packed, self.cfg.eval_every, evaluation), self.corpus.name, self.context_size,
+                        "held-out" if evaluation else "training")
+        return batch_windows(part, self.cfg.model_batch_size)
 
     def chunks(self, evaluation: bool = False) -> Iterator[dict]:
         """Unshuffled activation chunks, in corpus order."""
@@ -145,11 +151,23 @@ class ActivationSource:
         return {"model": self.loaded.name, "corpus": self.corpus.name, "context_size": self.context_size,
                 "sites": self.site_dims, "dtype": self.cfg.dtype, "eval_every": self.cfg.eval_every}
 
+    def check_cache(self, reader: CacheReader) -> None:
+        """Refuse a cache written from another model, corpus, context size or set of sites."""
+        ours = self.manifest()
+        theirs = {"model": reader.manifest.get("model"), "corpus": reader.manifest.get("corpus"),
+                  "context_size": reader.manifest.get("context_size"), "sites": reader.sites}
+        different = [f"{key}: cache has {theirs[key]!r}, this run wants {ours[key]!r}" for key in theirs
+                     if theirs[key] != ours[key]]
+        if different:
+            raise ValueError(f"the activation cache {reader.folder} was written for another run ("
+                             + "; ".join(different) + "); use another --cache folder")
+
     def fill_cache(self, total_tokens: int) -> None:
         """Write at least ``total_tokens`` activations to the cache, resuming a partial one."""
         folder = self.cfg.cache
         if is_complete(folder):
             reader = CacheReader(folder)
+            self.check_cache(reader)
             if reader.total_tokens < total_tokens:
                 log.warning("cache %s holds %d tokens, fewer than the %d asked for: the run will be shorter",
                             folder, reader.total_tokens, total_tokens)

@@ -205,6 +205,12 @@ class SAE(nn.Module):
         """Reconstruction of ``x`` (the prediction of the output, for a transcoder)."""
         return self.decode(self.encode(x))
 
+    def save(self, path: Any, format: str = "native", **options: Any) -> Any:
+        """Write this SAE: ``format`` is 'native', 'gemma-scope' (params.npz) or 'saelens'."""
+        from ..formats import save  # formats import this module
+
+        return save(self, path, format=format, **options)
+
     def check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(
