@@ -1,137 +1,230 @@
-"""Speed of the sparse training kernel (sae/kernels.py) against the dense reference path.
+"""Training speed: time per full training step of every architecture, as a ratio to one dense matmul.
 
-One full training step as the trainer runs it (loss, backward, removing the decoder-parallel
-gradient, Adam step, decoder renormalisation, after_step) on random Gaussian inputs scaled to
-E||x||^2 = 1, per architecture, with kernel='dense' and kernel='sparse' on the same weights.
-JumpReLU's thresholds are set from data so that L0 is the requested value (eps = 0.001, the
-default bandwidth); TopK and BatchTopK use k = L0 and a dead mask on 5% of the latents so that
-AuxK (k_aux = d_in / 2 = 192 dead latents per token) runs as it does once latents die.
-Reported: the median wall time over --repeats steps after one warm-up step (dense and sparse
-take turns, so load from other processes hits both alike), dense / sparse, and the same ratio of
-median CPU (process) time, which load on a shared machine disturbs less.
+One step is what the trainer runs: ``sae.loss(x, StepContext(dead_mask=...))``, backward,
+``remove_parallel_decoder_grad``, an Adam step (``make_optimizer``), ``normalize_decoder_rows``,
+``after_step``. Each row is timed against ONE dense ``x @ W_enc`` ((batch, d_in) @ (d_in, d_sae))
+measured in the same run: all rows and the matmul take turns, round after round, and the
+reported figure is the median over the rounds (after one warm-up round), so load from other
+processes hits them alike (the dense rows, which take most of the time, only in the first
+--dense-repeats rounds). The target (sparse path, L0 about 64) is a step of at most 3 matmuls.
 
-    python benchmarks/kernel_speed.py                  # the README table (~15 minutes on 2 cores)
-    python benchmarks/kernel_speed.py --quick          # d_sae 4096, L0 32 only
-    python benchmarks/kernel_speed.py --threads 2 --repeats 7 --append-readme
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/kernel_speed.py   # on a machine shared with other jobs
+Rows, at L0 ~64: JumpReLU (thresholds at each latent's (1 - 64/d_sae) quantile on the batch:
+``threshold_init_l0=64`` then ``init_from_data``), with its default pre_act_coefficient (1e-4,
+whose backward adds one dense x^T G product) and with 0; TopK and BatchTopK with k = 64 and a
+dead mask on --dead-fraction of the latents (so AuxK runs, k_aux = d_in / 2); each with
+kernel='dense' and kernel='sparse'. ReLU and Gated have no sparse path and no L0 knob: their
+dense step with the default config, their measured L0 as it comes. Inputs: Gaussian, scaled to
+each architecture's input_scaling. The learning rate is set to 1e-6 (the cost of a step does
+not depend on it) so that L0 stays where it was set.
 
-On a machine whose cores are busy with other processes, OpenMP's default spin-waiting makes every
-parallel op wait for a descheduled thread; the sparse step runs many more (small) ops than the
-dense one and suffers most. OMP_WAIT_POLICY=PASSIVE (set before Python starts) removes that.
+Gradient check: before any optimiser step, every parameter gradient of each sparse row is
+compared with its dense twin's (same weights, same batch, float32) as ||g_sparse - g_dense|| /
+||g_dense|| per tensor; the maximum over tensors is reported (the requirement is < 1e-5).
+
+    python benchmarks/kernel_speed.py            # d_sae 4096 and 16384 (about 8 minutes on 2 busy cores)
+    python benchmarks/kernel_speed.py --quick    # d_sae 4096, 3 rounds (about 2 minutes on 2 busy cores)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/kernel_speed.py --threads 2   # see benchmarks/README.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
 
 from jumpscope.sae import StepContext, build
+from jumpscope.sae.registry import make_config
 from jumpscope.train.optim import make_optimizer
+from jumpscope.train.trainer import estimate_scale
 
-README = Path(__file__).resolve().parent / "README.md"
-CASES = [(4096, 32), (4096, 256), (16384, 32)]  # (d_sae, L0)
-ARCHS = ("jumprelu", "topk", "batchtopk")
+RESULTS = Path(__file__).resolve().parent / "results" / "training_speed.json"
+ARCHS = ("jumprelu", "relu", "gated", "topk", "batchtopk")
 
 
-def make_sae(arch: str, d_in: int, d_sae: int, l0: int, kernel: str, x: torch.Tensor):
-    if arch == "jumprelu":
-        sae = build(arch, d_in=d_in, d_sae=d_sae, threshold_init_l0=l0, kernel=kernel, seed=0)
-    else:
-        sae = build(arch, d_in=d_in, d_sae=d_sae, k=l0, kernel=kernel, seed=0)
+def row_specs(l0: int, archs: tuple[str, ...]) -> list[tuple[str, str, dict, str]]:
+    """(label, architecture, config fields, kernel) of every row; kernel '-' = no kernel field."""
+    specs = []
+    for arch in archs:
+        if arch == "jumprelu":
+            for pre_act, tag in ((1e-4, "pre_act 1e-4 (default)"), (0.0, "pre_act 0")):
+                for kernel in ("dense", "sparse"):
+                    specs.append((f"jumprelu, {tag}", arch, dict(threshold_init_l0=l0, pre_act_coefficient=pre_act),
+                                  kernel))
+        elif arch in ("topk", "batchtopk"):
+            specs += [(f"{arch}, k={l0}", arch, dict(k=l0), kernel) for kernel in ("dense", "sparse")]
+        else:
+            specs.append((f"{arch}, default config", arch, {}, "-"))
+    return specs
+
+
+def make_sae(arch: str, fields: dict, kernel: str, d_in: int, d_sae: int, x: torch.Tensor):
+    if kernel != "-":
+        fields = dict(fields, kernel=kernel)
+    sae = build(arch, d_in=d_in, d_sae=d_sae, seed=0, **fields)
     sae.init_from_data(x)
-    return sae.train()
+    sae.train()
+    optimizer = make_optimizer(sae)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-6  # as the trainer sets each step's lr; keeps L0 where it was set
+    return sae, optimizer
 
 
-def step_times(saes: dict, x: torch.Tensor, ctx: StepContext, repeats: int) -> dict[str, tuple[float, ...]]:
-    """Median wall and CPU (process) seconds of a full training step per SAE, and the measured L0
-    of its last step.
-    The SAEs take turns step by step, so that load from other processes hits them alike."""
-    optimizers = {name: make_optimizer(sae) for name, sae in saes.items()}
-    for optimizer in optimizers.values():
-        for group in optimizer.param_groups:
-            group["lr"] = 1e-6  # the cost of a step is the same; L0 stays where it was set
-    times: dict[str, list[float]] = {name: [] for name in saes}
-    cpu: dict[str, list[float]] = {name: [] for name in saes}
-    l0 = {}
-    for index in range(repeats + 1):
-        for name, sae in saes.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            out = sae.loss(x, ctx)
-            optimizers[name].zero_grad(set_to_none=True)
-            out.loss.backward()
-            sae.remove_parallel_decoder_grad()
-            optimizers[name].step()
-            sae.normalize_decoder_rows()
-            sae.after_step()
-            if index:  # the first step warms up allocators and Adam's state
-                times[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-            if index == repeats:
-                l0[name] = (out.feature_acts > 0).float().sum(-1).mean().item()
-            del out
-    return {name: (statistics.median(times[name]), statistics.median(cpu[name]), l0[name]) for name in saes}
+def train_step(sae, optimizer, x: torch.Tensor, ctx: StepContext, grads: dict | None = None):
+    out = sae.loss(x, ctx)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if grads is not None:  # the raw gradients of the first step, for the check against dense
+        grads.update({name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None})
+    sae.remove_parallel_decoder_grad()
+    optimizer.step()
+    sae.normalize_decoder_rows()
+    sae.after_step()
+    return out
 
 
-def run(cases, archs, d_in: int, batch: int, repeats: int) -> list[dict]:
+def relative_errors(sparse: dict, dense: dict) -> dict[str, float]:
+    errors = {}
+    for name in dense.keys() | sparse.keys():
+        d, s = dense.get(name), sparse.get(name)
+        d = torch.zeros_like(s) if d is None else d
+        s = torch.zeros_like(d) if s is None else s
+        norm = d.double().norm().item()
+        diff = (s.double() - d.double()).norm().item()
+        errors[name] = diff / norm if norm > 0 else diff
+    return errors
+
+
+def run_width(d_sae: int, args, generator: torch.Generator) -> list[dict]:
+    x_raw = torch.randn(args.batch, args.d_in, generator=generator)
+    inputs = {conv: x_raw / estimate_scale(x_raw, conv) for conv in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none")}
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae, generator=generator)[: int(round(args.dead_fraction * d_sae))]] = True
+    ctx = StepContext(dead_mask=dead)
+    W = torch.randn(args.d_in, d_sae, generator=generator) / args.d_in ** 0.5
+    x_mm = inputs["unit_mean_sq_norm"]
+
     rows = []
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, d_in, generator=generator)
-    x = x / x.norm(dim=-1).pow(2).mean().sqrt()
-    for d_sae, l0 in cases:
-        dead = torch.zeros(d_sae, dtype=torch.bool)
-        dead[torch.randperm(d_sae, generator=generator)[: d_sae // 20]] = True
-        for arch in archs:
-            ctx = StepContext(dead_mask=None if arch == "jumprelu" else dead)
-            row = dict(arch=arch, d_sae=d_sae, l0=l0)
-            saes = {kernel: make_sae(arch, d_in, d_sae, l0, kernel, x) for kernel in ("dense", "sparse")}
-            for kernel, (seconds, cpu, measured) in step_times(saes, x, ctx, repeats).items():
-                row[kernel], row[f"cpu_{kernel}"], row[f"l0_{kernel}"] = seconds, cpu, measured
-            del saes
-            rows.append(row)
-            print(f"  {arch} d_sae={d_sae} L0={l0}: dense {row['dense']:.3f}s sparse {row['sparse']:.3f}s "
-                  f"(measured L0 {row['l0_dense']:.1f})", flush=True)
-    return rows
+    for label, arch, fields, kernel in row_specs(args.l0, tuple(args.arch or ARCHS)):
+        x = inputs[make_config(arch, d_in=args.d_in, d_sae=d_sae, **fields).input_scaling]
+        sae, optimizer = make_sae(arch, fields, kernel, args.d_in, d_sae, x)
+        rows.append(dict(label=label, arch=arch, d_sae=d_sae, kernel=kernel, x=x, sae=sae, opt=optimizer,
+                         times=[], grads={}))
+    matmul: list[float] = []
+    for round_index in range(args.repeats + 1):
+        # Dense rows are timed in the first --dense-repeats rounds only (they take most of the time);
+        # round 0 warms up every row and holds the gradient check.
+        stepping = [row for row in rows if row["kernel"] == "sparse" or round_index <= args.dense_repeats]
+        for index, row in enumerate(stepping):
+            if index % 3 == 0:  # the reference matmul, several times per round
+                start = time.perf_counter()
+                product = x_mm @ W
+                if round_index:
+                    matmul.append(time.perf_counter() - start)
+                del product
+            start = time.perf_counter()
+            out = train_step(row["sae"], row["opt"], row["x"], ctx, row["grads"] if round_index == 0 else None)
+            seconds = time.perf_counter() - start
+            if round_index:
+                row["times"].append(seconds)
+            row["l0"] = (out.feature_acts > 0).float().sum(-1).mean().item()  # the last timed step's
+            del out
+        if round_index == 0:  # the gradient check: sparse rows against their dense twins, first step
+            for row in rows:
+                if row["kernel"] == "sparse":
+                    twin = next(r for r in rows if r["label"] == row["label"] and r["kernel"] == "dense")
+                    row["grad_errors"] = relative_errors(row["grads"], twin["grads"])
+            for row in rows:
+                row["grads"] = {}
+        print(f"  d_sae {d_sae}: round {round_index}/{args.repeats} done ({len(stepping)} rows, "
+              f"{time.perf_counter() - args.started:.0f} s, load average {os.getloadavg()[0]:.1f})", flush=True)
+    mm = statistics.median(matmul)
+    results = []
+    for row in rows:
+        seconds = statistics.median(row["times"])
+        result = dict(label=row["label"], arch=row["arch"], d_sae=d_sae, kernel=row["kernel"], l0=row["l0"],
+                      seconds=seconds, matmul_seconds=mm, ratio=seconds / mm, times=row["times"])
+        if row["kernel"] == "sparse":
+            twin = next(r for r in rows if r["label"] == row["label"] and r["kernel"] == "dense")
+            result["speedup"] = statistics.median(twin["times"]) / seconds
+            result["grad_errors"] = row["grad_errors"]
+            result["max_grad_error"] = max(row["grad_errors"].values())
+        results.append(result)
+    print(f"  d_sae {d_sae}: one x @ W_enc ({args.batch}x{args.d_in} @ {args.d_in}x{d_sae}) median {mm:.4f} s "
+          f"over {len(matmul)} runs", flush=True)
+    return results
 
 
-def table(rows: list[dict], d_in: int, batch: int, threads: int, repeats: int) -> str:
-    lines = [f"d_in {d_in}, batch {batch}, torch {torch.__version__}, {threads} CPU threads "
-             f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-             f"{os.getloadavg()[0]:.1f} at the end), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-             f"median of {repeats} steps (dense and sparse taking turns); TopK/BatchTopK with AuxK on "
-             "(5% of latents dead).", "",
-             "| architecture | d_sae | L0 | dense step (s) | sparse step (s) | speed-up | CPU-time speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['d_sae']} | {r['l0']} | {r['dense']:.3f} | {r['sparse']:.3f} "
-                     f"| {r['dense'] / r['sparse']:.1f}x | {r['cpu_dense'] / r['cpu_sparse']:.1f}x |")
+def table(results: list[dict], target: float) -> str:
+    lines = ["| architecture | d_sae | L0 measured | kernel | step (s, median) | step / one x @ W_enc | "
+             "speed-up vs dense | max grad rel. error | <= 3x |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        speedup = f"{r['speedup']:.1f}x" if "speedup" in r else ("1.0x" if r["kernel"] == "dense" else "-")
+        error = f"{r['max_grad_error']:.1e}" if "max_grad_error" in r else "-"
+        verdict = ("yes" if r["ratio"] <= target else "no") if r["kernel"] == "sparse" else "-"
+        lines.append(f"| {r['label']} | {r['d_sae']} | {r['l0']:.1f} | {r['kernel']} | {r['seconds']:.3f} "
+                     f"| {r['ratio']:.1f}x | {speedup} | {error} | {verdict} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
+    parser.add_argument("--dense-repeats", type=int, default=2,
+                        help="rounds in which the dense rows are timed (the first ones; default 2)")
+    parser.add_argument("--d-sae", type=int, action="append", help="repeatable; default 4096 and 16384")
     parser.add_argument("--d-in", type=int, default=384)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--arch", action="append", choices=ARCHS, help="default: all three")
-    parser.add_argument("--quick", action="store_true", help="only d_sae 4096 at L0 32")
-    parser.add_argument("--append-readme", action="store_true", help="append the table to benchmarks/README.md")
+    parser.add_argument("--l0", type=int, default=64, help="JumpReLU's initial L0 and TopK/BatchTopK's k")
+    parser.add_argument("--dead-fraction", type=float, default=0.05,
+                        help="latents marked dead in the StepContext (TopK/BatchTopK AuxK; 0: AuxK off)")
+    parser.add_argument("--arch", action="append", choices=ARCHS, help="repeatable; default all five")
+    parser.add_argument("--quick", action="store_true", help="d_sae 4096 only, 3 rounds (dense rows: 2)")
+    parser.add_argument("--target", type=float, default=3.0, help="the target step / matmul ratio")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.quick:
+        args.d_sae, args.repeats, args.dense_repeats = args.d_sae or [4096], 3, 2
+    args.dense_repeats = max(1, min(args.dense_repeats, args.repeats))
     torch.set_num_threads(args.threads)
-    cases = CASES[:1] if args.quick else CASES
-    rows = run(cases, tuple(args.arch or ARCHS), args.d_in, args.batch, args.repeats)
-    text = table(rows, args.d_in, args.batch, args.threads, args.repeats)
-    print(text)
-    if args.append_readme:
-        with README.open("a") as handle:
-            handle.write(f"\n## Kernel speed\n\n`python benchmarks/kernel_speed.py` (sae/kernels.py, the "
-                         "`kernel` config field).\n\n" + text + "\n")
+    args.started, load_start = time.perf_counter(), os.getloadavg()[0]
+    header = (f"{date.today()}, torch {torch.__version__}, float32 on CPU ({platform.machine()}, "
+              f"{os.cpu_count()} cores), torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
+              f"{os.environ.get('OMP_WAIT_POLICY', 'unset (OpenMP default: spin, then sleep)')}, d_in {args.d_in}, "
+              f"batch {args.batch}, medians over {args.repeats} rounds after a warm-up round (dense rows: the first "
+              f"{args.dense_repeats}), "
+              f"dead fraction {args.dead_fraction} (TopK/BatchTopK AuxK)")
+    print(header + "\nThe cores may be shared with other jobs (e.g. a test run or another benchmark): load average "
+          f"{load_start:.1f} at the start; only the ratios within one run are meaningful.", flush=True)
+    results = []
+    generator = torch.Generator().manual_seed(0)
+    for d_sae in args.d_sae or [4096, 16384]:
+        results += run_width(d_sae, args, generator)
+    load_end = os.getloadavg()[0]
+    print(f"\n{header}; load average {load_start:.1f} at the start, {load_end:.1f} at the end; "
+          f"{time.perf_counter() - args.started:.0f} s in all.\n")
+    print(table(results, args.target))
+    worst = max((r for r in results if "max_grad_error" in r), key=lambda r: r["max_grad_error"], default=None)
+    if worst is not None:
+        name, value = max(worst["grad_errors"].items(), key=lambda item: item[1])
+        verdict = "OK" if value < 1e-5 else "ABOVE 1e-5"
+        print(f"\nLargest gradient error of any sparse row: {value:.2e} ({worst['label']}, d_sae {worst['d_sae']}, "
+              f"{name}): {verdict}.")
+        for r in results:
+            if "grad_errors" in r:
+                print(f"  {r['label']}, d_sae {r['d_sae']}: " +
+                      ", ".join(f"{k} {v:.1e}" for k, v in sorted(r["grad_errors"].items())))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(header=header, load_start=load_start, load_end=load_end,
+                                        results=results), indent=1))
 
 
 if __name__ == "__main__":

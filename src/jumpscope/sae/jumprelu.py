@@ -119,7 +119,7 @@ class JumpReLUConfig(SAEConfig):
     """Training kernel: 'dense' (the reference path), 'sparse' (decoder and backward over the active
     entries only, plus JumpReLU's threshold-window and TopK's AuxK entries; sae/kernels.py) or 'auto'
     (sparse on CPU when at most 10% of the (token, latent) entries are active and d_sae >= 512, dense
-    otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0' and no pre_act term."""
+    otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0'."""
 
     lr: float = 3e-3
     adam_beta1: float = 0.0
@@ -225,6 +225,23 @@ class JumpReLUSAE(SAE):
             return cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
         return cfg.l0_coefficient * l0
 
+    def _sparse_pre_act_penalty(self, x: Tensor, entries: kernels.Entries, threshold: Tensor) -> Tensor:
+        """The pre-activation penalty without a dense (B, d_sae) pass. Summed over tokens,
+        ReLU(theta_i - z_bi) is sum over the tokens where latent i is inactive of
+        (theta_i - b_enc_i - x_b . W_enc[:, i]); that is the all-token sum minus the active-token
+        sum, which needs only column sums of x and one sparse product over the active entries."""
+        cfg = self.cfg
+        batch = x.shape[0]
+        active = entries.active.to(x.dtype)
+        counts = entries.scatter_cols(active)                                 # |A_i|
+        active_x = torch.sparse.mm(entries.csr_t(active), x.detach())         # sum_{b in A_i} x_b
+        inactive_x = x.detach().sum(0) - active_x                             # (d_sae, d_in)
+        inactive = batch - counts
+        if cfg.apply_b_dec_to_input:  # x - b_dec inside z: its sum over inactive tokens
+            inactive_x = inactive_x - inactive[:, None] * self.b_dec
+        per_latent = inactive * (threshold - self.b_enc) - (inactive_x * self.W_enc.T).sum(-1)
+        return cfg.pre_act_coefficient * (self.W_dec.norm(dim=1) * per_latent).sum() / batch
+
     def _sparse_loss(self, x: Tensor, pre: Tensor, threshold: Tensor, target: Tensor,
                      ctx: StepContext) -> LossOutput | None:
         """The same loss through sae/kernels.py; None when 'auto' finds the batch too dense."""
@@ -233,9 +250,8 @@ class JumpReLUSAE(SAE):
         entries = kernels.jumprelu_entries(z, threshold.detach(), cfg.bandwidth)
         if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * z.numel():
             return None
-        # Before sparse_sae reuses pre's storage for the activations: this dense term's backward
-        # (one x^T @ G product) needs only ReLU's output mask, not pre itself.
-        pre_act = self._pre_act_penalty(pre, threshold) if cfg.pre_act_coefficient else None
+        flat_x = x.reshape(-1, cfg.d_in)
+        pre_act = self._sparse_pre_act_penalty(flat_x, entries, threshold) if cfg.pre_act_coefficient else None
         recon, _, l0, acts = kernels.sparse_sae(
             x.reshape(-1, cfg.d_in), self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, theta=threshold,
             buffer=z, apply_b_dec_to_input=cfg.apply_b_dec_to_input, bandwidth=cfg.bandwidth)

@@ -58,7 +58,7 @@ class TopKSAEConfig(SAEConfig):
     """Training kernel: 'dense' (the reference path), 'sparse' (decoder and backward over the active
     entries only, plus JumpReLU's threshold-window and TopK's AuxK entries; sae/kernels.py) or 'auto'
     (sparse on CPU when at most 10% of the (token, latent) entries are active and d_sae >= 512, dense
-    otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0' and no pre_act term."""
+    otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0'."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
