@@ -245,3 +245,19 @@ def test_auto_takes_the_sparse_path_on_cpu_when_sparse_enough():
     assert "_SparseSAEBackward" in graph_names(topk.loss(x, StepContext()).loss)
     topk = build("topk", d_in=D_IN, d_sae=256, k=8)  # below AUTO_MIN_LATENTS
     assert "_SparseSAEBackward" not in graph_names(topk.loss(x, StepContext()).loss)
+
+
+def test_pre_act_penalty_gradients_match_dense_at_quantile_init_ties():
+    # The quantile threshold init makes theta equal one pre-activation per latent (a tie, where
+    # ReLU(theta - z) has no gradient); the sparse form must treat those ties like the dense path.
+    x = torch.randn(512, D_IN) + 0.3
+    grads = {}
+    for kernel in ("dense", "sparse"):
+        sae = build("jumprelu", d_in=D_IN, d_sae=D_SAE, target_l0=6, pre_act_coefficient=0.05, kernel=kernel)
+        sae.init_from_data(x)
+        assert ((sae.pre_activation(x) == sae.threshold).sum(0) >= 1).all()  # ties are present
+        sae.loss(x, StepContext()).loss.backward()
+        grads[kernel] = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    for name, dense in grads["dense"].items():
+        error = (grads["sparse"][name] - dense).norm() / dense.norm().clamp_min(1e-30)
+        assert error < 1e-5, (name, error.item())

@@ -225,18 +225,22 @@ class JumpReLUSAE(SAE):
             return cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
         return cfg.l0_coefficient * l0
 
-    def _sparse_pre_act_penalty(self, x: Tensor, entries: kernels.Entries, threshold: Tensor) -> Tensor:
+    def _sparse_pre_act_penalty(self, x: Tensor, z: Tensor, entries: kernels.Entries, threshold: Tensor) -> Tensor:
         """The pre-activation penalty without a dense (B, d_sae) pass. Summed over tokens,
         ReLU(theta_i - z_bi) is sum over the tokens where latent i is inactive of
         (theta_i - b_enc_i - x_b . W_enc[:, i]); that is the all-token sum minus the active-token
-        sum, which needs only column sums of x and one sparse product over the active entries."""
+        sum, which needs only column sums of x and one sparse product over the active entries.
+        "Active" here is z >= theta: at a tie (the quantile init makes one per latent) ReLU has no
+        gradient; ties lie inside the kernel window, so they are among the entries."""
         cfg = self.cfg
         batch = x.shape[0]
-        active = entries.active.to(x.dtype)
+        # float64 sums: "all tokens minus active tokens" would lose digits to cancellation in float32
+        x64 = x.detach().double()
+        active = (z[entries.rows, entries.cols] >= threshold.detach()[entries.cols]).double()
         counts = entries.scatter_cols(active)                                 # |A_i|
-        active_x = torch.sparse.mm(entries.csr_t(active), x.detach())         # sum_{b in A_i} x_b
-        inactive_x = x.detach().sum(0) - active_x                             # (d_sae, d_in)
-        inactive = batch - counts
+        active_x = torch.sparse.mm(entries.csr_t(active), x64)                # sum_{b in A_i} x_b
+        inactive_x = (x64.sum(0) - active_x).to(x.dtype)                      # (d_sae, d_in)
+        inactive = (batch - counts).to(x.dtype)
         if cfg.apply_b_dec_to_input:  # x - b_dec inside z: its sum over inactive tokens
             inactive_x = inactive_x - inactive[:, None] * self.b_dec
         per_latent = inactive * (threshold - self.b_enc) - (inactive_x * self.W_enc.T).sum(-1)
@@ -251,7 +255,7 @@ class JumpReLUSAE(SAE):
         if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * z.numel():
             return None
         flat_x = x.reshape(-1, cfg.d_in)
-        pre_act = self._sparse_pre_act_penalty(flat_x, entries, threshold) if cfg.pre_act_coefficient else None
+        pre_act = self._sparse_pre_act_penalty(flat_x, z, entries, threshold) if cfg.pre_act_coefficient else None
         recon, _, l0, acts = kernels.sparse_sae(
             x.reshape(-1, cfg.d_in), self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, theta=threshold,
             buffer=z, apply_b_dec_to_input=cfg.apply_b_dec_to_input, bandwidth=cfg.bandwidth)
