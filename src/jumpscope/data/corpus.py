@@ -7,11 +7,9 @@ One entry point, :func:`open_corpus`, takes a spec string:
 * a path: a ``.txt``, ``.jsonl`` or ``.parquet`` file, or a folder of them (recursive, sorted;
   hidden files and folders skipped), or a folder written by ``datasets.save_to_disk``.
 * a glob pattern (``data/**/*.jsonl``): the matches in sorted order, folders expanded.
-* ``"hf:NAME[:CONFIG][:SPLIT]"``: a Hugging Face dataset (needs ``pip install datasets``). Offline by
-  default (it must be in the local cache); ``allow_network=True`` streams it from the hub.
-
-This module imports only the standard library at the top: the builtin extraction loads it on its
-own, by file path, in a fresh ``python -S`` interpreter.
+* ``"hf:NAME[:CONFIG][:SPLIT]"``: a Hugging Face dataset (needs ``pip install datasets``), offline
+  unless ``allow_network=True``. Only the standard library is imported at the top: the builtin
+  extraction loads this file by path in a fresh ``python -S`` interpreter.
 """
 
 from __future__ import annotations
