@@ -44,23 +44,6 @@ def next_token_losses(model: Any, input_ids: Tensor, train_mask: Tensor, attenti
     return losses[scored]
 
 
-@torch.inference_mode()
-def delta_lm_loss(model: Any, batches: Iterable[tuple], saes: Mapping[str, SAE]) -> dict[str, float]:
-    clean_sum = spliced_sum = count = 0.0
-    for batch in batches:
-        ids, train, attention = _unpack(batch)
-        clean = next_token_losses(model, ids, train, attention)
-        with splice(model, saes):
-            spliced = next_token_losses(model, ids, train, attention)
-        clean_sum += clean.sum().item()
-        spliced_sum += spliced.sum().item()
-        count += clean.numel()
-    if count == 0:
-        raise ValueError("no scored tokens in the evaluation batches")
-    return {"ce_clean": clean_sum / count, "ce_spliced": spliced_sum / count,
-            "delta_lm_loss": (spliced_sum - clean_sum) / count, "n_predictions": int(count)}
-
-
 def sentence_embeddings(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     module = unwrap(model)
     device = _device(module)
@@ -73,22 +56,40 @@ def sentence_embeddings(model: Any, input_ids: Tensor, attention_mask: Tensor) -
 
 
 @torch.inference_mode()
-def embedding_distance(model: Any, batches: Iterable[tuple], saes: Mapping[str, SAE]) -> dict[str, float]:
-    total = count = 0.0
+def downstream_each(model: Any, kind: str, batches: Iterable[tuple],
+                    groups: Mapping[str, Mapping[str, SAE]]) -> dict[str, dict[str, float]]:
+    """The model's own measure for each group of SAEs spliced in together (``{name: {site: sae}}``):
+    delta LM loss for causal LMs, embedding distance for encoders. The clean pass runs once per
+    batch, whatever the number of groups."""
+    causal = kind == "causal_lm"
+    totals = {name: 0.0 for name in groups}
+    clean_total = count = 0.0
     for batch in batches:
-        ids, _, attention = _unpack(batch)
-        clean = sentence_embeddings(model, ids, attention)
-        with splice(model, saes):
-            spliced = sentence_embeddings(model, ids, attention)
-        total += (1.0 - (clean * spliced).sum(-1)).sum().item()
-        count += ids.shape[0]
+        ids, train, attention = _unpack(batch)
+        if causal:
+            clean = next_token_losses(model, ids, train, attention)
+            clean_total += clean.sum().item()
+            count += clean.numel()
+        else:
+            clean = sentence_embeddings(model, ids, attention)
+            count += ids.shape[0]
+        for name, saes in groups.items():
+            with splice(model, saes):
+                if causal:
+                    totals[name] += next_token_losses(model, ids, train, attention).sum().item()
+                else:
+                    spliced = sentence_embeddings(model, ids, attention)
+                    totals[name] += (1.0 - (clean * spliced).sum(-1)).sum().item()
     if count == 0:
-        raise ValueError("no sequences in the evaluation batches")
-    return {"embedding_1_minus_cosine": total / count, "n_sequences": int(count)}
+        raise ValueError("no scored tokens or sequences in the evaluation batches")
+    if causal:
+        return {name: {"ce_clean": clean_total / count, "ce_spliced": total / count,
+                       "delta_lm_loss": (total - clean_total) / count, "n_predictions": int(count)}
+                for name, total in totals.items()}
+    return {name: {"embedding_1_minus_cosine": total / count, "n_sequences": int(count)}
+            for name, total in totals.items()}
 
 
 def downstream(model: Any, kind: str, batches: Iterable[tuple], saes: Mapping[str, SAE]) -> dict[str, float]:
-    """The model's own measure: delta LM loss for causal LMs, embedding distance for encoders."""
-    if kind == "causal_lm":
-        return delta_lm_loss(model, batches, saes)
-    return embedding_distance(model, batches, saes)
+    """The model's own measure with ``saes`` (``{site: sae}``) spliced in together."""
+    return downstream_each(model, kind, batches, {"spliced": saes})["spliced"]

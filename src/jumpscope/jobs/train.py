@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..evaluate.downstream import downstream
+from ..evaluate.downstream import downstream_each
 from ..models.harvest import harvest
 from ..sae import SAE, build, config_class
 from ..sae.metrics import StreamingMetrics
@@ -119,12 +119,9 @@ def evaluate_saes(source: ActivationSource, saes: dict[str, SAE], eval_tokens: i
                 x = chunk[site].to(sae.W_enc.device)
                 acts = sae.encode(x)
                 metrics[site].update(x, sae.decode(acts), acts)
-    results = {}
-    for site, sae in saes.items():
-        summary = metrics[site].compute()
-        summary.update(downstream(source.loaded.model, source.loaded.kind, windows, {site: sae}))
-        results[site] = summary
-    return results
+    measures = downstream_each(source.loaded.model, source.loaded.kind, windows,
+                               {site: {site: sae} for site, sae in saes.items()})
+    return {site: {**metrics[site].compute(), **measures[site]} for site in saes}
 
 
 def write_summary(out: Path, job: TrainJobConfig, source: ActivationSource, results: dict[str, dict],
