@@ -25,3 +25,27 @@ def assert_fold_takes_raw_inputs(sae, scale: float, x_raw: torch.Tensor):
     torch.testing.assert_close(folded.encode(x_raw), scale * sae.encode(x_raw / scale), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(folded(x_raw), scale * sae(x_raw / scale), atol=1e-5, rtol=1e-5)
     return folded
+
+
+def sparse_dictionary_data(n: int = 512, d: int = 16, n_features: int = 32, seed: int = 0) -> torch.Tensor:
+    """Sparse nonnegative codes over a random unit dictionary: easy data to drive a loss down."""
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(n_features, d, generator=generator), dim=1)
+    codes = torch.rand(n, n_features, generator=generator) * (torch.rand(n, n_features, generator=generator) < 0.1)
+    return codes @ dictionary
+
+
+def loss_before_and_after(sae, x: torch.Tensor, steps: int = 300, lr: float = 3e-3, **context) -> tuple[float, float]:
+    """Full-batch Adam steps with the decoder-norm constraint (a no-op where the config has none)."""
+    from jumpscope.sae import StepContext
+
+    ctx = StepContext(**context)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    first = sae.loss(x, ctx).loss.item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        sae.loss(x, ctx).loss.backward()
+        sae.remove_parallel_decoder_grad()
+        optimizer.step()
+        sae.normalize_decoder_rows()
+    return first, sae.loss(x, ctx).loss.item()

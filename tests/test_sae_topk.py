@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sae_checks import assert_fold_takes_raw_inputs, randomize, sample  # noqa: F401
+from sae_checks import (assert_fold_takes_raw_inputs, loss_before_and_after, randomize, sample,  # noqa: F401
+                        sparse_dictionary_data)
 
 from jumpscope.sae import StepContext, build, get_class
 from jumpscope.sae.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
@@ -228,18 +229,8 @@ def test_batchtopk_export_is_an_exactly_equivalent_jumprelu(apply_b_dec):
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
 def test_training_reduces_loss(cls):
-    torch.manual_seed(0)
-    dictionary = torch.nn.functional.normalize(torch.randn(32, 16), dim=1)
-    codes = torch.rand(512, 32) * (torch.rand(512, 32) < 0.1)
-    x = codes @ dictionary
+    x = sparse_dictionary_data()
     sae = cls(cls.config_class(d_in=16, d_sae=64, k=4))
     sae.init_from_data(x)
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    first = sae.loss(x, StepContext()).loss.item()
-    for _ in range(300):
-        opt.zero_grad()
-        sae.loss(x, StepContext(dead_mask=torch.zeros(64, dtype=torch.bool))).loss.backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.normalize_decoder_rows()
-    assert sae.loss(x, StepContext()).loss.item() < 0.5 * first
+    first, last = loss_before_and_after(sae, x, dead_mask=torch.zeros(64, dtype=torch.bool))
+    assert last < 0.5 * first
