@@ -39,13 +39,9 @@ from jumpscope.data.corpus import open_corpus  # noqa: E402
 from jumpscope.data.tokens import batch_windows, pack_tokens  # noqa: E402
 from jumpscope.models.harvest import harvest  # noqa: E402
 from jumpscope.models.loading import load_model  # noqa: E402
+from shared_data import data_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "harvest_throughput.json"
-
-
-def data_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return Path(os.environ.get("JUMPSCOPE_SHARED_DATA", default))
 
 
 def layer_list(base: nn.Module) -> tuple[nn.Module, str]:

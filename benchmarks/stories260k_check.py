@@ -19,24 +19,13 @@ Exits 0 with a message where the data folder is absent.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from jumpscope.models.llama2c import load_llama2c
+from shared_data import STORIES260K, data_dir, verified
 
-SHA256 = {"stories260k/stories260K.bin": "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696",
-          "stories260k/tok512.bin": "037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312",
-          "text/tinystories_cased.txt": "727e8b228375be3075114c20729c93ed6e81ae5d8fe7faf7cb54b304f0322d70"}
-
-
-def data_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return Path(os.environ.get("JUMPSCOPE_SHARED_DATA", default))
 
 
 def mean_next_token_loss(model, ids: list[int], window: int) -> float:
@@ -62,15 +51,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data = data_dir()
-    if not (data / "stories260k").is_dir():
-        print(f"SKIP: shared data not found at {data} (set JUMPSCOPE_SHARED_DATA)")
+    found = verified(*STORIES260K, "text/tinystories_cased.txt")
+    if isinstance(found, str):
+        print(f"SKIP: {found}")
         return 0
-    for rel, digest in SHA256.items():
-        got = hashlib.sha256((data / rel).read_bytes()).hexdigest()
-        if got != digest:
-            print(f"ERROR: {rel}: sha256 {got} != expected {digest}", file=sys.stderr)
-            return 1
+    data = data_dir()
 
     model, tok = load_llama2c(data / "stories260k" / "stories260K.bin", data / "stories260k" / "tok512.bin")
     model.to(args.device)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jumpscope.data import corpus as corpus_module
+from jumpscope.data import builtin_corpus as corpus_module
 from jumpscope.data.corpus import CorpusError, builtin_entries, open_corpus
 
 
@@ -86,6 +86,16 @@ def test_glob_patterns(tmp_path):
     assert list(open_corpus(str(tmp_path / "data" / "su?"))) == ["C", "D"]  # a matched folder is expanded
     with pytest.raises(CorpusError, match="matches no"):
         open_corpus(str(tmp_path / "data" / "*.csv"))
+
+
+def test_comma_separated_specs_mix_documents_in_turn(tmp_path):
+    books = write(tmp_path / "books.txt", "b1\nb2\nb3\n")
+    wiki = write(tmp_path / "wiki.txt", "w1\n")
+    mixed = open_corpus(f"{books}, {wiki}", txt_split="line")
+    assert list(mixed) == ["b1", "w1", "b2", "b3"]  # one from each in turn; the shorter one drops out
+    assert mixed.name == f"files:{books},files:{wiki}"
+    with pytest.raises(CorpusError, match="nope"):
+        open_corpus(f"{books},{tmp_path / 'nope.txt'}")
 
 
 def test_empty_folder_and_unsupported_file(tmp_path):

@@ -93,3 +93,9 @@ def test_several_saes_and_bad_widths():
         with splice(model, {"layers.9.resid_post": zero_sae(d)}):
             pass
     assert torch.equal(output_of(model, ids), clean)  # a failed splice leaves no hook behind
+
+
+def test_reconstruct_refuses_activations_of_another_width():
+    sae = build_sae("jumprelu", d_in=8, d_sae=16, site="layers.0.mlp_out")
+    with pytest.raises(ValueError, match=r"d_in=8 cannot splice into activations of width 9 \(it was trained on "):
+        reconstruct(sae, torch.zeros(2, 3, 9))

@@ -35,6 +35,10 @@ class ActivationConfig:
     """Text: 'builtin' (Python standard-library docs), a .txt/.jsonl/.parquet file, a folder or
     glob of them, or 'hf:NAME[:CONFIG][:SPLIT]' (needs the datasets package)."""
 
+    txt_split: str = "file"
+    """How .txt files divide into documents: 'file' (one each), 'paragraph' (blank lines) or 'line'.
+    Documents matter for mixtures ('a,b' takes one from each in turn) and for where BOS goes."""
+
     context_size: int | None = None
     """Tokens per context window (BOS or CLS/SEP framing included). None: 128 for encoders,
     else min(1024, the model's maximum positions)."""
@@ -125,7 +129,7 @@ class ActivationSource:
                 raise ValueError(f"the width of {name!r} is unknown until the model runs; use a named site")
             self.site_dims[name] = site.d
         self.context_size = context_size_for(cfg, self.loaded)
-        self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network)
+        self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network, txt_split=cfg.txt_split)
 
     def windows(self, evaluation: bool = False) -> Iterator[tuple]:
         packed = pack_tokens(self.loaded.tokenizer, self.corpus, self.context_size,
@@ -148,7 +152,8 @@ class ActivationSource:
                                               buffer_rows=self.cfg.shuffle_buffer_tokens, batch_size=batch_size))
 
     def manifest(self) -> dict[str, Any]:
-        return {"model": self.loaded.name, "corpus": self.corpus.name, "context_size": self.context_size,
+        corpus = self.corpus.name if self.cfg.txt_split == "file" else f"{self.corpus.name} ({self.cfg.txt_split}s)"
+        return {"model": self.loaded.name, "corpus": corpus, "context_size": self.context_size,
                 "sites": self.site_dims, "dtype": self.cfg.dtype, "eval_every": self.cfg.eval_every}
 
     def check_cache(self, reader: CacheReader) -> None:
@@ -172,8 +177,9 @@ class ActivationSource:
                 log.warning("cache %s holds %d tokens, fewer than the %d asked for: the run will be shorter",
                             folder, reader.total_tokens, total_tokens)
             return
-        writer = CacheWriter(folder, self.site_dims, metadata=self.manifest(), model=self.loaded.name,
-                             corpus=self.corpus.name, context_size=self.context_size)
+        manifest = self.manifest()
+        writer = CacheWriter(folder, self.site_dims, metadata=manifest, model=self.loaded.name,
+                             corpus=manifest["corpus"], context_size=self.context_size)
         from tqdm.auto import tqdm
 
         with writer, tqdm(total=total_tokens, initial=writer.tokens_done, unit="tok", desc="caching") as bar:

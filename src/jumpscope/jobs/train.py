@@ -12,19 +12,16 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..evaluate.downstream import downstream_each
-from ..models.harvest import harvest
+from ..evaluate.downstream import MAIN_MEASURE
 from ..sae import SAE, build, config_class
-from ..sae.metrics import StreamingMetrics
+from ..safeio import write_text
 from ..train import Trainer, TrainerConfig
 from ..train.trainer import resolve_device
 from .activations import ActivationConfig, ActivationSource
+from .evaluate import evaluate_saes, results_table
 
 log = logging.getLogger(__name__)
 DEFAULT_L0 = 32
@@ -106,39 +103,15 @@ def build_saes(job: TrainJobConfig, source: ActivationSource, sae_fields: dict[s
     return saes
 
 
-def evaluate_saes(source: ActivationSource, saes: dict[str, SAE], eval_tokens: int) -> dict[str, dict[str, Any]]:
-    """Held-out L0 / FVU / dead fraction per SAE, and the downstream measure with each spliced in."""
-    metrics = {site: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output) for site, sae in saes.items()}
-    windows = list(islice(source.windows(evaluation=True), max(1, eval_tokens // (
-        source.context_size * source.cfg.model_batch_size))))
-    if not windows:
-        raise ValueError("the corpus has no held-out documents to evaluate on; use a larger corpus")
-    with torch.inference_mode():
-        for chunk in harvest(source.loaded.model, windows, list(saes)):
-            for site, sae in saes.items():
-                x = chunk[site].to(sae.W_enc.device)
-                acts = sae.encode(x)
-                metrics[site].update(x, sae.decode(acts), acts)
-    measures = downstream_each(source.loaded.model, source.loaded.kind, windows,
-                               {site: {site: sae} for site, sae in saes.items()})
-    return {site: {**metrics[site].compute(), **measures[site]} for site in saes}
-
-
 def write_summary(out: Path, job: TrainJobConfig, source: ActivationSource, results: dict[str, dict],
                   training: dict[str, dict], seconds: float) -> str:
-    measure = "delta_lm_loss" if source.loaded.kind == "causal_lm" else "embedding_1_minus_cosine"
-    lines = [f"# {job.arch} SAEs on {source.loaded.name}", "",
-             f"corpus {source.corpus.name}, {job.tokens:,} training tokens, held-out evaluation on "
-             f"{next(iter(results.values()))['n_tokens']:,} tokens, {seconds:.0f} s", "",
-             f"| site | d_sae | L0 | FVU | dead fraction | {measure} |", "| --- | --- | --- | --- | --- | --- |"]
-    for site, row in results.items():
-        lines.append(f"| {site} | {row['d_sae']} | {row['l0']:.1f} | {row['fvu']:.4f} | "
-                     f"{row['dead_fraction']:.3f} | {row[measure]:.4f} |")
-    text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"job": dataclasses.asdict(job), "source": source.manifest(),
-                                                  "seconds": seconds, "held_out": results,
-                                                  "training_window": training}, indent=2))
+    text = (f"# {job.arch} SAEs on {source.loaded.name}\n\ncorpus {source.corpus.name}, {job.tokens:,} training "
+            f"tokens, held-out evaluation on {next(iter(results.values()))['n_tokens']:,} tokens, {seconds:.0f} s\n\n"
+            + results_table(results, source.loaded.kind))
+    write_text(out / "summary.md", text)
+    write_text(out / "summary.json", json.dumps({"job": dataclasses.asdict(job), "source": source.manifest(),
+                                                 "main_measure": MAIN_MEASURE[source.loaded.kind], "seconds": seconds,
+                                                 "held_out": results, "training_window": training}, indent=2))
     return text
 
 
@@ -157,6 +130,4 @@ def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
     trainer = Trainer(saes, trainer_cfg)
     trained = trainer.fit(source.training_stream(job.tokens, trainer_cfg.batch_size), resume=job.resume)
     results = evaluate_saes(source, trained, job.eval_tokens)
-    for site, sae in trained.items():
-        results[site]["d_sae"] = sae.cfg.d_sae
     return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started)

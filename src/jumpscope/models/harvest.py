@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .hookpoints import first_input, first_output, unwrap
 from .sites import Site, parse_site, resolve_module
@@ -112,7 +112,7 @@ class Harvester:
         return {s.name: captured[s.name] for s in self.sites}
 
 
-def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+def _fields(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
     if isinstance(batch, Mapping):
         return batch["input_ids"], batch["train_mask"], batch.get("attention_mask")
     if hasattr(batch, "input_ids") and hasattr(batch, "train_mask"):  # e.g. data.tokens.TokenWindow
@@ -121,6 +121,18 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         return batch[0], batch[1], batch[2] if len(batch) == 3 else None
     raise ValueError("each batch must be (input_ids, train_mask[, attention_mask]), a mapping with those keys, "
                      f"or an object with those attributes; got {type(batch).__name__}")
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(input_ids [B, T], train_mask [B, T] bool, attention_mask [B, T] bool or None)`` of a batch
+    given as a tuple, a mapping or a window object (1-D tensors are one sequence)."""
+    input_ids, train_mask, attention_mask = _fields(batch)
+    if input_ids.dim() == 1:
+        input_ids, train_mask = input_ids.unsqueeze(0), train_mask.reshape(1, -1)
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+    if train_mask.shape != input_ids.shape:
+        raise ValueError(f"train_mask shape {tuple(train_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    return input_ids, train_mask.bool(), None if attention_mask is None else attention_mask.bool()
 
 
 def harvest(model: Any, batches: Iterable[Any], sites: Sequence[str], *, dtype: torch.dtype | None = torch.float32,
@@ -133,15 +145,8 @@ def harvest(model: Any, batches: Iterable[Any], sites: Sequence[str], *, dtype: 
     """
     harvester = Harvester(model, sites)
     for batch in batches:
-        input_ids, train_mask, attention_mask = _unpack(batch)
-        if input_ids.dim() == 1:
-            input_ids, train_mask = input_ids.unsqueeze(0), train_mask.reshape(1, -1)
-            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-        if train_mask.shape != input_ids.shape:
-            raise ValueError(f"train_mask shape {tuple(train_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        keep = train_mask.bool()
-        if attention_mask is not None:
-            keep = keep & attention_mask.bool()
+        input_ids, train_mask, attention_mask = unpack_batch(batch)
+        keep = train_mask if attention_mask is None else train_mask & attention_mask
         acts = harvester.activations(input_ids, attention_mask)
         B, T = input_ids.shape
         out = {}

@@ -1,10 +1,15 @@
-"""Run a model with sites' activations replaced by SAE reconstructions.
+"""Run a model with sites' activations replaced by SAE reconstructions (or any other function).
 
 ``with splice(model, {"layers.3.resid_post": sae}): model(...)`` replaces the activation ``x`` at
 each site by ``sae(x)``. With ``keep_error=True`` the SAE's error term ``x - sae(x)`` is added
 back, so the model runs unchanged unless ``edit`` changes the latents: an intervention on latents
 then changes the output only through those latents' decoder directions. Several SAEs at
 different sites splice at once; hooks are always removed on exit.
+
+``positions`` (a ``[batch, seq]`` bool mask) limits the replacement to those token positions, e.g.
+the ``train_mask`` of the windows, so that BOS, separators and padding, which SAEs are not
+trained on, keep their clean activations. :func:`replace_sites` is the general form behind
+splicing and ablations: any ``Tensor -> Tensor`` function per site.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, Mapping
 
+import torch
 from torch import Tensor
 
 from ..sae.base import SAE
@@ -19,6 +25,7 @@ from .hookpoints import hook_replacement, unwrap
 from .sites import parse_site, resolve_module
 
 LatentEdit = Callable[[Tensor], Tensor]
+Transform = Callable[[Tensor], Tensor]
 
 
 def check_sae_fits(sae: SAE, site_name: str, model: Any) -> None:
@@ -26,11 +33,14 @@ def check_sae_fits(sae: SAE, site_name: str, model: Any) -> None:
     site = parse_site(site_name, unwrap(model))
     if site.d is not None and site.d != sae.cfg.d_in:
         raise ValueError(f"SAE with d_in={sae.cfg.d_in} does not fit site {site_name!r} of this model "
-                         f"(width {site.d}){f'; the SAE was trained on {sae.cfg.site!r}' if sae.cfg.site else ''}")
+                         f"(width {site.d}){f'; the SAE was trained on {sae.cfg.site!r}' if sae.cfg.site not in (None, site_name) else ''}")
 
 
 def reconstruct(sae: SAE, x: Tensor, keep_error: bool = False, edit: LatentEdit | None = None) -> Tensor:
     """The SAE's replacement for activations ``x`` (any leading shape), in ``x``'s dtype."""
+    if x.shape[-1] != sae.cfg.d_in:
+        raise ValueError(f"SAE with d_in={sae.cfg.d_in} cannot splice into activations of width {x.shape[-1]}"
+                         f"{f' (it was trained on {sae.cfg.site!r})' if sae.cfg.site else ''}")
     flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
     latents = sae.encode(flat)
     out = sae.decode(edit(latents) if edit is not None else latents)
@@ -39,23 +49,51 @@ def reconstruct(sae: SAE, x: Tensor, keep_error: bool = False, edit: LatentEdit 
     return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
+def at_positions(transform: Transform, positions: Tensor | None, site_name: str) -> Transform:
+    """``transform`` applied only at the ``positions`` ([batch, seq] bool) of a [batch, seq, d] tensor."""
+    if positions is None:
+        return transform
+
+    def masked(x: Tensor) -> Tensor:
+        if x.shape[:-1] != positions.shape:
+            raise ValueError(f"site {site_name!r} carries a tensor of shape {tuple(x.shape)}, which does not match "
+                             f"the positions mask of shape {tuple(positions.shape)}")
+        mask = positions.to(x.device, torch.bool)
+        out = x.clone()
+        out[mask] = transform(x[mask])
+        return out
+
+    return masked
+
+
 @contextlib.contextmanager
-def splice(model: Any, saes: Mapping[str, SAE], *, keep_error: bool = False,
-           edits: Mapping[str, LatentEdit] | None = None) -> Iterator[None]:
-    """Replace each site's activation by its SAE's reconstruction while the block runs."""
+def replace_sites(model: Any, transforms: Mapping[str, Transform], *,
+                  positions: Tensor | None = None) -> Iterator[None]:
+    """Replace each site's activation ``x`` by ``transforms[site](x)`` while the block runs."""
     module_root = unwrap(model)
     handles = []
     try:
-        for site_name, sae in saes.items():
-            check_sae_fits(sae, site_name, module_root)
+        for site_name, transform in transforms.items():
             site = parse_site(site_name, module_root)
-            edit = (edits or {}).get(site_name)
-
-            def transform(x: Tensor, sae: SAE = sae, edit: LatentEdit | None = edit) -> Tensor:
-                return reconstruct(sae, x, keep_error, edit)
-
-            handles.append(hook_replacement(resolve_module(module_root, site), site.reads, transform))
+            handles.append(hook_replacement(resolve_module(module_root, site), site.reads,
+                                            at_positions(transform, positions, site_name)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def splice(model: Any, saes: Mapping[str, SAE], *, keep_error: bool = False,
+           edits: Mapping[str, LatentEdit] | None = None,
+           positions: Tensor | None = None) -> contextlib.AbstractContextManager[None]:
+    """Replace each site's activation by its SAE's reconstruction while the block runs."""
+    transforms = {}
+    for site_name, sae in saes.items():
+        check_sae_fits(sae, site_name, model)
+        edit = (edits or {}).get(site_name)
+
+        def transform(x: Tensor, sae: SAE = sae, edit: LatentEdit | None = edit) -> Tensor:
+            return reconstruct(sae, x, keep_error, edit)
+
+        transforms[site_name] = transform
+    return replace_sites(model, transforms, positions=positions)

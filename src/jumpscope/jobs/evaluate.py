@@ -1,0 +1,178 @@
+"""``jumpscope eval``: SAEs on held-out text, with the model in the loop.
+
+For each SAE: the core metrics (L0, FVU, MSE, cosine, dead and >10%-frequency fractions, the
+log10 feature-density histogram) on held-out activations, and the model's own measures with the
+SAE spliced in (delta LM loss, KL, CE loss recovered against zero and mean ablation for causal
+LMs; the embedding distance for encoders; see :mod:`jumpscope.evaluate.downstream`). Training,
+sweeps and this command share :func:`evaluate_saes`, so their numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..evaluate.downstream import ABLATIONS, MAIN_MEASURE, spliced_measures
+from ..models.harvest import harvest
+from ..models.splice import check_sae_fits
+from ..sae import SAE
+from ..sae.metrics import StreamingMetrics
+from ..safeio import write_text
+from .activations import ActivationConfig, ActivationSource
+
+TOGETHER = "all together"
+
+
+@dataclass
+class EvalJobConfig:
+    """Which SAEs to evaluate, on what, and where the results go."""
+
+    saes: tuple[str, ...] = ()
+    """SAE folders or files in any supported format (native, SAELens, Gemma Scope params.npz)."""
+
+    model: str | None = None
+    """The model to splice into; None: the model the SAEs were trained on (their config's 'model')."""
+
+    site: str | None = None
+    """Hook site for SAEs whose file does not record one (e.g. Gemma Scope params.npz)."""
+
+    eval_tokens: int = 16_384
+    """Held-out tokens to evaluate on (whole context windows; at least one)."""
+
+    ablations: tuple[str, ...] = ABLATIONS
+    """Ablations that CE loss recovered is measured against: zero, mean."""
+
+    together: bool = False
+    """Also splice all the SAEs in at once (they must sit at different sites)."""
+
+    out: str = "eval.json"
+    """JSON file for the results (a Markdown table goes beside it, same name, .md)."""
+
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
+
+    def __post_init__(self) -> None:
+        if self.eval_tokens <= 0:
+            raise ValueError(f"eval_tokens must be positive, got {self.eval_tokens}")
+        unknown = [a for a in self.ablations if a not in ABLATIONS]
+        if unknown:
+            raise ValueError(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}")
+
+
+def evaluation_windows(source: ActivationSource, eval_tokens: int) -> list:
+    """Held-out batches of context windows (never trained on) covering about ``eval_tokens``."""
+    per_batch = source.context_size * source.cfg.model_batch_size
+    windows = list(islice(source.windows(evaluation=True), max(1, -(-eval_tokens // per_batch))))
+    if not windows:
+        raise ValueError("the corpus has no held-out context windows to evaluate on; use a larger corpus")
+    return windows
+
+
+def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens: int, *,
+                  ablations: tuple[str, ...] = ABLATIONS, together: bool = False) -> dict[str, dict[str, Any]]:
+    """Held-out core metrics and spliced measures per SAE (keyed like ``saes``; each at its ``cfg.site``)."""
+    model = source.loaded.model
+    for name, sae in saes.items():
+        if not sae.cfg.site:
+            raise ValueError(f"SAE {name!r} records no hook site; give one (--site)")
+        check_sae_fits(sae, sae.cfg.site, model)
+    windows = evaluation_windows(source, eval_tokens)
+    metrics = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output) for name, sae in saes.items()}
+    sites = sorted({sae.cfg.site for sae in saes.values()})
+    with torch.inference_mode():
+        for chunk in harvest(model, windows, sites):
+            for name, sae in saes.items():
+                x = chunk[sae.cfg.site].to(sae.W_enc.device, sae.W_enc.dtype)
+                latents = sae.encode(x)
+                metrics[name].update(x, sae.decode(latents), latents)
+    groups = {name: {sae.cfg.site: sae} for name, sae in saes.items()}
+    if together and len(saes) > 1:
+        if len(sites) < len(saes):
+            raise ValueError("--together needs SAEs at different sites; several of these share a site")
+        groups[TOGETHER] = {sae.cfg.site: sae for sae in saes.values()}
+    measures = spliced_measures(model, source.loaded.kind, windows, groups, ablations=ablations)
+    results = {}
+    for name, sae in saes.items():
+        results[name] = {"architecture": sae.cfg.architecture, "site": sae.cfg.site, "d_in": sae.cfg.d_in,
+                         "d_sae": sae.cfg.d_sae, **metrics[name].compute(), **measures[name]}
+    if TOGETHER in measures:
+        results[TOGETHER] = {"site": ", ".join(sites), **measures[TOGETHER]}
+    return results
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
+    """A Markdown table: one row per SAE (and the together group)."""
+    if kind == "causal_lm":
+        extra = [("delta LM loss", "delta_lm_loss"), ("KL", "kl_div"), ("CE rec. (zero)", "ce_loss_recovered_zero"),
+                 ("CE rec. (mean)", "ce_loss_recovered_mean")]
+    else:
+        extra = [("1 - cos(embedding)", "embedding_1_minus_cosine"),
+                 ("recovered (zero)", "embedding_recovered_zero"), ("recovered (mean)", "embedding_recovered_mean")]
+    columns = [("SAE", None), ("site", "site"), ("d_sae", "d_sae"), ("L0", "l0"), ("FVU", "fvu"),
+               ("dead", "dead_fraction"), (">10%", "dense_fraction")] + extra
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + " --- |" * len(columns)]
+    for name, row in results.items():
+        cells = [name] + [_cell(row.get(key), 1 if key == "l0" else 4) for _, key in columns[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_for_eval(job: EvalJobConfig) -> dict[str, SAE]:
+    """The SAEs of a job keyed by a readable name (the folder's name, made unique)."""
+    from .. import load
+
+    if not job.saes:
+        raise ValueError("give at least one SAE folder or file to evaluate")
+    saes: dict[str, SAE] = {}
+    for path in job.saes:
+        sae = load(path)
+        if job.site:
+            sae.cfg = dataclasses.replace(sae.cfg, site=job.site)
+        if not sae.cfg.site:
+            raise ValueError(f"{path}: the SAE records no hook site; give one with --site")
+        name = Path(path).name if Path(path).is_dir() else Path(path).stem
+        while name in saes:
+            name = f"{name}'"
+        saes[name] = sae.eval()
+    return saes
+
+
+def model_of(job: EvalJobConfig, saes: Mapping[str, SAE]) -> str:
+    if job.model:
+        return job.model
+    recorded = {sae.cfg.model for sae in saes.values() if sae.cfg.model}
+    if len(recorded) != 1:
+        raise ValueError("the SAEs do not name one model they were trained on "
+                         f"({', '.join(sorted(recorded)) or 'none recorded'}); give --model")
+    return recorded.pop()
+
+
+def run_eval(job: EvalJobConfig, activations: ActivationConfig | None = None) -> tuple[dict, str]:
+    """Evaluate the job's SAEs; writes ``job.out`` (JSON) and the table beside it; returns both."""
+    from ..train.trainer import resolve_device
+
+    saes = load_for_eval(job)
+    activations = dataclasses.replace(activations or ActivationConfig(), model=model_of(job, saes))
+    device = resolve_device(job.device)
+    source = ActivationSource(activations, [sae.cfg.site for sae in saes.values()], device=str(device))
+    saes = {name: sae.to(device) for name, sae in saes.items()}
+    results = evaluate_saes(source, saes, job.eval_tokens, ablations=job.ablations, together=job.together)
+    table = results_table(results, source.loaded.kind)
+    out = Path(job.out)
+    payload = json.dumps({"job": dataclasses.asdict(job), "source": source.manifest(),
+                          "main_measure": MAIN_MEASURE[source.loaded.kind], "results": results}, indent=2)
+    write_text(out, payload)
+    write_text(out.with_suffix(".md"), table)
+    return results, table

@@ -1,0 +1,95 @@
+"""`jumpscope eval` end to end on a tiny causal LM (llama2.c format, with its tokenizer) and on MiniLM."""
+
+import json
+
+import pytest
+import torch
+
+import jumpscope
+from jumpscope.cli import main
+from jumpscope.evaluate.downstream import next_token_losses
+from jumpscope.jobs.activations import ActivationConfig, ActivationSource
+from jumpscope.jobs.evaluate import evaluation_windows
+from jumpscope.models.splice import splice
+from jumpscope.jobs.train import TrainJobConfig, run_train
+from tiny_causal_lm import write_corpus, write_tiny_causal_lm
+
+FAST = dict(batch_size=256, progress=False, init_sample_tokens=512, log_every=100, checkpoint_every=100)
+SITES = ("layers.1.resid_post", "layers.2.mlp_out")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model = write_tiny_causal_lm(root / "model")
+    corpus = write_corpus(root / "corpus.txt")
+    job = TrainJobConfig(site=SITES, width=64, target_l0=4, tokens=256 * 8, out=str(root / "run"), device="cpu",
+                         eval_tokens=512)
+    activations = ActivationConfig(model=str(model), corpus=str(corpus), txt_split="paragraph", context_size=32,
+                                   model_batch_size=4, shuffle_buffer_tokens=1024)
+    run_train(job, activations, FAST)
+    return root, activations
+
+
+def eval_cli(root, activations, *args):
+    return main(["eval", *args, "--corpus", activations.corpus, "--txt-split", "paragraph", "--context-size", "32",
+                 "--model-batch-size", "4", "--eval-tokens", "512"])
+
+
+def test_eval_reproduces_the_training_summary_on_the_same_held_out_text(trained):
+    root, activations = trained
+    out = root / "eval.json"
+    assert eval_cli(root, activations, *(str(root / "run" / s) for s in SITES), "--out", str(out)) == 0
+    results = json.loads(out.read_text())["results"]
+    summary = json.loads((root / "run" / "summary.json").read_text())["held_out"]
+    for site in SITES:
+        row, reference = results[site], summary[site]
+        for key in ("l0", "fvu", "dead_fraction", "ce_clean", "delta_lm_loss", "kl_div", "ce_loss_recovered"):
+            assert row[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-7), (site, key)
+        assert row["kl_div"] >= 0
+        assert row["ce_loss_recovered"] == pytest.approx(
+            (row["ce_zero_ablated"] - row["ce_spliced"]) / (row["ce_zero_ablated"] - row["ce_clean"]))
+        assert row["architecture"] == "jumprelu" and row["n_tokens"] > 0
+    assert "CE rec. (zero)" in (root / "eval.md").read_text()
+
+
+def test_eval_together_splices_every_site_at_once(trained, capsys):
+    root, activations = trained
+    out = root / "together.json"
+    assert eval_cli(root, activations, *(str(root / "run" / s) for s in SITES), "--together", "--out", str(out)) == 0
+    results = json.loads(out.read_text())["results"]
+    assert "| all together |" in capsys.readouterr().out
+    # the same measure computed directly: CE with both SAEs spliced in, at ordinary positions
+    source = ActivationSource(activations, SITES)
+    saes = {site: jumpscope.load(root / "run" / site) for site in SITES}
+    clean = spliced = count = 0.0
+    for ids, train in evaluation_windows(source, 512):
+        attention = torch.ones_like(train)
+        clean += next_token_losses(source.loaded.model, ids, train, attention).sum().item()
+        with splice(source.loaded.model, saes, positions=train):
+            losses = next_token_losses(source.loaded.model, ids, train, attention)
+        spliced, count = spliced + losses.sum().item(), count + losses.numel()
+    assert results["all together"]["delta_lm_loss"] == pytest.approx((spliced - clean) / count, rel=1e-4)
+    assert all(results["all together"]["delta_lm_loss"] != pytest.approx(results[s]["delta_lm_loss"]) for s in SITES)
+
+
+def test_eval_bad_inputs_are_clear_errors(trained, tmp_path, capsys):
+    root, activations = trained
+    sae = str(root / "run" / SITES[0])
+    cases = [
+        ([sae, "--site", "layers.7.resid_post"], "layer 7 out of range"),
+        ([sae, "--site", "module:model.layers.1.mlp.up_proj"], "d_in=32 does not fit site 'module:model.layers.1.mlp.up_proj' of this model (width 48)"),
+        ([sae, "--ablations", "half"], "unknown ablations ['half']"),
+        ([sae, sae, "--together"], "needs SAEs at different sites"),
+        ([str(tmp_path / "missing")], "missing"),
+    ]
+    for argv, message in cases:
+        assert eval_cli(root, activations, *argv, "--out", str(tmp_path / "x.json")) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    foreign = jumpscope.build("jumprelu", d_in=32, d_sae=16)  # no site, no model recorded
+    foreign.save(tmp_path / "foreign")
+    assert eval_cli(root, activations, str(tmp_path / "foreign"), "--out", str(tmp_path / "x.json")) == 2
+    assert "records no hook site" in capsys.readouterr().err
+    assert eval_cli(root, activations, str(tmp_path / "foreign"), "--site", SITES[0],
+                    "--out", str(tmp_path / "x.json")) == 2
+    assert "give --model" in capsys.readouterr().err
