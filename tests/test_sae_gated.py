@@ -151,3 +151,26 @@ def test_training_reduces_loss():
     sae = GatedSAE(GatedSAEConfig(d_in=16, d_sae=64, l1_coefficient=0.01))
     first, last = loss_before_and_after(sae, x)
     assert last < 0.2 * first
+
+
+def test_initial_encoder_scale_is_the_least_squares_fit():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 16) * 3.0 + 1.0
+    plain = build("gated", d_in=16, d_sae=128, seed=1, fit_encoder_scale=False)
+    fitted = build("gated", d_in=16, d_sae=128, seed=1)
+    plain.init_from_data(x)
+    fitted.init_from_data(x)
+
+    def error(sae):
+        return (x - sae.decode(sae.encode(x))).pow(2).sum().item()
+
+    # 8x width with the transposed-decoder init: the plain reconstruction is several times too large
+    assert error(plain) > 3 * (x - plain.b_dec).pow(2).sum().item()
+    assert torch.equal(fitted.encode(x) > 0, plain.encode(x) > 0)  # the same gates stay open
+    for scale in (0.8, 1.25):  # the fitted scale is the minimum along the ray
+        probe = build("gated", d_in=16, d_sae=128, seed=1)
+        probe.load_state_dict(fitted.state_dict())
+        with torch.no_grad():
+            probe.W_enc.mul_(scale)
+        assert error(probe) > error(fitted)
+    assert error(fitted) < (x - fitted.b_dec).pow(2).sum().item()

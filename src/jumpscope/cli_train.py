@@ -31,6 +31,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser.add_argument_group("job"), TrainJobConfig, exclude=("site",))
     add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
     add_dataclass_arguments(parser.add_argument_group("trainer"), TrainerConfig, exclude=TRAINER_JOB_FIELDS)
+    add_sae_arguments(parser)
+
+
+def add_sae_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--sae-FIELD`` for every field of any architecture's config not set by the job itself."""
     group = parser.add_argument_group("SAE options (any architecture's config field; see `jumpscope archs NAME`)")
     seen = set(SAE_JOB_FIELDS)
     for cls in _sae_config_classes():
@@ -40,16 +45,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                 exclude=[f.name for f in dataclasses.fields(cls) if f.name not in fields])
 
 
-def sae_fields_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arch: str) -> dict:
+def sae_fields_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                         archs: str | tuple[str, ...]) -> dict:
+    """The ``--sae-FIELD`` values given; each must be a field of at least one of ``archs``."""
     from .sae import config_class
 
-    own = {f.name for f in dataclasses.fields(config_class(arch))}
+    archs = (archs,) if isinstance(archs, str) else archs
+    own = {f.name for arch in archs for f in dataclasses.fields(config_class(arch))}
     given = {key[len(SAE_PREFIX):].replace("-", "_"): value for key, value in vars(args).items()
              if key.startswith(SAE_PREFIX.replace("-", "_"))}
     foreign = sorted(name for name in given if name not in own)
     if foreign:
-        parser.error(f"{', '.join(option_name(n, SAE_PREFIX) for n in foreign)} not a field of {arch!r} "
-                     f"(see `jumpscope archs {arch}`)")
+        parser.error(f"{', '.join(option_name(n, SAE_PREFIX) for n in foreign)} not a field of "
+                     f"{' or '.join(map(repr, archs))} (see `jumpscope archs {archs[0]}`)")
     return given
 
 

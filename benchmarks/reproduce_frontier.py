@@ -1,0 +1,147 @@
+"""Does the JumpReLU paper's ordering hold on real models? A sparsity sweep of all five architectures.
+
+The paper's claim (SPEC 3): at equal L0, JumpReLU has lower delta LM loss (and FVU) than Gated and
+matches or beats TopK, and has somewhat more >10%-frequency latents than Gated. This benchmark runs
+``jumpscope sweep`` (one activation stream feeds every SAE; equal width and token budget for all)
+on two real models from the shared data folder, then compares the architectures at matched L0:
+
+- ``stories``: the causal LM stories260K (Karpathy's tinyllamas, llama2.c) over TinyStories
+  (the cased file, then the lower-cased one), residual stream after layer 2 of 5;
+- ``minilm``: the all-MiniLM-L6-v2 encoder over Project Gutenberg books mixed paragraph by
+  paragraph with WikiText-2, residual stream after layer 3 of 6 (downstream measure: 1 - cosine of
+  the sentence embedding).
+
+ReLU and Gated SAEs are swept over L1 coefficients and placed on the frontier by their measured
+L0; comparisons interpolate each curve in log L0 and never extrapolate. Results (sweep.json, PNG
+plots, report.md per model, and frontier_summary.json) go to ``benchmarks/results/``.
+
+    python benchmarks/reproduce_frontier.py                 # both models (about 30-40 min on 2 cores)
+    python benchmarks/reproduce_frontier.py --models stories --quick
+
+Exits 0 with a SKIP message where the shared data is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared 2-core machine
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shared_data import GUTENBERG, STORIES260K, WIKITEXT, verified  # noqa: E402
+
+from jumpscope.evaluate.plots import by_arch, frontier_metrics  # noqa: E402
+from jumpscope.evaluate.report import frontier, frontier_table  # noqa: E402
+from jumpscope.jobs.activations import ActivationConfig  # noqa: E402
+from jumpscope.jobs.sweep import SweepConfig, run_sweep  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Relative tolerance for "matches": JumpReLU within 2% of TopK counts as matching it.
+MATCH = 0.02
+
+
+def setups(quick: bool) -> dict[str, dict]:
+    """Per model: files it needs, the sweep, the activations, trainer fields."""
+    scale = 0.1 if quick else 1.0
+    return {
+        "stories": dict(
+            files=(*STORIES260K, "text/tinystories_cased.txt", "text/tinystories_lower.txt"),
+            sweep=dict(site="layers.2.resid_post", l0=(8.0, 16.0, 32.0, 64.0),
+                       l1_coefficients=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0), width=512, tokens=int(1_500_000 * scale),
+                       eval_tokens=16_384),
+            activations=lambda paths: dict(model=str(paths[0]), corpus=f"{paths[2]},{paths[3]}", context_size=512,
+                                           model_batch_size=8),
+            trainer=dict(batch_size=2048)),
+        "minilm": dict(
+            files=(*GUTENBERG, *WIKITEXT),
+            sweep=dict(site="layers.3.resid_post", l0=(8.0, 16.0, 32.0, 64.0),
+                       l1_coefficients=(0.5, 1.0, 2.0, 4.0, 8.0), width=1536, tokens=int(400_000 * scale),
+                       eval_tokens=16_384),
+            activations=lambda paths: dict(
+                model="minilm", corpus=f"{paths[0].parent},{paths[-2]},{paths[-1]}", txt_split="paragraph",
+                context_size=128, model_batch_size=32),
+            trainer=dict(batch_size=1024)),
+    }
+
+
+def verdicts(points: list[dict], kind: str, levels: tuple[float, ...]) -> dict:
+    """The paper's three claims, checked at each L0 level both curves reach."""
+    measure = frontier_metrics(kind)[0][0]
+    out = {}
+    for metric in (measure, "fvu"):
+        table = frontier(points, metric, levels)
+        rows = {}
+        for level, row in table.items():
+            j, g, t = row.get("jumprelu"), row.get("gated"), row.get("topk")
+            rows[level] = {"jumprelu": j, "gated": g, "topk": t, "batchtopk": row.get("batchtopk"),
+                           "relu": row.get("relu"),
+                           "jumprelu_beats_gated": None if j is None or g is None else j < g,
+                           "jumprelu_matches_or_beats_topk": None if j is None or t is None else j <= t * (1 + MATCH)}
+        out[metric] = rows
+    dense = {arch: sum(p["held_out"]["dense_fraction"] for p in group) / len(group)
+             for arch, group in by_arch(points).items()}
+    out["mean_dense_fraction"] = dense
+    if "jumprelu" in dense and "gated" in dense:
+        out["jumprelu_more_dense_than_gated"] = dense["jumprelu"] > dense["gated"]
+    return out
+
+
+def describe(name: str, result: dict, kind: str) -> str:
+    measure = frontier_metrics(kind)[0][0]
+    lines = [f"## {name}: verdicts at matched L0"]
+    for metric in (measure, "fvu"):
+        for level, row in result[metric].items():
+            lines.append(f"- {metric} @ L0 {level:g}: JumpReLU < Gated: {row['jumprelu_beats_gated']}; "
+                         f"JumpReLU <= TopK (+{MATCH:.0%}): {row['jumprelu_matches_or_beats_topk']}")
+    dense = ", ".join(f"{arch} {value:.4f}" for arch, value in result["mean_dense_fraction"].items())
+    lines.append(f"- mean fraction of >10% latents: {dense}; JumpReLU > Gated: "
+                 f"{result.get('jumprelu_more_dense_than_gated')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["stories", "minilm"], choices=["stories", "minilm"])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the token budget (a smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue interrupted sweeps from their checkpoints")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    summary = {}
+    for name in args.models:
+        setup = setups(args.quick)[name]
+        paths = verified(*setup["files"])
+        if isinstance(paths, str):
+            print(f"SKIP {name}: {paths}")
+            continue
+        out = RESULTS / f"frontier_{name}{'_quick' if args.quick else ''}"
+        sweep = SweepConfig(**setup["sweep"], out=str(out), resume=args.resume, device="cpu")
+        activations = ActivationConfig(**setup["activations"](paths))
+        load0, started = os.getloadavg()[0], time.time()
+        points, report = run_sweep(sweep, activations, dict(setup["trainer"], progress=True))
+        kind = json.loads((out / "sweep.json").read_text())["kind"]
+        result = verdicts(points, kind, sweep.l0)
+        summary[name] = {"seconds": time.time() - started, "load_average": [load0, os.getloadavg()[0]],
+                         "report": str(out / "report.md"), **{k: v for k, v in result.items()}}
+        print(report)
+        for metric, _ in frontier_metrics(kind)[:2]:
+            print(f"### {name}: {metric} at matched L0\n\n{frontier_table(points, metric, sweep.l0)}")
+        print(describe(name, result, kind))
+        print(f"\n{name}: {time.time() - started:.0f} s, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if summary:
+        (RESULTS / f"frontier_summary{'_quick' if args.quick else ''}.json").write_text(
+            json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
