@@ -37,7 +37,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shared_data import GUTENBERG, STORIES260K, WIKITEXT, verified  # noqa: E402
 
-from jumpscope.evaluate.plots import by_arch, frontier_metrics  # noqa: E402
+from jumpscope.evaluate.plots import frontier_metrics  # noqa: E402
 from jumpscope.evaluate.report import frontier, frontier_table  # noqa: E402
 from jumpscope.jobs.activations import ActivationConfig  # noqa: E402
 from jumpscope.jobs.sweep import SweepConfig, run_sweep  # noqa: E402
@@ -62,7 +62,7 @@ def setups(quick: bool) -> dict[str, dict]:
         "minilm": dict(
             files=(*GUTENBERG, *WIKITEXT),
             sweep=dict(site="layers.3.resid_post", l0=(8.0, 16.0, 32.0, 64.0),
-                       l1_coefficients=(0.5, 1.0, 2.0, 4.0, 8.0), width=1536, tokens=int(400_000 * scale),
+                       l1_coefficients=(1.0, 2.0, 4.0, 8.0, 16.0), width=1536, tokens=int(400_000 * scale),
                        eval_tokens=16_384),
             activations=lambda paths: dict(
                 model="minilm", corpus=f"{paths[0].parent},{paths[-2]},{paths[-1]}", txt_split="paragraph",
@@ -85,11 +85,10 @@ def verdicts(points: list[dict], kind: str, levels: tuple[float, ...]) -> dict:
                            "jumprelu_beats_gated": None if j is None or g is None else j < g,
                            "jumprelu_matches_or_beats_topk": None if j is None or t is None else j <= t * (1 + MATCH)}
         out[metric] = rows
-    dense = {arch: sum(p["held_out"]["dense_fraction"] for p in group) / len(group)
-             for arch, group in by_arch(points).items()}
-    out["mean_dense_fraction"] = dense
-    if "jumprelu" in dense and "gated" in dense:
-        out["jumprelu_more_dense_than_gated"] = dense["jumprelu"] > dense["gated"]
+    dense = frontier(points, "dense_fraction", levels)
+    out["dense_fraction"] = {level: {**row, "jumprelu_more_than_gated": None if row.get("jumprelu") is None
+                                     or row.get("gated") is None else row["jumprelu"] > row["gated"]}
+                             for level, row in dense.items()}
     return out
 
 
@@ -100,9 +99,11 @@ def describe(name: str, result: dict, kind: str) -> str:
         for level, row in result[metric].items():
             lines.append(f"- {metric} @ L0 {level:g}: JumpReLU < Gated: {row['jumprelu_beats_gated']}; "
                          f"JumpReLU <= TopK (+{MATCH:.0%}): {row['jumprelu_matches_or_beats_topk']}")
-    dense = ", ".join(f"{arch} {value:.4f}" for arch, value in result["mean_dense_fraction"].items())
-    lines.append(f"- mean fraction of >10% latents: {dense}; JumpReLU > Gated: "
-                 f"{result.get('jumprelu_more_dense_than_gated')}")
+    for level, row in result["dense_fraction"].items():
+        cells = ", ".join(f"{arch} {'n/a' if v is None else f'{v:.3f}'}" for arch, v in row.items()
+                          if arch != "jumprelu_more_than_gated")
+        lines.append(f"- fraction of >10% latents @ L0 {level:g}: {cells}; JumpReLU > Gated: "
+                     f"{row['jumprelu_more_than_gated']}")
     return "\n".join(lines)
 
 
@@ -112,6 +113,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tenth of the token budget (a smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue interrupted sweeps from their checkpoints")
+    parser.add_argument("--report-only", action="store_true", help="recompute the verdicts from the saved sweeps")
+    parser.add_argument("--lr-check", type=float, default=None, metavar="LR",
+                        help="also train the baselines at this learning rate (JumpReLU's default recipe has a "
+                             "higher one) and compare JumpReLU against them")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     summary = {}
@@ -121,21 +126,33 @@ def main(argv=None) -> int:
         if isinstance(paths, str):
             print(f"SKIP {name}: {paths}")
             continue
-        out = RESULTS / f"frontier_{name}{'_quick' if args.quick else ''}"
-        sweep = SweepConfig(**setup["sweep"], out=str(out), resume=args.resume, device="cpu")
-        activations = ActivationConfig(**setup["activations"](paths))
-        load0, started = os.getloadavg()[0], time.time()
-        points, report = run_sweep(sweep, activations, dict(setup["trainer"], progress=True))
-        kind = json.loads((out / "sweep.json").read_text())["kind"]
-        result = verdicts(points, kind, sweep.l0)
-        summary[name] = {"seconds": time.time() - started, "load_average": [load0, os.getloadavg()[0]],
-                         "report": str(out / "report.md"), **{k: v for k, v in result.items()}}
-        print(report)
-        for metric, _ in frontier_metrics(kind)[:2]:
-            print(f"### {name}: {metric} at matched L0\n\n{frontier_table(points, metric, sweep.l0)}")
-        print(describe(name, result, kind))
-        print(f"\n{name}: {time.time() - started:.0f} s, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+        variants = [("", setup["sweep"], {})]
+        if args.lr_check:
+            baselines = tuple(a for a in SweepConfig().archs if a != "jumprelu")
+            variants.append((f"_lr{args.lr_check:g}", {**setup["sweep"], "archs": baselines}, {"lr": args.lr_check}))
+        all_points: dict[str, list] = {}
+        for suffix, fields, sae_fields in variants:
+            out = RESULTS / f"frontier_{name}{suffix}{'_quick' if args.quick else ''}"
+            sweep = SweepConfig(**fields, out=str(out), resume=args.resume, device="cpu")
+            load0, started = os.getloadavg()[0], time.time()
+            if not args.report_only:
+                run_sweep(sweep, ActivationConfig(**setup["activations"](paths)), dict(setup["trainer"], progress=True),
+                          sae_fields)
+            payload = json.loads((out / "sweep.json").read_text())
+            points, kind = payload["points"], payload["kind"]
+            all_points[suffix] = points
+            label = name + (f" (baselines at lr {args.lr_check:g})" if suffix else "")
+            if suffix:  # JumpReLU at its default recipe against the baselines at the other learning rate
+                points = [p for p in all_points[""] if p["arch"] == "jumprelu"] + points
+            result = verdicts(points, kind, sweep.l0)
+            summary[label] = {"seconds": payload["seconds"], "load_average_during_report": [load0, os.getloadavg()[0]],
+                              "report": str(out / "report.md"), **result}
+            for metric in [m for m, _ in frontier_metrics(kind)] + ["dense_fraction"]:
+                print(f"### {label}: {metric} at matched L0\n\n{frontier_table(points, metric, sweep.l0, metric != 'dense_fraction')}")
+            print(describe(label, result, kind))
+            print(f"\n{label}: training {payload['seconds']['training']:.0f} s, total {payload['seconds']['total']:.0f} s "
+                  f"(this run: {time.time() - started:.0f} s), torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} threads\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     if summary:
         (RESULTS / f"frontier_summary{'_quick' if args.quick else ''}.json").write_text(

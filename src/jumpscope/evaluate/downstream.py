@@ -107,12 +107,15 @@ def _recovered(ablated: float, spliced: float, clean: float) -> float | None:
 @torch.inference_mode()
 def spliced_measures(model: Any, kind: str, batches: Iterable[Any], groups: Mapping[str, Mapping[str, SAE]], *,
                      ablations: Sequence[str] = ABLATIONS, means: Mapping[str, Tensor] | None = None,
-                     splice_special: bool = False) -> dict[str, dict[str, Any]]:
+                     splice_special: bool = False, progress: bool = False) -> dict[str, dict[str, Any]]:
     """The model's own measures for each group of SAEs spliced in together (``{name: {site: sae}}``).
 
     ``kind`` is ``"causal_lm"`` or ``"encoder"``. ``means`` (per site) default to the mean
-    activations over ``batches`` (one extra pass) when a mean ablation is asked for.
+    activations over ``batches`` (one extra pass) when a mean ablation is asked for. ``progress``
+    shows a bar over the batches.
     """
+    from tqdm.auto import tqdm
+
     causal = kind == "causal_lm"
     if causal:
         check_lm_head(model)
@@ -124,7 +127,8 @@ def spliced_measures(model: Any, kind: str, batches: Iterable[Any], groups: Mapp
     spliced = {name: 0.0 for name in groups}
     kl = {name: 0.0 for name in groups}
     clean_total = count = 0.0
-    for batch in batches:
+    passes = len(set(site_sets.values())) * len(ablations) + len(groups) + 1
+    for batch in tqdm(batches, desc=f"evaluating ({passes} passes per batch)", unit="batch", disable=not progress):
         ids, train, attention = unpack_batch(batch)
         attention = torch.ones_like(train) if attention is None else attention
         positions = None if splice_special else train & attention

@@ -49,14 +49,16 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def frontier_table(points: Sequence[dict[str, Any]], metric: str, levels: Sequence[float]) -> str:
+def frontier_table(points: Sequence[dict[str, Any]], metric: str, levels: Sequence[float],
+                   mark_best: bool = True) -> str:
+    """Rows of L0 levels, a column per architecture; the best cell of a row in bold."""
     table = frontier(points, metric, levels)
     archs = list(by_arch(points))
     lines = ["| L0 | " + " | ".join(archs) + " |", "|" + " --- |" * (len(archs) + 1)]
     pick = min if lower_is_better(metric) else max
     for level, row in table.items():
         known = [v for v in row.values() if v is not None]
-        best = pick(known) if len(known) > 1 else None
+        best = pick(known) if mark_best and len(known) > 1 else None
         cells = [f"**{_fmt(row[a])}**" if best is not None and row[a] == best else _fmt(row[a]) for a in archs]
         lines.append(f"| {level:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -75,7 +75,8 @@ def evaluation_windows(source: ActivationSource, eval_tokens: int) -> list:
 
 
 def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens: int, *,
-                  ablations: tuple[str, ...] = ABLATIONS, together: bool = False) -> dict[str, dict[str, Any]]:
+                  ablations: tuple[str, ...] = ABLATIONS, together: bool = False,
+                  progress: bool = True) -> dict[str, dict[str, Any]]:
     """Held-out core metrics and spliced measures per SAE (keyed like ``saes``; each at its ``cfg.site``)."""
     model = source.loaded.model
     for name, sae in saes.items():
@@ -96,7 +97,7 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
         if len(sites) < len(saes):
             raise ValueError("--together needs SAEs at different sites; several of these share a site")
         groups[TOGETHER] = {sae.cfg.site: sae for sae in saes.values()}
-    measures = spliced_measures(model, source.loaded.kind, windows, groups, ablations=ablations)
+    measures = spliced_measures(model, source.loaded.kind, windows, groups, ablations=ablations, progress=progress)
     results = {}
     for name, sae in saes.items():
         results[name] = {"architecture": sae.cfg.architecture, "site": sae.cfg.site, "d_in": sae.cfg.d_in,

@@ -129,5 +129,5 @@ def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
                                    "device": device})
     trainer = Trainer(saes, trainer_cfg)
     trained = trainer.fit(source.training_stream(job.tokens, trainer_cfg.batch_size), resume=job.resume)
-    results = evaluate_saes(source, trained, job.eval_tokens)
+    results = evaluate_saes(source, trained, job.eval_tokens, progress=trainer_cfg.progress)
     return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started)
