@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv clean bench interop
+.PHONY: demo test venv clean bench bench-frontier bench-peer interop
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ demo: $(VENV)/.demo
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/synthetic_recovery.py
+
+# The paper's comparison on the real models in ../shared/data (about 40 min on 2 cores).
+bench-frontier: $(VENV)/.dev
+	$(PY) benchmarks/reproduce_frontier.py
+
+# Our JumpReLU against SAELens's on the same cached activations (sae-lens in .venv-saelens).
+bench-peer: $(VENV)/.dev
+	$(PY) benchmarks/peer_saelens.py
 
 # Two-way format checks against the real SAELens package, in its own venv (never our dependency).
 interop:

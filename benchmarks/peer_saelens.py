@@ -1,0 +1,370 @@
+"""Peer benchmark: our JumpReLU SAE against SAELens's, on the same cached MiniLM activations.
+
+    .venv/bin/python benchmarks/peer_saelens.py            # defaults: about 7 min on 2 lightly loaded cores
+    .venv/bin/python benchmarks/peer_saelens.py --quick    # smoke run, 1.5-2 min
+    .venv/bin/python benchmarks/peer_saelens.py --l0 64 --threads 2 --no-install
+
+Data: ONE on-disk activation cache (jumpscope.data.cache, built by our ActivationSource) of
+all-MiniLM-L6-v2 ``layers.3.resid_post`` (d_in 384) over the ten Project Gutenberg books in
+../shared/data (checksummed; exit 0 with SKIP where absent), under benchmarks/results/. Both
+sides train on the same shuffled batches (``CacheReader.iterate`` with the same seed; each side
+hashes what it was handed and the digests are compared). Evaluation uses held-out activations
+(``ActivationSource.chunks(evaluation=True)``: the one-in-20 context windows that are never in
+the training stream), identical for both sides.
+
+Ours: ``build("jumprelu", d_in=384, d_sae=W, target_l0=L)`` with its defaults, trained by
+``jumpscope.Trainer``. SAELens (6.x, in .venv-saelens, created here as ``make interop`` does
+unless --no-install): ``JumpReLUTrainingSAE`` + ``SAETrainer`` (benchmarks/peer_saelens_worker.py)
+at several ``l0_coefficient`` values (it has no target L0), same width, tokens, batch size and
+seed, SAELens's defaults otherwise except the learning rate: 3e-3 (our default peak lr) instead of
+its 3e-4, because a JumpReLU threshold moves by about lr per Adam step and at 3e-4 its thresholds
+(init 0.01) cannot rise far enough in 200 steps (L0 stays near 3,000 of 3,072); plus one reference
+run with its documented defaults (lr 3e-4, l0_coefficient 1; not with --quick). Its SAEs are saved
+in SAELens's format and loaded back with ``jumpscope.load``, so both sides are measured by the
+same code (``StreamingMetrics``: L0, mean-centred FVU, dead fraction on the held-out rows).
+Matched L0, both ways: SAELens's FVU at our L0, linear in log L0 between its coefficient runs
+(flagged EXTRAPOLATED when they do not bracket it: at this budget its L0 has a floor that larger
+coefficients do not lower); and ours re-trained (one Trainer, several SAEs) with target_l0 = each
+L0 SAELens reached, our FVU then read at exactly that L0 (linear in log L0 between our runs).
+
+Timings: training only (``fit()`` on each side, data reading from the cache included on both
+sides), and the median time per step; cache building and process start-up are reported
+apart. Same torch thread count on both sides (--threads), OMP_WAIT_POLICY=PASSIVE. The machine
+is shared: read ratios and medians, and the load averages printed. JSON:
+benchmarks/results/peer_saelens.json (--quick: peer_saelens_quick.json), the SAELens SAEs and
+the worker's job/result files in the folder of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see kernel_speed.py)
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import jumpscope  # noqa: E402
+from jumpscope.data.cache import CacheReader, is_complete  # noqa: E402
+from jumpscope.sae.metrics import StreamingMetrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_batches import Provider  # noqa: E402
+from shared_data import GUTENBERG, data_dir, verified  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+VENV = ROOT / ".venv-saelens"
+WORKER = Path(__file__).resolve().parent / "peer_saelens_worker.py"
+SITE, MODEL, D_IN = "layers.3.resid_post", "minilm", 384
+SAELENS_DEFAULT_LR, SAELENS_DEFAULT_COEFFICIENT = 3e-4, 1.0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--l0", type=float, default=32.0, help="requested L0 (ours: target_l0)")
+    p.add_argument("--width", type=int, default=None, help="latents (default 3072 = 8 x 384; --quick 1536)")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens (default 200 batches = 204,800)")
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 16,384)")
+    p.add_argument("--coefficients", type=str, default=None, help="SAELens l0_coefficient values, comma-separated")
+    p.add_argument("--saelens-lr", type=float, default=3e-3, help="SAELens learning rate (its default is 3e-4)")
+    p.add_argument("--saelens-sae-field", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a JumpReLUTrainingSAEConfig field (JSON value), repeatable")
+    p.add_argument("--no-defaults-row", action="store_true", help="skip the SAELens documented-defaults run")
+    p.add_argument("--no-reverse", action="store_true", help="skip training ours at each SAELens L0")
+    p.add_argument("--ours-repeats", type=int, default=2, help="train ours this many times (before/after SAELens)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: width 1536, 16 batches, 4,096 held-out tokens")
+    p.add_argument("--no-install", action="store_true", help="never create .venv-saelens (skip if absent)")
+    p.add_argument("--out", type=Path, default=None, help="JSON (default results/peer_saelens[_quick].json); the "
+                   "SAELens folders and worker files go to the folder of the same name beside it")
+    args = p.parse_args()
+    args.out = args.out or RESULTS / ("peer_saelens_quick.json" if args.quick else "peer_saelens.json")
+    args.width = args.width or (1536 if args.quick else 3072)
+    args.tokens = args.tokens or (16 if args.quick else 200) * args.batch
+    args.tokens -= args.tokens % args.batch  # whole batches: both trainers then take the same steps
+    args.eval_tokens = args.eval_tokens or (4096 if args.quick else 16_384)
+    default = "3,10,30,100"
+    args.coefficients = [float(c) for c in (args.coefficients or default).split(",")]
+    args.defaults_row = not (args.no_defaults_row or args.quick)
+    if args.tokens < args.batch:
+        p.error("--tokens must hold at least one batch")
+    return args
+
+
+def run(cmd: list) -> None:
+    print("  $", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def ensure_saelens(no_install: bool) -> Path | None:
+    """The SAELens venv's python, created as `make interop` does when missing (None: refused)."""
+    python = VENV / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import sae_lens, jumpscope.data.cache"],
+                                          capture_output=True).returncode == 0:
+        return python
+    if no_install:
+        return None
+    print(f"{VENV} is missing or lacks sae-lens: creating it as `make interop` does (needs PyPI, a few minutes).")
+    if not python.exists():
+        run([shutil.which("python3") or sys.executable, "-m", "venv", VENV])
+    pip = [python, "-m", "pip", "install", "-q"]
+    run(pip + ["torch==2.13.0"])  # pinned, like the Makefile: never an unpinned torch
+    run(pip + ["sae-lens"])
+    run(pip + ["--no-deps", "-e", "."])
+    return python
+
+
+def prepare_data(args) -> dict:
+    """Fill the shared cache (>= args.tokens rows) and write the held-out rows; returns paths and times."""
+    cache = RESULTS / "peer_saelens_cache"
+    eval_file = RESULTS / "peer_saelens_eval.safetensors"
+    corpus = str(data_dir() / "text" / "gutenberg" / "*.txt")
+    meta = {"model": MODEL, "site": SITE, "corpus": corpus, "eval_every": "20"}
+    if is_complete(cache) and CacheReader(cache).total_tokens < args.tokens:
+        print(f"{cache} holds fewer than {args.tokens} tokens: writing it again")
+        shutil.rmtree(cache)
+    have_eval = eval_file.exists() and all(v == meta.get(k) for k, v in _meta(eval_file).items() if k != "tokens") \
+        and int(_meta(eval_file).get("tokens", 0)) >= args.eval_tokens
+    times = {"cache_seconds": 0.0, "eval_seconds": 0.0}
+    if not is_complete(cache) or not have_eval:
+        from jumpscope.jobs.activations import ActivationConfig, ActivationSource
+
+        source = ActivationSource(ActivationConfig(model=MODEL, corpus=corpus, cache=str(cache), seed=args.seed),
+                                  sites=[SITE])
+        start = time.perf_counter()
+        source.fill_cache(args.tokens)
+        times["cache_seconds"] = time.perf_counter() - start
+        if not have_eval:
+            start, rows, n = time.perf_counter(), [], 0
+            for chunk in source.chunks(evaluation=True):
+                rows.append(chunk[SITE])
+                n += chunk[SITE].shape[0]
+                if n >= args.eval_tokens:
+                    break
+            x = torch.cat(rows)[: args.eval_tokens].contiguous()
+            save_file({SITE: x}, eval_file, metadata={**meta, "tokens": str(x.shape[0])})
+            times["eval_seconds"] = time.perf_counter() - start
+    x_eval = load_file(eval_file)[SITE][: args.eval_tokens].contiguous()
+    if x_eval.shape[0] < args.eval_tokens:
+        print(f"WARNING: only {x_eval.shape[0]} held-out tokens available")
+    return {"cache": str(cache), "eval_file": str(eval_file), "x_eval": x_eval, **times,
+            "cache_tokens": CacheReader(cache).total_tokens}
+
+
+def _meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata() or {}
+
+
+def train_ours(args, cache: str, targets: dict[str, float]) -> dict:
+    """Our JumpReLU SAEs (defaults, one per target L0) trained together in one Trainer on the cache."""
+    steps = args.tokens // args.batch
+    saes = {name: jumpscope.build("jumprelu", d_in=D_IN, d_sae=args.width, target_l0=target, seed=args.seed,
+                                  model=MODEL, site=SITE) for name, target in targets.items()}
+    trainer = jumpscope.Trainer(saes, jumpscope.TrainerConfig(
+        total_tokens=args.tokens, batch_size=args.batch, device="cpu", progress=False, checkpoint_every=0))
+    provider = Provider(cache, SITE, args.seed, 65_536, args.batch, steps)
+    load_start = os.getloadavg()[0]
+    start = time.perf_counter()
+    trained = trainer.fit(provider)
+    seconds = time.perf_counter() - start
+    skip = math.ceil(trainer.cfg.init_sample_tokens / args.batch)  # the init sample is pulled before any step
+    intervals = [b - a for a, b in zip(provider.stamps[skip:], provider.stamps[skip + 1:])]
+    summary = trainer.final_summary()
+    return {"saes": trained, "targets": targets, "train_seconds": seconds, "steps": trainer.step,
+            "data_sha256": provider.digest.hexdigest(),
+            "step_seconds_median": statistics.median(intervals) if intervals else seconds / max(1, trainer.step),
+            "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+            "training_window": {n: {k: summary[n][k] for k in ("l0", "fvu", "dead_fraction")} for n in summary}}
+
+
+def run_saelens(python: Path, args, data: dict, runs: list[dict], tag: str) -> tuple[list[dict], dict]:
+    job_dir = args.out.parent / args.out.stem
+    job_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {k: json.loads(v) for k, v in (f.split("=", 1) for f in args.saelens_sae_field)}
+    job = {"cache": data["cache"], "site": SITE, "model": MODEL, "seed": args.seed, "buffer_rows": 65_536,
+           "d_in": D_IN, "d_sae": args.width, "tokens": args.tokens, "batch_size": args.batch, "threads": args.threads,
+           "runs": runs, "out": str(job_dir / "saelens"), "eval": data["eval_file"], "context_size": 128,
+           "eval_tokens": int(data["x_eval"].shape[0]),
+           "result": str(job_dir / f"worker_{tag}.json"), "sae_overrides": overrides}
+    (job_dir / f"job_{tag}.json").write_text(json.dumps(job, indent=1))
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ["OMP_WAIT_POLICY"], TQDM_DISABLE="1", WANDB_MODE="disabled")
+    start = time.perf_counter()
+    subprocess.run([str(python), str(WORKER), str(job_dir / f"job_{tag}.json")], check=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - start
+    result = json.loads(Path(job["result"]).read_text())
+    return result["runs"], {"process_wall_seconds": wall, **{k: v for k, v in result.items() if k != "runs"}}
+
+
+@torch.no_grad()
+def evaluate(sae, x: torch.Tensor, batch: int) -> dict:
+    metrics = StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output)
+    for chunk in x.split(batch):
+        f = sae.encode(chunk)
+        metrics.update(chunk, sae.decode(f), f)
+    out = metrics.compute()
+    return {k: out[k] for k in ("n_tokens", "l0", "fvu", "mse", "cosine", "dead_fraction", "dense_fraction")}
+
+
+def interpolate(points: list[tuple[float, float]], l0: float) -> tuple[float | None, str]:
+    """FVU at ``l0``, linear in log L0 between the (L0, FVU) points; outside them, extrapolated."""
+    pts = sorted((math.log(a), b) for a, b in points if a > 0)
+    if len(pts) < 2 or l0 <= 0:
+        return None, "fewer than two runs"
+    x = math.log(l0)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0), "interpolated"
+    (x0, y0), (x1, y1) = pts[:2] if x < pts[0][0] else pts[-2:]
+    return (y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y0), "EXTRAPOLATED (not bracketed)"
+
+
+def main() -> None:
+    args = parse_args()
+    started, load_start = time.perf_counter(), os.getloadavg()
+    torch.set_num_threads(args.threads)
+    print(f"peer_saelens: JumpReLU ours vs SAELens, {MODEL} {SITE}, d_sae {args.width}, {args.tokens:,} training "
+          f"tokens ({args.tokens // args.batch} batches of {args.batch}), {args.eval_tokens:,} held-out tokens, "
+          f"requested L0 {args.l0:g}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, {os.cpu_count()} cores, load average "
+          f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} at the start", flush=True)
+    books = verified(*GUTENBERG)
+    if isinstance(books, str):
+        print(f"SKIP: {books}")
+        return
+    python = ensure_saelens(args.no_install)
+    if python is None:
+        print(f"SKIP: {VENV} is missing (or lacks sae-lens) and --no-install was given; run `make interop` "
+              "or drop --no-install")
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(args)
+    print(f"data: cache {data['cache']} ({data['cache_tokens']:,} tokens; built in {data['cache_seconds']:.0f} s), "
+          f"{data['x_eval'].shape[0]:,} held-out rows (harvested in {data['eval_seconds']:.0f} s)", flush=True)
+    x_eval = data["x_eval"]
+
+    ours_runs = [train_ours(args, data["cache"], {"ours": args.l0})]
+    print(f"  ours: {ours_runs[0]['train_seconds']:.1f} s training", flush=True)
+    runs = [{"name": f"coef_{c:g}", "l0_coefficient": c, "lr": args.saelens_lr, "sweep": True}
+            for c in args.coefficients]
+    if args.defaults_row:
+        runs.append({"name": "documented_defaults", "l0_coefficient": SAELENS_DEFAULT_COEFFICIENT,
+                     "lr": SAELENS_DEFAULT_LR, "sweep": False})
+    saelens, process = run_saelens(python, args, data, runs, "main")
+    for r in saelens:  # SAELens's folders, read by our loader, measured by our code
+        r["eval"] = evaluate(jumpscope.load(r["folder"]), x_eval, args.batch)
+    for _ in range(args.ours_repeats - 1):
+        ours_runs.append(train_ours(args, data["cache"], {"ours": args.l0}))
+        print(f"  ours (repeat): {ours_runs[-1]['train_seconds']:.1f} s training", flush=True)
+    ours_eval = evaluate(ours_runs[0]["saes"]["ours"], x_eval, args.batch)
+    # The other way round: ours asked for each L0 SAELens reached (one Trainer, several SAEs).
+    targets = {f"ours_at_{r['name']}": round(r["eval"]["l0"], 1) for r in saelens
+               if r["sweep"] and 1 <= r["eval"]["l0"] < args.width / 4}
+    matched_runs = {}
+    if targets and not args.no_reverse:
+        reverse = train_ours(args, data["cache"], targets)
+        print(f"  ours at SAELens's L0s ({len(targets)} SAEs in one run): {reverse['train_seconds']:.1f} s", flush=True)
+        matched_runs = {n: {"target_l0": t, "eval": evaluate(reverse["saes"][n], x_eval, args.batch),
+                            "data_sha256": reverse["data_sha256"]} for n, t in targets.items()}
+    report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, load_start, started)
+
+
+def report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, load_start, started) -> None:
+    ours = ours_runs[0]
+    sweep = sorted((r for r in saelens if r["sweep"]), key=lambda r: r["l0_coefficient"])
+    matched, how = interpolate([(r["eval"]["l0"], r["eval"]["fvu"]) for r in sweep], ours_eval["l0"])
+    ours_points = [(ours_eval["l0"], ours_eval["fvu"])] + [(m["eval"]["l0"], m["eval"]["fvu"])
+                                                            for m in matched_runs.values()]
+    for r in sweep:  # our FVU at exactly SAELens's L0, from our own points
+        r["ours_fvu_at_this_l0"] = interpolate(ours_points, r["eval"]["l0"])
+    ours_seconds = statistics.median(r["train_seconds"] for r in ours_runs)
+    ours_step = statistics.median(r["step_seconds_median"] for r in ours_runs)
+    sl_seconds = statistics.median(r["train_seconds"] for r in saelens)
+    sl_step = statistics.median(r["step_seconds_median"] for r in saelens)
+    digests = {r["data_sha256"] for r in saelens + ours_runs} | {m["data_sha256"] for m in matched_runs.values()}
+    first = list(ours["saes"]["ours"].state_dict().values())
+    repeat_equal = [all(torch.equal(a, b) for a, b in zip(first, r["saes"]["ours"].state_dict().values()))
+                    for r in ours_runs[1:]]
+    reader_error = max(max(abs(r["eval"]["fvu"] - r["saelens_own_eval"]["fvu"]),
+                           abs(r["eval"]["l0"] - r["saelens_own_eval"]["l0"])) for r in saelens)
+    load_end, total = os.getloadavg(), time.perf_counter() - started
+    within = abs(ours_eval["l0"] - args.l0) <= 0.1 * args.l0
+    rows = [("ours (jumpscope)", f"target_l0 {args.l0:g} (defaults)", ours_eval,
+             f"{ours_seconds:.1f}", f"{ours_step:.3f}")]
+    rows += [("SAELens" if r["sweep"] else "SAELens, documented defaults",
+              f"l0_coefficient {r['l0_coefficient']:g}, lr {r['lr']:g}", r["eval"], f"{r['train_seconds']:.1f}",
+              f"{r['step_seconds_median']:.3f}") for r in sweep + [r for r in saelens if not r["sweep"]]]
+    rows += [("ours at that SAELens L0", f"target_l0 {m['target_l0']:g} (SAELens {n[8:]})", m["eval"], "-", "-")
+             for n, m in matched_runs.items()]
+    lines = ["| SAE | setting | L0 (held-out) | FVU | dead fraction | train s | s/step (median) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {setting} | {e['l0']:.1f} | {e['fvu']:.4f} | {e['dead_fraction']:.3f} | {sec} | {step} |"
+              for name, setting, e, sec, step in rows]
+    if matched is not None:
+        lines.append(f"| SAELens at our L0 ({how}) | linear in log L0 | {ours_eval['l0']:.1f} | {matched:.4f} "
+                     "| - | - | - |")
+    table = "\n".join(lines)
+    pairs = [f"L0 {r['eval']['l0']:.1f}: ours {r['ours_fvu_at_this_l0'][0]:.4f} vs SAELens {r['eval']['fvu']:.4f} "
+             f"(ratio {r['ours_fvu_at_this_l0'][0] / r['eval']['fvu']:.3f}, ours {r['ours_fvu_at_this_l0'][1]})"
+             for r in sweep if r["ours_fvu_at_this_l0"][0] is not None]
+    summary = [
+        f"Our L0 {ours_eval['l0']:.2f} vs requested {args.l0:g}: {'within' if within else 'NOT within'} 10% "
+        f"({100 * (ours_eval['l0'] / args.l0 - 1):+.1f}%); over the last 10% of training "
+        f"{ours['training_window']['ours']['l0']:.2f}.",
+        (f"FVU at our L0 ({how}): ours {ours_eval['fvu']:.4f}, SAELens {matched:.4f}, ratio ours/SAELens "
+         f"{ours_eval['fvu'] / matched:.3f}." if matched is not None else f"FVU at our L0: unavailable ({how})."),
+        "FVU at SAELens's L0s (ours re-trained at each): " + ("; ".join(pairs) or "-") + ".",
+        f"Training time per SAE (median): ours {ours_seconds:.1f} s ({len(ours_runs)} runs: "
+        + ", ".join(f"{r['train_seconds']:.1f}" for r in ours_runs) + f"), SAELens {sl_seconds:.1f} s "
+        f"({len(saelens)} runs: " + ", ".join(f"{r['train_seconds']:.1f}" for r in saelens)
+        + f"): SAELens/ours {sl_seconds / ours_seconds:.2f}x; per step (median) {sl_step:.3f} vs {ours_step:.3f} s: "
+        f"{sl_step / ours_step:.2f}x.",
+        f"SAELens worker process: {process['process_wall_seconds']:.0f} s wall for {len(saelens)} runs "
+        f"({sum(r['train_seconds'] for r in saelens):.0f} s of it training; the rest start-up, saving, its own check).",
+        f"Cache: {data['cache_seconds']:.0f} s to build ({data['cache_tokens']:,} tokens), held-out rows "
+        f"{data['eval_seconds']:.0f} s; whole benchmark {total:.0f} s.",
+        f"Same training rows on every side (sha256 of the batches handed out): {'yes' if len(digests) == 1 else 'NO'}; "
+        f"our repeat runs bit-identical: {repeat_equal or '-'}; jumpscope.load of the SAELens folders vs SAELens's "
+        f"own forward on the held-out rows: max |diff| of L0/FVU {reader_error:.1e}.",
+        f"Load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; per training run: "
+        + ", ".join(f"{r.get('name', 'ours')} {r['load_average_start']:.1f}-{r['load_average_end']:.1f}"
+                    for r in ours_runs + saelens) + ".",
+    ]
+    print("\n" + table + "\n\n" + "\n".join(f"- {s}" for s in summary))
+    strip = lambda r: {k: v for k, v in r.items() if k != "saes"}  # noqa: E731
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "load_average_start": load_start, "load_average_end": load_end, "total_seconds": total,
+        "data": {k: v for k, v in data.items() if k != "x_eval"},
+        "ours": {"eval": ours_eval, "runs": [strip(r) for r in ours_runs], "l0_within_10pct": within,
+                 "at_saelens_l0": matched_runs},
+        "saelens": {"runs": saelens, "process": process},
+        "matched": {"l0": ours_eval["l0"], "saelens_fvu": matched, "how": how,
+                    "fvu_ratio_ours_over_saelens": ours_eval["fvu"] / matched if matched else None},
+        "timing": {"ours_train_seconds": ours_seconds, "saelens_train_seconds": sl_seconds,
+                   "ratio_saelens_over_ours": sl_seconds / ours_seconds, "ours_step_seconds": ours_step,
+                   "saelens_step_seconds": sl_step, "step_ratio_saelens_over_ours": sl_step / ours_step},
+        "same_training_rows": len(digests) == 1, "ours_repeats_bit_identical": repeat_equal,
+        "reader_max_diff": reader_error, "table": table, "summary": summary}, indent=1))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
