@@ -93,3 +93,32 @@ def test_eval_bad_inputs_are_clear_errors(trained, tmp_path, capsys):
     assert eval_cli(root, activations, str(tmp_path / "foreign"), "--site", SITES[0],
                     "--out", str(tmp_path / "x.json")) == 2
     assert "give --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,sparsity", [("topk", ["--k", "4"]), ("jumprelu", ["--target-l0", "4"])])
+def test_train_and_eval_a_transcoder_with_a_skip_connection(trained, tmp_path, arch, sparsity):
+    root, activations = trained
+    out = tmp_path / "tc"
+    argv = ["train", "--transcoder", "--skip-connection", "--arch", arch, *sparsity, "--site", "layers.1.mlp_in",
+            "--width", "48", "--tokens", str(256 * 6), "--batch-size", "256", "--init-sample-tokens", "512",
+            "--no-progress", "--out", str(out), "--model", activations.model, "--device", "cpu"]
+    common = ["--corpus", activations.corpus, "--txt-split", "paragraph", "--context-size", "32",
+              "--model-batch-size", "4", "--eval-tokens", "512"]
+    assert main(argv + common) == 0
+    name = "layers.1.mlp_in-transcoder"
+    sae = jumpscope.load(out / name)
+    assert (sae.cfg.site, sae.cfg.target_site, sae.cfg.skip_connection) == ("layers.1.mlp_in", "layers.1.mlp_out", True)
+    assert sae.W_skip.abs().sum() > 0  # the skip was trained
+    summary = json.loads((out / "summary.json").read_text())["held_out"][name]
+    assert summary["site"] == "layers.1.mlp_in -> layers.1.mlp_out" and 0 < summary["fvu"] < 2
+    assert main(["eval", str(out / name), "--out", str(tmp_path / "e.json"), *common]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())["results"][name]
+    for key in ("l0", "fvu", "delta_lm_loss", "kl_div"):
+        assert again[key] == pytest.approx(summary[key], rel=1e-5, abs=1e-7), key
+
+
+def test_transcoder_sites_must_be_mlp_inputs(trained, tmp_path, capsys):
+    root, activations = trained
+    assert main(["train", "--transcoder", "--site", "layers.1.resid_post", "--out", str(tmp_path / "x"),
+                 "--model", activations.model, "--corpus", activations.corpus]) == 2
+    assert "a transcoder reads an MLP's input: give --site layers.L.mlp_in" in capsys.readouterr().err

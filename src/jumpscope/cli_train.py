@@ -10,7 +10,8 @@ from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit, op
 
 SAE_PREFIX = "sae-"
 # Set by the job from the data and the generic options; not options of their own.
-SAE_JOB_FIELDS = ("d_in", "d_sae", "d_out", "site", "model", "target_l0", "l0_coefficient", "l1_coefficient", "k")
+SAE_JOB_FIELDS = ("d_in", "d_sae", "d_out", "site", "target_site", "skip_connection", "model", "target_l0",
+                  "l0_coefficient", "l1_coefficient", "k")
 TRAINER_JOB_FIELDS = ("total_tokens", "out_dir", "device")
 
 

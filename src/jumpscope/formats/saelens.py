@@ -120,6 +120,7 @@ def save_saelens(sae: SAE, folder: str | Path, *, density: dict[str, Any] | None
 
 def _to_saelens(sae: SAE) -> tuple[str, dict[str, Tensor], dict[str, Any], tuple[str, dict[str, Any]]]:
     """(architecture, weights, extra cfg fields, (activation_fn_str, kwargs)) in SAELens terms."""
+    sae.check_no_skip("written in the SAELens format")
     cfg = sae.cfg
     name = sae.architecture
     if name == "batchtopk":  # its inference form, without BatchTopKSAE.export's b_dec fold

@@ -74,36 +74,46 @@ def evaluation_windows(source: ActivationSource, eval_tokens: int) -> list:
     return windows
 
 
+def replaced_site(sae: SAE) -> str:
+    """Where an SAE splices in: its own site, or a transcoder's output site."""
+    return sae.cfg.target_site or sae.cfg.site
+
+
 def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens: int, *,
                   ablations: tuple[str, ...] = ABLATIONS, together: bool = False,
                   progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Held-out core metrics and spliced measures per SAE (keyed like ``saes``; each at its ``cfg.site``)."""
+    """Held-out core metrics and spliced measures per SAE (keyed like ``saes``; each at its
+    ``cfg.site``, a transcoder reading ``cfg.site`` and replacing ``cfg.target_site``)."""
     model = source.loaded.model
     for name, sae in saes.items():
         if not sae.cfg.site:
             raise ValueError(f"SAE {name!r} records no hook site; give one (--site)")
-        check_sae_fits(sae, sae.cfg.site, model)
+        check_sae_fits(sae, replaced_site(sae), model)
     windows = evaluation_windows(source, eval_tokens)
     metrics = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output) for name, sae in saes.items()}
-    sites = sorted({sae.cfg.site for sae in saes.values()})
+    sites = sorted({site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site})
     with torch.inference_mode():
         for chunk in harvest(model, windows, sites):
             for name, sae in saes.items():
                 x = chunk[sae.cfg.site].to(sae.W_enc.device, sae.W_enc.dtype)
+                target = chunk[replaced_site(sae)].to(x.device, x.dtype)
                 latents = sae.encode(x)
-                metrics[name].update(x, sae.decode(latents), latents)
-    groups = {name: {sae.cfg.site: sae} for name, sae in saes.items()}
+                prediction = sae.decode(latents) if sae.W_skip is None else sae.decode(latents) + x @ sae.W_skip
+                metrics[name].update(target, prediction, latents)
+    groups = {name: {replaced_site(sae): sae} for name, sae in saes.items()}
+    replaced = sorted({replaced_site(sae) for sae in saes.values()})
     if together and len(saes) > 1:
-        if len(sites) < len(saes):
+        if len(replaced) < len(saes):
             raise ValueError("--together needs SAEs at different sites; several of these share a site")
-        groups[TOGETHER] = {sae.cfg.site: sae for sae in saes.values()}
+        groups[TOGETHER] = {replaced_site(sae): sae for sae in saes.values()}
     measures = spliced_measures(model, source.loaded.kind, windows, groups, ablations=ablations, progress=progress)
     results = {}
     for name, sae in saes.items():
-        results[name] = {"architecture": sae.cfg.architecture, "site": sae.cfg.site, "d_in": sae.cfg.d_in,
+        where = sae.cfg.site if not sae.cfg.target_site else f"{sae.cfg.site} -> {sae.cfg.target_site}"
+        results[name] = {"architecture": sae.cfg.architecture, "site": where, "d_in": sae.cfg.d_in,
                          "d_sae": sae.cfg.d_sae, **metrics[name].compute(), **measures[name]}
     if TOGETHER in measures:
-        results[TOGETHER] = {"site": ", ".join(sites), **measures[TOGETHER]}
+        results[TOGETHER] = {"site": ", ".join(replaced), **measures[TOGETHER]}
     return results
 
 
@@ -139,6 +149,9 @@ def load_for_eval(job: EvalJobConfig) -> dict[str, SAE]:
     saes: dict[str, SAE] = {}
     for path in job.saes:
         sae = load(path)
+        if job.site and sae.cfg.target_site:
+            raise ValueError(f"{path}: --site cannot move a transcoder (it reads {sae.cfg.site!r} and writes "
+                             f"{sae.cfg.target_site!r})")
         if job.site:
             sae.cfg = dataclasses.replace(sae.cfg, site=job.site)
         if not sae.cfg.site:
@@ -167,7 +180,8 @@ def run_eval(job: EvalJobConfig, activations: ActivationConfig | None = None) ->
     saes = load_for_eval(job)
     activations = dataclasses.replace(activations or ActivationConfig(), model=model_of(job, saes))
     device = resolve_device(job.device)
-    source = ActivationSource(activations, [sae.cfg.site for sae in saes.values()], device=str(device))
+    sites = [site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site]
+    source = ActivationSource(activations, sites, device=str(device))
     saes = {name: sae.to(device) for name, sae in saes.items()}
     results = evaluate_saes(source, saes, job.eval_tokens, ablations=job.ablations, together=job.together)
     table = results_table(results, source.loaded.kind)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluate.downstream import MAIN_MEASURE
+from ..models.loading import load_model
 from ..sae import SAE, build, config_class
 from ..safeio import write_text
 from ..train import Trainer, TrainerConfig
@@ -70,6 +71,13 @@ class TrainJobConfig:
     eval_tokens: int = 16_384
     """Held-out tokens for the final summary (metrics and the downstream measure)."""
 
+    transcoder: bool = False
+    """Train transcoders: each --site must be an MLP input (layers.L.mlp_in, default: the middle
+    layer's), and its transcoder predicts the same layer's mlp_out (jumprelu or topk)."""
+
+    skip_connection: bool = False
+    """Give transcoders a learned linear skip connection (x @ W_skip added to the prediction)."""
+
 
 def sparsity_fields(cls: type, job: TrainJobConfig) -> dict[str, Any]:
     """Map the generic sparsity options onto the fields an architecture has."""
@@ -92,14 +100,40 @@ def sparsity_fields(cls: type, job: TrainJobConfig) -> dict[str, Any]:
     return {}
 
 
-def build_saes(job: TrainJobConfig, source: ActivationSource, sae_fields: dict[str, Any]) -> dict[str, SAE]:
+def transcoder_target(site: str) -> str:
+    """The output site a transcoder reading ``site`` predicts (layers.L.mlp_in -> layers.L.mlp_out)."""
+    if not site.startswith("layers.") or not site.endswith(".mlp_in"):
+        raise ValueError(f"a transcoder reads an MLP's input: give --site layers.L.mlp_in, not {site!r}")
+    return site[: -len("mlp_in")] + "mlp_out"
+
+
+def job_sites(job: TrainJobConfig, loaded: Any) -> tuple[list[str], dict[str, str]]:
+    """(sites to harvest, {input site: target site} for transcoders)."""
+    from .activations import default_site
+
+    inputs = list(job.site) or ([default_site(loaded).replace("resid_post", "mlp_in")] if job.transcoder else [])
+    targets = {site: transcoder_target(site) for site in inputs} if job.transcoder else {}
+    if job.skip_connection and not job.transcoder:
+        raise ValueError("--skip-connection is for transcoders (--transcoder)")
+    return inputs + [t for t in targets.values() if t not in inputs], targets
+
+
+def build_saes(job: TrainJobConfig, source: ActivationSource, sae_fields: dict[str, Any],
+               targets: dict[str, str] | None = None) -> dict[str, SAE]:
+    """One SAE per harvested site (a transcoder per input site when ``targets`` maps them)."""
     cls = config_class(job.arch)
     saes = {}
     for site, d_in in source.site_dims.items():
+        if targets and site not in targets:
+            continue  # a transcoder's target site: harvested, not trained on
         fields = {"d_in": d_in, "d_sae": job.width or 8 * d_in, "site": site, "model": source.loaded.name,
-                  **sparsity_fields(cls, job), **sae_fields}
+                  **sparsity_fields(cls, job)}
+        if targets:
+            fields.update(target_site=targets[site], d_out=source.site_dims[targets[site]],
+                          apply_b_dec_to_input=False, skip_connection=job.skip_connection)
+        fields.update(sae_fields)
         cfg = cls.preset(job.preset, **fields) if job.preset else cls.from_dict(fields)
-        saes[site] = build(cfg)
+        saes[f"{site}-transcoder" if targets else site] = build(cfg)
     return saes
 
 
@@ -122,12 +156,16 @@ def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
     started = time.time()
     activations = activations or ActivationConfig()
     device = str(resolve_device(job.device))
-    source = ActivationSource(activations, job.site, device=device)
-    saes = build_saes(job, source, sae_fields or {})
+    loaded = load_model(activations.model, dtype=activations.dtype, device=device,
+                        allow_network=activations.allow_network)
+    sites, targets = job_sites(job, loaded)
+    source = ActivationSource(activations, sites, device=device, loaded=loaded)
+    saes = build_saes(job, source, sae_fields or {}, targets)
     out = Path(job.out)
     trainer_cfg = TrainerConfig(**{**(trainer_fields or {}), "total_tokens": job.tokens, "out_dir": str(out),
                                    "device": device})
-    trainer = Trainer(saes, trainer_cfg)
+    routes = {name: (sae.cfg.site, sae.cfg.target_site) for name, sae in saes.items() if sae.cfg.target_site}
+    trainer = Trainer(saes, trainer_cfg, inputs=routes or None)
     trained = trainer.fit(source.training_stream(job.tokens, trainer_cfg.batch_size), resume=job.resume)
     results = evaluate_saes(source, trained, job.eval_tokens, progress=trainer_cfg.progress)
     return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started)

@@ -29,24 +29,36 @@ Transform = Callable[[Tensor], Tensor]
 
 
 def check_sae_fits(sae: SAE, site_name: str, model: Any) -> None:
-    """Raise a clear error when an SAE's width does not match the site's."""
-    site = parse_site(site_name, unwrap(model))
-    if site.d is not None and site.d != sae.cfg.d_in:
-        raise ValueError(f"SAE with d_in={sae.cfg.d_in} does not fit site {site_name!r} of this model "
-                         f"(width {site.d}){f'; the SAE was trained on {sae.cfg.site!r}' if sae.cfg.site not in (None, site_name) else ''}")
+    """Raise a clear error when an SAE's width does not match the site's (a transcoder: its input
+    site's and the output site's)."""
+    module_root = unwrap(model)
+    for where, width, what in (((site_name, sae.cfg.d_in, "d_in"),) if not sae.cfg.target_site else
+                               ((sae.cfg.site, sae.cfg.d_in, "d_in"), (site_name, sae.cfg.d_output, "d_out"))):
+        site = parse_site(where, module_root)
+        if site.d is not None and site.d != width:
+            trained = sae.cfg.target_site or sae.cfg.site
+            raise ValueError(f"SAE with {what}={width} does not fit site {where!r} of this model (width {site.d})"
+                             f"{f'; the SAE was trained on {trained!r}' if trained not in (None, where) else ''}")
 
 
-def reconstruct(sae: SAE, x: Tensor, keep_error: bool = False, edit: LatentEdit | None = None) -> Tensor:
-    """The SAE's replacement for activations ``x`` (any leading shape), in ``x``'s dtype."""
+def reconstruct(sae: SAE, x: Tensor, keep_error: bool = False, edit: LatentEdit | None = None,
+                target: Tensor | None = None) -> Tensor:
+    """The SAE's replacement for ``target`` (default: ``x`` itself; a transcoder's output site),
+    predicted from activations ``x`` (any leading shape), in the target's dtype."""
+    target = x if target is None else target
     if x.shape[-1] != sae.cfg.d_in:
         raise ValueError(f"SAE with d_in={sae.cfg.d_in} cannot splice into activations of width {x.shape[-1]}"
                          f"{f' (it was trained on {sae.cfg.site!r})' if sae.cfg.site else ''}")
     flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
     latents = sae.encode(flat)
     out = sae.decode(edit(latents) if edit is not None else latents)
+    skip = flat @ sae.W_skip if sae.W_skip is not None else None
+    if skip is not None:
+        out = out + skip
     if keep_error:
-        out = out + (flat - sae.decode(latents))
-    return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+        clean = sae.decode(latents) if skip is None else sae.decode(latents) + skip
+        out = out + (target.reshape(-1, target.shape[-1]).to(out.dtype) - clean)
+    return out.reshape(*target.shape[:-1], out.shape[-1]).to(target.dtype)
 
 
 def at_positions(transform: Transform, positions: Tensor | None, site_name: str) -> Transform:
@@ -86,14 +98,36 @@ def replace_sites(model: Any, transforms: Mapping[str, Transform], *,
 def splice(model: Any, saes: Mapping[str, SAE], *, keep_error: bool = False,
            edits: Mapping[str, LatentEdit] | None = None,
            positions: Tensor | None = None) -> contextlib.AbstractContextManager[None]:
-    """Replace each site's activation by its SAE's reconstruction while the block runs."""
-    transforms = {}
+    """Replace each site's activation by its SAE's reconstruction while the block runs. A
+    transcoder (``cfg.target_site``) is keyed by the site it replaces and reads its ``cfg.site``,
+    which must run earlier in the forward pass (e.g. mlp_in before mlp_out)."""
+    transforms: dict[str, Transform] = {}
+    inputs: dict[str, Tensor] = {}
     for site_name, sae in saes.items():
         check_sae_fits(sae, site_name, model)
         edit = (edits or {}).get(site_name)
+        source = sae.cfg.site if sae.cfg.target_site else None
+        if source is not None and source not in transforms:
+            if source in saes:
+                raise ValueError(f"site {source!r} is both replaced and read by a transcoder; splice them separately")
+            transforms[source] = _capture(inputs, source)
 
-        def transform(x: Tensor, sae: SAE = sae, edit: LatentEdit | None = edit) -> Tensor:
-            return reconstruct(sae, x, keep_error, edit)
+        def transform(y: Tensor, sae: SAE = sae, edit: LatentEdit | None = edit, source: str | None = source) -> Tensor:
+            if source is None:
+                return reconstruct(sae, y, keep_error, edit)
+            if source not in inputs:
+                raise RuntimeError(f"the transcoder's input site {source!r} had not run when its output site did")
+            return reconstruct(sae, inputs[source], keep_error, edit, target=y)
 
         transforms[site_name] = transform
     return replace_sites(model, transforms, positions=positions)
+
+
+def _capture(store: dict[str, Tensor], site_name: str) -> Transform:
+    """An identity transform that remembers the value it saw (a transcoder's input)."""
+
+    def capture(x: Tensor) -> Tensor:
+        store[site_name] = x
+        return x
+
+    return capture

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -84,6 +84,14 @@ class SAEConfig:
     site: str | None = None
     """The hook site it reads, e.g. 'layers.3.resid_post' (metadata)."""
 
+    target_site: str | None = None
+    """A transcoder's output site: it reads ``site`` (e.g. layers.3.mlp_in) and predicts this one
+    (e.g. layers.3.mlp_out), and is spliced in here. None: an ordinary SAE reconstructing ``site``."""
+
+    skip_connection: bool = False
+    """Add a learned linear skip x @ W_skip to the prediction (transcoders), so the latents only
+    model what a linear map of the input misses."""
+
     architecture: ClassVar[str] = ""
     # Fields that change how the SAE computes, not what it computes (a resumed run may differ).
     runtime_fields: ClassVar[tuple[str, ...]] = ()
@@ -123,8 +131,9 @@ class SAEConfig:
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
         if self.b_dec_init not in ("zeros", "mean"):
             raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
-        if self.apply_b_dec_to_input and self.d_output != self.d_in:
-            raise ValueError("apply_b_dec_to_input needs d_out == d_in; set it to False for a transcoder")
+        if self.apply_b_dec_to_input and (self.d_output != self.d_in or self.target_site):
+            raise ValueError("apply_b_dec_to_input is for SAEs (b_dec lives in input space); set it to False for "
+                             "a transcoder")
 
 
 @dataclass
@@ -151,6 +160,10 @@ class LossOutput:
     reconstruction: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)
 
+    def with_skip(self, skip: Tensor | None) -> "LossOutput":
+        """The same loss with a skip connection's prediction added to the reconstruction."""
+        return self if skip is None else replace(self, reconstruction=self.reconstruction + skip)
+
 
 class SAE(nn.Module):
     """Base module: ``encode``, ``decode``, ``forward``, ``loss``, decoder-norm helpers and
@@ -161,6 +174,8 @@ class SAE(nn.Module):
     # are rescaled; fold_scaling multiplies them (threshold-like values and biases).
     input_scaled: ClassVar[tuple[str, ...]] = ("b_enc",)
     output_scaled: ClassVar[tuple[str, ...]] = ("b_dec",)
+    # Architectures whose loss routes the target through split_skip (see there).
+    supports_skip: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -173,6 +188,9 @@ class SAE(nn.Module):
                                   else init_decoder(cfg.d_sae, cfg.d_in, generator).T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_output))
+        if cfg.skip_connection and not self.supports_skip:
+            raise ValueError(f"the {cfg.architecture} architecture has no skip connection; use jumprelu or topk")
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_output)) if cfg.skip_connection else None
 
     @property
     def architecture(self) -> str:
@@ -203,7 +221,16 @@ class SAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of ``x`` (the prediction of the output, for a transcoder)."""
-        return self.decode(self.encode(x))
+        out = self.decode(self.encode(x))
+        return out if self.W_skip is None else out + x @ self.W_skip
+
+    def split_skip(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(what the latents must predict, the skip's prediction or None). With a skip connection
+        the latents fit ``target - x @ W_skip``; autograd trains W_skip through that difference."""
+        if self.W_skip is None:
+            return target, None
+        skip = x @ self.W_skip
+        return target - skip, skip
 
     def save(self, path: Any, format: str = "native", **options: Any) -> Any:
         """Write this SAE: ``format`` is 'native', 'gemma-scope' (params.npz) or 'saelens'."""
@@ -236,6 +263,8 @@ class SAE(nn.Module):
         subtracted from the input), on this SAE's device, with its metadata."""
         from .jumprelu import jumprelu_from_weights  # jumprelu imports this module
 
+        self.check_no_skip("exported")
+
         if self.cfg.apply_b_dec_to_input:
             b_enc = b_enc - self.b_dec @ W_enc
         return jumprelu_from_weights(
@@ -245,7 +274,13 @@ class SAE(nn.Module):
 
     def export(self) -> "SAE":
         """The inference form (e.g. a Gated or BatchTopK SAE exports to a JumpReLU SAE)."""
+        self.check_no_skip("exported")
         return self
+
+    def check_no_skip(self, what: str) -> None:
+        if self.W_skip is not None:
+            raise ValueError(f"this {self.architecture} transcoder has a skip connection (W_skip), so it cannot be "
+                             f"{what}: only the native format holds it (format='native')")
 
     def after_step(self) -> None:
         """Called after each optimiser step (e.g. to clamp thresholds). Default: nothing."""
@@ -270,6 +305,8 @@ class SAE(nn.Module):
                 getattr(self, name).mul_(scale)
         if output_scale != input_scale:  # transcoder: f is in input units, output is not
             self.W_dec.mul_(output_scale / input_scale)
+            if self.W_skip is not None:
+                self.W_skip.mul_(output_scale / input_scale)
 
     # -- decoder-norm constraint ------------------------------------------------------------
     @torch.no_grad()

@@ -165,6 +165,7 @@ class JumpReLUConfig(SAEConfig):
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
     cfg: JumpReLUConfig
+    supports_skip = True
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
@@ -192,13 +193,13 @@ class JumpReLUSAE(SAE):
 
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
         cfg = self.cfg
-        target = x if target is None else target
+        target, skip = self.split_skip(x, x if target is None else target)
         pre = self.pre_activation(x)
         threshold = self.threshold
         if cfg.sparse_supported and kernels.use_sparse(cfg.kernel, pre, None):
             out = self._sparse_loss(x, pre, threshold, target, ctx)
             if out is not None:
-                return out
+                return out.with_skip(skip)
         acts = jumprelu(pre, threshold, cfg.bandwidth)
         recon = self.decode(acts)
         terms = {"mse": reconstruction_error(target, recon)}
@@ -211,7 +212,7 @@ class JumpReLUSAE(SAE):
         if cfg.pre_act_coefficient:
             terms["pre_act"] = self._pre_act_penalty(pre, threshold)
         total = torch.stack(list(terms.values())).sum()
-        return LossOutput(total, terms, acts, recon)
+        return LossOutput(total, terms, acts, recon).with_skip(skip)
 
     def _pre_act_penalty(self, pre: Tensor, threshold: Tensor) -> Tensor:
         """lambda_P * sum_i ReLU(theta_i - z_i) ||W_dec,i||: pulls silent latents' pre-activations up

@@ -80,6 +80,7 @@ class TopKSAEConfig(SAEConfig):
 class TopKSAE(SAE):
     config_class = TopKSAEConfig
     cfg: TopKSAEConfig
+    supports_skip = True
 
     def activate(self, pre: Tensor) -> Tensor:
         """Keep the k largest pre-activations of each token, ReLU'd; zeros elsewhere."""
@@ -106,12 +107,12 @@ class TopKSAE(SAE):
         return reconstruction_error(error, aux_acts @ self.W_dec)
 
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
-        target = x if target is None else target
+        target, skip = self.split_skip(x, x if target is None else target)
         pre = self.pre_activation(x)
         if kernels.use_sparse(self.cfg.kernel, pre, self.cfg.k / self.cfg.d_sae):
             entries = self.sparse_entries(pre.detach().reshape(-1, self.cfg.d_sae))
             if entries is not None:
-                return self._sparse_loss(x, pre, entries, ctx, target)
+                return self._sparse_loss(x, pre, entries, ctx, target).with_skip(skip)
         acts = self.training_activation(pre)
         recon = self.decode(acts)
         terms = {"mse": reconstruction_error(target, recon)}
@@ -120,7 +121,7 @@ class TopKSAE(SAE):
         else:
             aux = pre.new_zeros(())
         terms["aux"] = self.cfg.aux_coefficient * aux
-        return LossOutput(terms["mse"] + terms["aux"], terms, acts, recon)
+        return LossOutput(terms["mse"] + terms["aux"], terms, acts, recon).with_skip(skip)
 
     def sparse_entries(self, z: Tensor) -> kernels.Entries | None:
         """The active entries of ``training_activation`` on z (B, d_sae) for the sparse kernel
