@@ -1,0 +1,196 @@
+"""``jumpscope suite``: a Gemma-Scope-style release for any model in one run.
+
+An SAE for every chosen layer x site (``resid_post``, ``attn_z``, ``mlp_out``; optionally a
+transcoder ``mlp_in -> mlp_out`` per layer) x sparsity level, all trained together: one forward
+pass per batch feeds every site, and all SAEs at a site share that site's activation rows (the
+shuffle buffer holds one copy per site, never one per SAE), so memory grows with the SAEs'
+parameters and optimiser state, not with their number times the activations.
+
+Output follows the public release layout, one folder per SAE with our native files and a Gemma
+Scope ``params.npz`` side by side (where the architecture has one)::
+
+    {out}/{res,att,mlp,transcoder}/layer_{L}/width_{W}/average_l0_{N}/   N = measured held-out L0
+    {out}/index.json, index.md      every SAE: layer, site, width, target, L0, FVU, delta loss, dead
+    {out}/training/                 checkpoint and log (resumable with --resume)
+
+The "canonical" SAE of each (layer, site, width) is the one whose L0 is nearest ``canonical_l0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..evaluate.downstream import MAIN_MEASURE
+from ..formats import save as save_format
+from ..models.loading import load_model
+from ..models.sites import parse_site
+from ..sae import SAE, build, config_class
+from ..safeio import write_text
+from ..train import Trainer, TrainerConfig
+from ..train.trainer import resolve_device
+from .activations import ActivationConfig, ActivationSource
+from .evaluate import evaluate_saes
+from .train import transcoder_target
+
+RELEASE_NAMES = {"resid_post": "res", "attn_z": "att", "mlp_out": "mlp", "mlp_in": "transcoder"}
+
+
+@dataclass
+class SuiteConfig:
+    """What the suite covers and where it goes."""
+
+    layers: tuple[int, ...] = ()
+    """Layers to cover; empty: every layer of the model."""
+
+    sites: tuple[str, ...] = ("resid_post", "attn_z", "mlp_out")
+    """Site kinds per layer (one SAE each per level)."""
+
+    transcoders: bool = False
+    """Also train a transcoder per layer that reads mlp_in and predicts mlp_out."""
+
+    arch: str = "jumprelu"
+    """Architecture of every SAE: one that aims at an L0 (jumprelu, topk, batchtopk)."""
+
+    l0: tuple[float, ...] = (20.0, 50.0, 100.0)
+    """Requested L0 levels (JumpReLU target L0, or k)."""
+
+    width: int | None = None
+    """Latents per SAE; None: 8 x the site's width."""
+
+    tokens: int = 300_000
+    """Activation vectors every SAE trains on."""
+
+    canonical_l0: float = 100.0
+    """The canonical SAE of a (layer, site, width) is the one with L0 nearest this."""
+
+    out: str = "runs/suite"
+    """Output folder."""
+
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
+
+    resume: bool = False
+    """Continue the suite in --out from its last checkpoint."""
+
+    eval_tokens: int = 8_192
+    """Held-out tokens to evaluate every SAE on (with the model in the loop)."""
+
+    def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(config_class(self.arch))}
+        if not {"target_l0", "k"} & names:
+            raise ValueError(f"a suite needs an architecture that aims at an L0 (jumprelu, topk, batchtopk), "
+                             f"not {self.arch!r}")
+        if not self.l0 or any(level <= 0 for level in self.l0):
+            raise ValueError("give one or more positive --l0 levels")
+        if not self.sites and not self.transcoders:
+            raise ValueError("give at least one site kind (--sites) or --transcoders")
+
+
+def suite_sites(suite: SuiteConfig, model: Any) -> list[tuple[int, str]]:
+    """(layer, site kind) pairs, each checked against the model (clear errors for bad ones)."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    layers = list(suite.layers) or list(range(n_layers or 0))
+    if not layers:
+        raise ValueError("cannot tell how many layers the model has; give --layers")
+    kinds = list(suite.sites) + (["mlp_in"] if suite.transcoders else [])
+    pairs = []
+    for layer in layers:
+        for kind in kinds:
+            parse_site(f"layers.{layer}.{kind}", model)  # raises: layer out of range, site the model lacks
+            pairs.append((layer, kind))
+    return pairs
+
+
+def build_suite(suite: SuiteConfig, source: ActivationSource, pairs: list[tuple[int, str]],
+                sae_fields: dict[str, Any]) -> dict[str, SAE]:
+    knob = "k" if "k" in {f.name for f in dataclasses.fields(config_class(suite.arch))} else "target_l0"
+    saes = {}
+    for layer, kind in pairs:
+        site = f"layers.{layer}.{kind}"
+        d_in = source.site_dims[site]
+        for level in suite.l0:
+            fields: dict[str, Any] = {"d_in": d_in, "d_sae": suite.width or 8 * d_in, "site": site,
+                                      "model": source.loaded.name, knob: int(level) if knob == "k" else float(level)}
+            if kind == "mlp_in":
+                target = transcoder_target(site)
+                fields.update(target_site=target, d_out=source.site_dims[target], apply_b_dec_to_input=False)
+            saes[f"layer_{layer}.{RELEASE_NAMES[kind]}.l0_{level:g}"] = build(suite.arch, **fields, **sae_fields)
+    return saes
+
+
+def write_release(out: Path, saes: dict[str, SAE], results: dict[str, dict], suite: SuiteConfig,
+                  kind: str) -> list[dict[str, Any]]:
+    """Move each trained SAE into the release layout, add params.npz, and return the index rows."""
+    rows, taken = [], set()
+    for name, sae in saes.items():
+        layer, release, _ = name.split(".", 2)
+        held = results[name]
+        folder = out / release / layer / f"width_{sae.cfg.d_sae}" / f"average_l0_{round(held['l0'])}"
+        while folder in taken:  # two levels landing on the same rounded L0
+            folder = folder.with_name(folder.name + "_b")
+        taken.add(folder)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(out / "training" / name, folder)
+        try:
+            save_format(sae, folder / "params.npz", format="gemma_scope")
+            npz = "params.npz"
+        except ValueError:  # e.g. TopK has no Gemma Scope form
+            npz = None
+        rows.append({"layer": int(layer.split("_")[1]), "site": sae.cfg.target_site or sae.cfg.site,
+                     "release": release, "width": sae.cfg.d_sae, "target": sae.cfg.to_dict().get(
+                         "target_l0", sae.cfg.to_dict().get("k")), "l0": held["l0"], "fvu": held["fvu"],
+                     MAIN_MEASURE[kind]: held[MAIN_MEASURE[kind]], "dead_fraction": held["dead_fraction"],
+                     "path": str(folder.relative_to(out)), "params_npz": npz})
+    for row in rows:
+        group = [r for r in rows if (r["layer"], r["release"], r["width"]) == (row["layer"], row["release"], row["width"])]
+        row["canonical"] = row is min(group, key=lambda r: abs(r["l0"] - suite.canonical_l0))
+    return rows
+
+
+def index_table(rows: list[dict[str, Any]], kind: str) -> str:
+    measure = MAIN_MEASURE[kind]
+    lines = [f"| layer | site | width | target | L0 | FVU | {measure} | dead | canonical | path |",
+             "|" + " --- |" * 10]
+    for r in sorted(rows, key=lambda r: (r["layer"], r["release"], r["width"], r["l0"])):
+        lines.append(f"| {r['layer']} | {r['site']} | {r['width']} | {r['target']:g} | {r['l0']:.1f} | "
+                     f"{r['fvu']:.4f} | {r[measure]:.4f} | {r['dead_fraction']:.3f} | "
+                     f"{'yes' if r['canonical'] else ''} | {r['path']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_suite(suite: SuiteConfig, activations: ActivationConfig | None = None,
+              trainer_fields: dict[str, Any] | None = None, sae_fields: dict[str, Any] | None = None
+              ) -> tuple[list[dict[str, Any]], str]:
+    """Train, evaluate and lay out the suite; returns the index rows and the Markdown table."""
+    started = time.time()
+    activations = activations or ActivationConfig()
+    device = str(resolve_device(suite.device))
+    loaded = load_model(activations.model, dtype=activations.dtype, device=device,
+                        allow_network=activations.allow_network)
+    pairs = suite_sites(suite, loaded.model)
+    sites = [f"layers.{layer}.{kind}" for layer, kind in pairs]
+    sites += [transcoder_target(site) for site in sites if site.endswith(".mlp_in")]
+    source = ActivationSource(activations, sites, device=device, loaded=loaded)
+    saes = build_suite(suite, source, pairs, sae_fields or {})
+    out = Path(suite.out)
+    trainer_cfg = TrainerConfig(**{**(trainer_fields or {}), "total_tokens": suite.tokens,
+                                   "out_dir": str(out / "training"), "device": device})
+    routes = {name: (sae.cfg.site, sae.cfg.target_site) for name, sae in saes.items() if sae.cfg.target_site}
+    trainer = Trainer(saes, trainer_cfg, inputs=routes or None)
+    trained = trainer.fit(source.training_stream(suite.tokens, trainer_cfg.batch_size), resume=suite.resume)
+    results = evaluate_saes(source, trained, suite.eval_tokens, progress=trainer_cfg.progress)
+    kind = source.loaded.kind
+    rows = write_release(out, trained, results, suite, kind)
+    table = index_table(rows, kind)
+    write_text(out / "index.json", json.dumps({"suite": dataclasses.asdict(suite), "source": source.manifest(),
+                                               "seconds": time.time() - started, "saes": rows}, indent=2))
+    write_text(out / "index.md", f"# SAE suite: {source.loaded.name}\n\n{table}")
+    return rows, table
