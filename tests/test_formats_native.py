@@ -232,7 +232,7 @@ def test_detect_format_and_generic_load(tmp_path):
     x = inputs()
     for folder in ("native", "lens", "scope"):
         assert torch.equal(formats.load(tmp_path / folder).encode(x), sae.encode(x)), folder
-    assert formats.FORMATS == ("native", "gemma_scope", "saelens")
+    assert formats.FORMATS == ("native", "gemma_scope", "saelens", "sparsify")
 
 
 def test_detect_format_errors(tmp_path):

@@ -35,7 +35,7 @@ def test_suite_trains_every_layer_site_and_level_in_the_release_layout(causal_lm
         folder = out / row["path"]
         assert folder.parts[-3:-1] == (f"layer_{row['layer']}", f"width_{row['width']}")
         assert folder.name.startswith(f"average_l0_{round(row['l0'])}")
-        native, npz = jumpscope.load(folder, format="native"), jumpscope.load(folder / "params.npz")
+        native, npz = jumpscope.load(folder), jumpscope.load(folder / "params.npz")  # native wins in a release folder
         x = torch.randn(5, native.cfg.d_in) * 3
         assert torch.allclose(native.encode(x), npz.encode(x), atol=1e-5)  # the two files agree
         assert torch.allclose(native(x), npz(x), atol=1e-5)

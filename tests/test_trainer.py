@@ -277,5 +277,5 @@ def test_transcoders_with_mean_b_dec_init_keep_a_zero_output_bias_at_init():
     sae = build("jumprelu", d_in=D_IN, d_out=5, d_sae=16, target_l0=3)  # b_dec_init="mean" by default
     sae.init_from_data(torch.randn(200, D_IN))
     assert torch.equal(sae.b_dec, torch.zeros(5))
-    with pytest.raises(ValueError, match="apply_b_dec_to_input needs d_out == d_in"):
+    with pytest.raises(ValueError, match="apply_b_dec_to_input is for SAEs.*set it to False for a transcoder"):
         build("topk", d_in=D_IN, d_out=5, d_sae=16, k=2)

@@ -82,12 +82,27 @@ def archs(args: argparse.Namespace) -> int:
 
 
 # -- info ------------------------------------------------------------------------------------------
+SAE_SOURCES = ("an SAE folder or file (native, SAELens, sparsify, Gemma Scope params.npz) or an SAE on the Hugging "
+               "Face hub as hf://owner/name/path (e.g. hf://google/gemma-scope-2b-pt-res/layer_20/width_16k/"
+               "average_l0_71)")
+
+
+def add_network_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-network", action="store_true",
+                        help="download an hf:// SAE that is not in the local Hugging Face cache")
+
+
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="an SAE folder or file (native, Gemma Scope or SAELens)")
+    parser.add_argument("path", help=SAE_SOURCES)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    add_network_argument(parser)
 
 
-def _existing(path: str) -> Path:
+def _existing(path: str) -> Path | str:
+    from .formats import hub
+
+    if hub.is_hub_reference(path):
+        return path
     if not Path(path).exists():
         raise FileNotFoundError(f"no SAE at {path}: no such file or folder")
     return Path(path)
@@ -99,14 +114,15 @@ def info(args: argparse.Namespace) -> int:
     from .formats import native
 
     path = _existing(args.path)
-    fmt = formats.detect_format(path)
-    sae = formats.load(path, format=fmt)
+    fmt = formats.detect_format(path, allow_network=args.allow_network)
+    sae = formats.load(path, format=fmt, allow_network=args.allow_network)
     cfg = sae.cfg
     report: dict[str, Any] = {
         "path": str(path), "format": fmt, "architecture": sae.architecture, "d_in": cfg.d_in,
         "d_sae": cfg.d_sae, "d_out": cfg.d_output, "model": cfg.model, "site": cfg.site,
         "parameters": sum(p.numel() for p in sae.parameters()),
-        "metadata": native.read_metadata(path) if fmt == "native" else {},
+        "metadata": native.read_metadata(path) if fmt == "native" and isinstance(path, Path) else
+        getattr(sae, "source", None) or {},
     }
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -124,11 +140,12 @@ def info(args: argparse.Namespace) -> int:
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     from .formats import FORMATS as FORMAT_NAMES
 
-    parser.add_argument("src", help="the SAE to read (its format is detected unless --from is given)")
+    parser.add_argument("src", help="the SAE to read (its format is detected unless --from is given): " + SAE_SOURCES)
     parser.add_argument("dst", help="where to write it")
     parser.add_argument("--to", required=True, choices=FORMAT_NAMES, help="the format to write")
     parser.add_argument("--from", dest="from_format", choices=FORMAT_NAMES, help="the format of SRC")
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    add_network_argument(parser)
 
 
 @command("convert", "Convert an SAE between the native, Gemma Scope and SAELens formats.", add_convert_arguments)
@@ -139,7 +156,7 @@ def convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and not args.force and (dst.is_file() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists; pass --force to overwrite it")
-    sae = formats.load(src, format=args.from_format)
+    sae = formats.load(src, format=args.from_format, allow_network=args.allow_network)
     written = formats.save(sae, dst, format=args.to)
     print(f"wrote {sae.architecture} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) "
           f"as {args.to} to {written or dst}")

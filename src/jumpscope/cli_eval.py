@@ -16,7 +16,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from .jobs.activations import ActivationConfig
     from .jobs.evaluate import EvalJobConfig
 
-    parser.add_argument("saes", nargs="+", metavar="SAE", help="SAE folders or files (native, SAELens, Gemma Scope)")
+    parser.add_argument("saes", nargs="+", metavar="SAE", help="SAE folders or files (native, SAELens, sparsify, "
+                        "Gemma Scope), or hf://owner/name/path (--allow-network to download)")
     add_dataclass_arguments(parser.add_argument_group("evaluation"), EvalJobConfig, exclude=("saes",))
     add_dataclass_arguments(parser.add_argument_group("text and model"), ActivationConfig,
                             exclude=ACTIVATION_JOB_FIELDS)

@@ -34,7 +34,8 @@ class EvalJobConfig:
     """Which SAEs to evaluate, on what, and where the results go."""
 
     saes: tuple[str, ...] = ()
-    """SAE folders or files in any supported format (native, SAELens, Gemma Scope params.npz)."""
+    """SAE folders or files in any supported format (native, SAELens, sparsify, Gemma Scope params.npz),
+    or hf://owner/name/path references."""
 
     model: str | None = None
     """The model to splice into; None: the model the SAEs were trained on (their config's 'model')."""
@@ -140,7 +141,7 @@ def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_for_eval(job: EvalJobConfig) -> dict[str, SAE]:
+def load_for_eval(job: EvalJobConfig, allow_network: bool = False) -> dict[str, SAE]:
     """The SAEs of a job keyed by a readable name (the folder's name, made unique)."""
     from .. import load
 
@@ -148,7 +149,7 @@ def load_for_eval(job: EvalJobConfig) -> dict[str, SAE]:
         raise ValueError("give at least one SAE folder or file to evaluate")
     saes: dict[str, SAE] = {}
     for path in job.saes:
-        sae = load(path)
+        sae = load(path, allow_network=allow_network)
         if job.site and sae.cfg.target_site:
             raise ValueError(f"{path}: --site cannot move a transcoder (it reads {sae.cfg.site!r} and writes "
                              f"{sae.cfg.target_site!r})")
@@ -177,8 +178,9 @@ def run_eval(job: EvalJobConfig, activations: ActivationConfig | None = None) ->
     """Evaluate the job's SAEs; writes ``job.out`` (JSON) and the table beside it; returns both."""
     from ..train.trainer import resolve_device
 
-    saes = load_for_eval(job)
-    activations = dataclasses.replace(activations or ActivationConfig(), model=model_of(job, saes))
+    activations = activations or ActivationConfig()
+    saes = load_for_eval(job, activations.allow_network)
+    activations = dataclasses.replace(activations, model=model_of(job, saes))
     device = resolve_device(job.device)
     sites = [site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site]
     source = ActivationSource(activations, sites, device=str(device))
