@@ -37,6 +37,8 @@ def suite(args: argparse.Namespace) -> int:
     trainer_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
                       if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
     _, table = run_suite(config, activations, trainer_fields, sae_fields_from_args(args.parser, args, config.arch))
+    if not table:  # a torchrun process other than the first: nothing to report
+        return 0
     print(table)
     print(f"suite written to {config.out} (index.json, index.md)")
     return 0

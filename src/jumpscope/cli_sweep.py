@@ -34,6 +34,8 @@ def sweep(args: argparse.Namespace) -> int:
                       if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
     sae_fields = sae_fields_from_args(args.parser, args, config.archs)
     _, report = run_sweep(config, activations, trainer_fields, sae_fields)
+    if not report:  # a torchrun process other than the first: nothing to report
+        return 0
     print(report)
     print(f"SAEs, sweep.json, plots and report.md written to {config.out}")
     return 0

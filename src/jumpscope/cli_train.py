@@ -78,6 +78,8 @@ def train(args: argparse.Namespace) -> int:
     trainer_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
                       if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
     _, summary = run_train(job, activations, trainer_fields, sae_fields_from_args(parser, args, job.arch))
+    if not summary:  # a torchrun process other than the first: nothing to report
+        return 0
     print(summary)
     print(f"SAEs, log and summary written to {job.out}")
     return 0

@@ -186,6 +186,8 @@ def run_suite(suite: SuiteConfig, activations: ActivationConfig | None = None,
     routes = {name: (sae.cfg.site, sae.cfg.target_site) for name, sae in saes.items() if sae.cfg.target_site}
     trainer = Trainer(saes, trainer_cfg, inputs=routes or None)
     trained = trainer.fit(source.training_stream(suite.tokens, trainer_cfg.batch_size), resume=suite.resume)
+    if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the release
+        return [], ""
     results = evaluate_saes(source, trained, suite.eval_tokens, progress=trainer_cfg.progress)
     kind = source.loaded.kind
     rows = write_release(out, trained, results, suite, kind)

@@ -125,6 +125,8 @@ def run_sweep(sweep: SweepConfig, activations: ActivationConfig | None = None,
     trainer = Trainer(saes, trainer_cfg)
     trained = trainer.fit(source.training_stream(sweep.tokens, trainer_cfg.batch_size), resume=sweep.resume)
     trained_seconds = time.time() - started
+    if not trainer.dist.is_main:  # under torchrun one process evaluates, plots and reports
+        return [], ""
     results = evaluate_saes(source, trained, sweep.eval_tokens, progress=trainer_cfg.progress)
     training = trainer.final_summary()
     points = [{**point, "site": site, "held_out": results[point["name"]],

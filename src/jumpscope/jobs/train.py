@@ -167,5 +167,7 @@ def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
     routes = {name: (sae.cfg.site, sae.cfg.target_site) for name, sae in saes.items() if sae.cfg.target_site}
     trainer = Trainer(saes, trainer_cfg, inputs=routes or None)
     trained = trainer.fit(source.training_stream(job.tokens, trainer_cfg.batch_size), resume=job.resume)
+    if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the summary
+        return trained, ""
     results = evaluate_saes(source, trained, job.eval_tokens, progress=trainer_cfg.progress)
     return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -148,6 +148,11 @@ class StepContext:
 
     dead_mask: Tensor | None = None
     """Boolean (d_sae,) mask of latents that have not fired for the dead-token window."""
+
+    batch_mean: Callable[[Tensor], Tensor] | None = None
+    """Under data parallelism: the whole batch's mean of a statistic, from this process's slice
+    mean, with gradients. A loss that is not linear in a batch mean applies it first to stay
+    exact (JumpReLU's target-L0 penalty). None: one process, the slice is the batch."""
 
 
 @dataclass

@@ -204,7 +204,7 @@ class JumpReLUSAE(SAE):
         recon = self.decode(acts)
         terms = {"mse": reconstruction_error(target, recon)}
         if cfg.sparsity_loss == "l0":
-            sparsity = self._l0_penalty(step(pre, threshold, cfg.bandwidth).sum(-1).mean())
+            sparsity = self._l0_penalty(step(pre, threshold, cfg.bandwidth).sum(-1).mean(), ctx)
         else:
             norms = self.W_dec.norm(dim=1)
             sparsity = cfg.l0_coefficient * torch.tanh(cfg.tanh_scale * acts.abs() * norms).sum(-1).mean()
@@ -220,9 +220,11 @@ class JumpReLUSAE(SAE):
         norms = self.W_dec.norm(dim=1)
         return self.cfg.pre_act_coefficient * (torch.relu(threshold - pre) * norms).sum(-1).mean()
 
-    def _l0_penalty(self, l0: Tensor) -> Tensor:
+    def _l0_penalty(self, l0: Tensor, ctx: StepContext) -> Tensor:
         cfg = self.cfg
         if cfg.target_l0 is not None:
+            if ctx.batch_mean is not None:  # the penalty is quadratic in the batch's L0: use the whole batch's
+                l0 = ctx.batch_mean(l0)
             return cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
         return cfg.l0_coefficient * l0
 
@@ -262,7 +264,7 @@ class JumpReLUSAE(SAE):
             buffer=z, apply_b_dec_to_input=cfg.apply_b_dec_to_input, bandwidth=cfg.bandwidth)
         recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
         terms = {"mse": reconstruction_error(target, recon),
-                 "sparsity": ctx.sparsity_scale * self._l0_penalty(l0.mean())}
+                 "sparsity": ctx.sparsity_scale * self._l0_penalty(l0.mean(), ctx)}
         if pre_act is not None:
             terms["pre_act"] = pre_act
         return LossOutput(torch.stack(list(terms.values())).sum(), terms, acts.reshape(pre.shape), recon)

@@ -50,6 +50,12 @@ class TrainerConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    distribute: Literal["data", "saes"] = "data"
+    """Under torchrun (several processes): 'data' gives each process a slice of every batch and
+    sums the gradients, so the SAEs train as on one process with the whole batch; 'saes' gives
+    each process its own SAEs (round robin by name; their number must be a multiple of the
+    number of processes), each fed every batch. Ignored in a single process."""
+
     def __post_init__(self) -> None:
         positive = ("total_tokens", "batch_size", "init_sample_tokens", "log_every")
         for name in positive:
@@ -61,6 +67,8 @@ class TrainerConfig:
             raise ValueError(f"total_tokens ({self.total_tokens}) is smaller than one batch ({self.batch_size})")
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.distribute not in ("data", "saes"):
+            raise ValueError(f"distribute must be 'data' or 'saes', got {self.distribute!r}")
 
     @property
     def total_steps(self) -> int:

@@ -4,6 +4,10 @@
 Many SAEs train at once on the same batches (a sweep pays for the data once); each has its own
 Adam, schedules and input scale. A killed run resumes from its last checkpoint and ends with
 the same weights as an uninterrupted one, given the same data in the same order.
+
+Under torchrun the processes split each batch (``distribute="data"``) or the SAEs
+(``distribute="saes"``); see distributed.py. Either way the checkpoint is one file, written by
+the main process, with the same layout as a one-process run's, so any of them resumes it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..sae.base import SAE, StepContext
+from ..sae.base import SAE
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import Batch, check_finite, rebatch
 from .checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .config import TrainerConfig
-from .distributed import SingleProcess
+from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, local_device,
+                          process_group_from_env, reduce_metrics, reduced_row, shard_batch, share_saes, step_context)
 from .optim import lr_factor, make_optimizer, sparsity_factor
 from .progress import ProgressReporter
 
@@ -39,7 +44,7 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-    return device
+    return local_device(device)
 
 
 def name_saes(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
@@ -74,12 +79,22 @@ class Trainer:
                  inputs: Mapping[str, str | tuple[str, str]] | None = None):
         """``inputs`` routes each SAE to the batch entry it reads, as a key or an (input, target)
         pair of keys. By default an SAE reads "input" (and a transcoder "target") of tensor or
-        tuple batches, and its own ``cfg.site`` of dict batches."""
+        tuple batches, and its own ``cfg.site`` of dict batches. ``process_group`` defaults to
+        the torchrun processes, if any (``process_group_from_env``)."""
         self.cfg = cfg or TrainerConfig()
-        self.saes = name_saes(saes)
-        self.dist = process_group or SingleProcess()
+        self.all_saes = name_saes(saes)
         self.device = resolve_device(self.cfg.device)
-        unknown = sorted(set(inputs or {}) - set(self.saes))
+        self.dist = process_group or process_group_from_env(self.device)
+        by_sae = self.cfg.distribute == "saes"
+        # dp: the processes that share each batch (gradients and statistics are reduced over them)
+        self.dp = self.dist if not by_sae else SingleProcess()
+        self.owners = assign_saes(self.all_saes, self.dist.world_size) if by_sae else \
+            {name: self.dist.rank for name in self.all_saes}
+        self.saes = {name: sae for name, sae in self.all_saes.items() if self.owners[name] == self.dist.rank}
+        if self.dp.world_size > self.cfg.batch_size:
+            raise ValueError(f"batch_size ({self.cfg.batch_size}) is smaller than the number of processes sharing "
+                             f"each batch ({self.dp.world_size})")
+        unknown = sorted(set(inputs or {}) - set(self.all_saes))
         if unknown:
             raise ValueError(f"inputs name SAEs that are not being trained: {unknown}")
         self.explicit_routes = {name: (route, None) if isinstance(route, str) else tuple(route)
@@ -108,7 +123,7 @@ class Trainer:
             raise ValueError("no activation batches were given")
         self._resolve_routes(first)
         batches = itertools.chain([first], items)
-        checkpoint = self.out_dir / CHECKPOINT_FILE if self.out_dir else None
+        checkpoint = self.out_dir / CHECKPOINT_FILE if self.out_dir else None  # the main process writes it
         if checkpoint is not None and checkpoint.exists():
             if not resume:
                 raise FileExistsError(f"{checkpoint} exists: pass resume=True (--resume) to continue that run, "
@@ -138,7 +153,7 @@ class Trainer:
                 if logging_step or checkpoint_step or self.device.type == "cpu":
                     self._raise_if_nonfinite()
                 if logging_step:
-                    reporter.report(self.step, self.step * cfg.batch_size, rows)
+                    reporter.report(self.step, self.step * cfg.batch_size, self._gather_rows(rows))
                 if checkpoint_step:
                     self._save(checkpoint)
         if self.step < cfg.total_steps:
@@ -149,7 +164,7 @@ class Trainer:
 
     def _resolve_routes(self, first_item: Any) -> None:
         dict_batches = isinstance(first_item, Mapping)
-        for name, sae in self.saes.items():
+        for name, sae in self.all_saes.items():
             if name in self.explicit_routes:
                 route = self.explicit_routes[name]
             elif dict_batches:
@@ -163,7 +178,7 @@ class Trainer:
                 raise ValueError(f"transcoder {name!r} needs a target entry: pass inputs={{{name!r}: (input, target)}}")
             self.routes[name] = route
         widths: dict[str, int] = {}
-        for name, sae in self.saes.items():
+        for name, sae in self.all_saes.items():
             input_key, target_key = self.routes[name]
             for key, width in ((input_key, sae.cfg.d_in), (target_key, sae.cfg.d_output)):
                 if key is not None and widths.setdefault(key, width) != width:
@@ -197,7 +212,8 @@ class Trainer:
             self.output_scales[name] = estimate_scale(sample[target_key], convention) if target_key else \
                 self.input_scales[name]
             sae.init_from_data(sample[input_key] / self.input_scales[name])
-            self.dist.broadcast_module(sae)
+            self.dp.broadcast_module(sae)
+        self.input_scales, self.output_scales = self.dp.broadcast_object((self.input_scales, self.output_scales))
 
         def replay() -> Iterator[Batch]:
             yield from sample_batches
@@ -214,6 +230,7 @@ class Trainer:
         cfg = self.cfg
         total = cfg.total_steps
         batch = {key: value.to(self.device, torch.float32, non_blocking=True) for key, value in batch.items()}
+        batch, weight = shard_batch(batch, self.dp.rank, self.dp.world_size)  # this process's rows
         logging_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == total
         in_final_window = (total - self.step) * cfg.batch_size <= cfg.final_metrics_window
         rows: dict[str, dict[str, float]] = {}
@@ -223,16 +240,16 @@ class Trainer:
             targets = batch[self.routes[name][1]] if self.routes[name][1] else None
             scale_in, scale_out = self.input_scales[name], self.output_scales[name]
             target_scaled = targets / scale_out if targets is not None else None
-            ctx = StepContext(step=self.step,
-                              sparsity_scale=sparsity_factor(self.step, total, sae_cfg.sparsity_warmup_steps),
-                              dead_mask=self.since_fired[name] >= cfg.dead_window)
+            ctx = step_context(self.dp, weight, cfg.batch_size, step=self.step,
+                               sparsity_scale=sparsity_factor(self.step, total, sae_cfg.sparsity_warmup_steps),
+                               dead_mask=self.since_fired[name] >= cfg.dead_window)
             with self._autocast():
                 out = sae.loss(inputs / scale_in, ctx, target_scaled)
             self.loss_finite[name] &= torch.isfinite(out.loss.detach())  # no host sync here
             optimizer = self.optimizers[name]
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            self.dist.reduce_gradients(sae)
+            self.dp.reduce_gradients(sae, weight)
             sae.remove_parallel_decoder_grad()
             if sae_cfg.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), sae_cfg.grad_clip_norm)
@@ -244,8 +261,8 @@ class Trainer:
             sae.after_step()
 
             acts = out.feature_acts.detach()
-            fired = self.dist.all_reduce_max_((acts > 0).any(0).to(torch.int64)).bool()
-            self.since_fired[name] += inputs.shape[0] * self.dist.world_size
+            fired = self.dp.all_reduce_max_((acts > 0).any(0).to(torch.int64)).bool()
+            self.since_fired[name] += cfg.batch_size
             self.since_fired[name][fired] = 0
             if in_final_window:
                 reference = targets if targets is not None else inputs
@@ -253,49 +270,77 @@ class Trainer:
                                                 acts.float() * scale_in)
             if logging_step:
                 reference = target_scaled if target_scaled is not None else inputs / scale_in
+                if self.dp.world_size > 1:
+                    values = reduced_row(self.dp, weight, out.loss, out.terms, acts, reference, out.reconstruction)
+                else:
+                    values = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()},
+                              "l0": (acts > 0).sum(-1).float().mean().item(),
+                              "fvu": batch_fvu(reference, out.reconstruction.detach().float())}
                 rows[name] = {
-                    "loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()},
-                    "l0": (acts > 0).sum(-1).float().mean().item(),
-                    "fvu": batch_fvu(reference, out.reconstruction.detach().float()),
+                    **values,
                     "dead_fraction": (self.since_fired[name] >= cfg.dead_window).float().mean().item(),
                     "lr": lr, "sparsity_scale": ctx.sparsity_scale,
                 }
         return rows
 
     def _raise_if_nonfinite(self) -> None:
-        """Fail on NaN/inf before anything is logged or checkpointed (one host sync)."""
-        if not bool(self.batch_finite):
+        """Fail on NaN/inf before anything is logged or checkpointed (one host sync); every
+        process stops at the same step when any of them found one."""
+        bad_batch = not bool(self.batch_finite)
+        bad_losses = [name for name, finite in self.loss_finite.items() if not bool(finite)]
+        if any_process(self.dist, bad_batch or bool(bad_losses), self.device) and not (bad_batch or bad_losses):
+            raise FloatingPointError(f"another process found NaN or inf at or before step {self.step}; see its "
+                                     "error. The last checkpoint is intact.")
+        if bad_batch:
             raise ValueError(f"non-finite activations (NaN or inf) in a batch at or before step {self.step}; "
                              "check the model's dtype (fp16 overflow?) or the cache. The last checkpoint is intact.")
-        for name, finite in self.loss_finite.items():
-            if not bool(finite):
-                raise FloatingPointError(
-                    f"SAE {name!r}: the loss became NaN or inf at or before step {self.step}; lower its learning "
-                    f"rate (lr={self.saes[name].cfg.lr}) or check the activations. The last checkpoint is intact.")
+        if bad_losses:
+            name = bad_losses[0]
+            raise FloatingPointError(
+                f"SAE {name!r}: the loss became NaN or inf at or before step {self.step}; lower its learning "
+                f"rate (lr={self.saes[name].cfg.lr}) or check the activations. The last checkpoint is intact.")
+
+    def _gather_rows(self, rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """Every SAE's log values on the main process (under data parallelism every process
+        already has them: the whole batch's)."""
+        return rows if self.dp is self.dist else gather_by_name(self.dist, rows, self.all_saes) or {}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, path: Path) -> None:
+        """One file for every SAE, as one process writes it (collective: every process calls it)."""
+        parts = {name: (*self._sae_state(name), self.input_scales[name], self.output_scales[name])
+                 for name in self.saes}
+        if self.dp is not self.dist:  # each process has its own SAEs: gather them on the main one
+            parts = gather_by_name(self.dist, parts, self.all_saes)
         if not self.dist.is_main:
             return
         tensors: dict[str, Tensor] = {}
-        groups = {}
-        for index, (name, sae) in enumerate(self.saes.items()):
-            tensors.update({f"sae{index}.model.{k}": v for k, v in sae.state_dict().items()})
-            optim_tensors, groups[name] = optimizer_tensors(self.optimizers[name], f"sae{index}.optim")
-            tensors.update(optim_tensors)
-            tensors[f"sae{index}.since_fired"] = self.since_fired[name]
-            tensors.update({f"sae{index}.final.{k}": v for k, v in self.final_metrics[name].state_dict().items()})
-        state = {"step": self.step, "names": list(self.saes), "input_scales": self.input_scales,
-                 "output_scales": self.output_scales, "param_groups": groups, "trainer": self.cfg.to_dict(),
+        groups, input_scales, output_scales = {}, {}, {}
+        for index, name in enumerate(self.all_saes):
+            sae_tensors, groups[name], input_scales[name], output_scales[name] = parts[name]
+            tensors.update({f"sae{index}.{key}": value for key, value in sae_tensors.items()})
+        state = {"step": self.step, "names": list(self.all_saes), "input_scales": input_scales,
+                 "output_scales": output_scales, "param_groups": groups, "trainer": self.cfg.to_dict(),
                  "configs": self._configs()}
         save_checkpoint(path, tensors, state)
+
+    def _sae_state(self, name: str) -> tuple[dict[str, Tensor], list]:
+        tensors = {f"model.{k}": v for k, v in self.saes[name].state_dict().items()}
+        optim_tensors, groups = optimizer_tensors(self.optimizers[name], "optim")
+        tensors.update(optim_tensors)
+        tensors["since_fired"] = self.since_fired[name]
+        final = reduce_metrics(self.final_metrics[name], self.dp)
+        tensors.update({f"final.{k}": v for k, v in final.state_dict().items()})
+        if self.dp is not self.dist:
+            tensors = {key: value.detach().cpu() for key, value in tensors.items()}  # to be pickled
+        return tensors, groups
 
     def _configs(self) -> dict[str, dict[str, Any]]:
         """What must match for a checkpoint to resume: each SAE's architecture and config, less
         its runtime fields (e.g. the kernel choice), which change how, not what, it computes."""
         return {name: {"architecture": sae.architecture,
                        **{k: v for k, v in sae.cfg.to_dict().items() if k not in sae.cfg.runtime_fields}}
-                for name, sae in self.saes.items()}
+                for name, sae in self.all_saes.items()}
 
     def _load(self, path: Path) -> None:
         tensors, state = load_checkpoint(path)
@@ -307,25 +352,31 @@ class Trainer:
             if state["trainer"][key] != getattr(self.cfg, key):
                 raise ValueError(f"{path} was written with {key}={state['trainer'][key]}, "
                                  f"this run has {getattr(self.cfg, key)}; resume with the same value")
-        for index, (name, sae) in enumerate(self.saes.items()):
+        for name, sae in self.saes.items():
+            index = state["names"].index(name)
             prefix = f"sae{index}.model."
             sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             restore_optimizer(self.optimizers[name], tensors, f"sae{index}.optim", state["param_groups"][name])
             self.since_fired[name] = tensors[f"sae{index}.since_fired"].to(self.device)
             prefix = f"sae{index}.final."
-            self.final_metrics[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                                      if k.startswith(prefix)})
+            if self.dp.is_main:  # the sums so far count once; the other processes add their rows from here
+                self.final_metrics[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                                          if k.startswith(prefix)})
         self.step = int(state["step"])
         self.input_scales = {k: float(v) for k, v in state["input_scales"].items()}
         self.output_scales = {k: float(v) for k, v in state["output_scales"].items()}
 
     # -- output -------------------------------------------------------------------------------
     def _finish(self) -> dict[str, SAE]:
+        """Fold the input scales, write the SAE folders (each process those it trained, once)
+        and summary.json (the main process), and return every SAE, on every process."""
+        for name in self.saes:
+            self.final_metrics[name] = reduce_metrics(self.final_metrics[name], self.dp)
         summary = self.final_summary()
         for name, sae in self.saes.items():
             sae.fold_scaling(self.input_scales[name], self.output_scales[name])
             sae.eval()
-        if self.out_dir is not None and self.dist.is_main:
+        if self.out_dir is not None and self.dp.is_main:
             from ..formats.native import save_native  # the trainer writes artifacts; formats never import train
 
             for name, sae in self.saes.items():
@@ -335,6 +386,10 @@ class Trainer:
                             "tokens_trained": self.step * self.cfg.batch_size, "final_metrics": summary.get(name)}
                 save_native(sae, self.out_dir / name, density=density if metrics.n_tokens else None,
                             metadata=metadata)
+        if self.dp is not self.dist:  # each process trained its own SAEs: give every process all of them
+            self.final_metrics = share_saes(self.dist, self.all_saes, self.owners, self.final_metrics, self.device)
+            summary = self.final_summary()
+        if self.out_dir is not None and self.dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(
                 {"steps": self.step, "tokens": self.step * self.cfg.batch_size, "saes": summary}, indent=2))
-        return self.saes
+        return self.all_saes
