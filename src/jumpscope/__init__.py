@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .formats import load, save  # noqa: E402
 from .sae import SAE, SAEConfig, architectures, build  # noqa: E402
 from .train import Trainer, TrainerConfig, train  # noqa: E402
+from . import jacobian  # noqa: E402,F401  (registers the Jacobian SAE pair, "jsae")
 
 __all__ = ["SAE", "SAEConfig", "Trainer", "TrainerConfig", "architectures", "build", "load", "save", "train",
            "__version__"]

@@ -73,6 +73,8 @@ def train(args: argparse.Namespace) -> int:
     parser = args.parser
     if getattr(args, "arch", "jumprelu") not in architectures():
         parser.error(f"unknown --arch {args.arch!r}; choose from {', '.join(architectures())}")
+    if getattr(args, "arch", None) == "jsae":
+        parser.error("a Jacobian SAE pair trains around an MLP with `jumpscope jsae`, not `jumpscope train`")
     job = dataclass_from_args_or_exit(parser, TrainJobConfig, args, site=tuple(args.site or ()))
     activations = dataclass_from_args_or_exit(parser, ActivationConfig, args)
     trainer_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)

@@ -83,7 +83,7 @@ class SuiteConfig:
 
     def __post_init__(self) -> None:
         names = {f.name for f in dataclasses.fields(config_class(self.arch))}
-        if not {"target_l0", "k"} & names:
+        if not {"target_l0", "k"} & names or self.arch == "jsae":
             raise ValueError(f"a suite needs an architecture that aims at an L0 (jumprelu, topk, batchtopk), "
                              f"not {self.arch!r}")
         if not self.l0 or any(level <= 0 for level in self.l0):

@@ -70,6 +70,8 @@ class SweepConfig:
         unknown = [a for a in self.archs if a not in architectures()]
         if unknown or not self.archs:
             raise ValueError(f"unknown archs {unknown or '(none given)'}; choose from {', '.join(architectures())}")
+        if "jsae" in self.archs:
+            raise ValueError("a Jacobian SAE pair is trained with `jumpscope jsae`, not swept here")
         if any(level <= 0 for level in self.l0) or any(c < 0 for c in self.l1_coefficients):
             raise ValueError("l0 levels must be positive and l1_coefficients non-negative")
         if any(a not in L1_ARCHS for a in self.archs) and not self.l0:

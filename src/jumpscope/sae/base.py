@@ -149,6 +149,13 @@ class StepContext:
     dead_mask: Tensor | None = None
     """Boolean (d_sae,) mask of latents that have not fired for the dead-token window."""
 
+    input_scale: float = 1.0
+    """The factor the trainer divided the inputs by (raw x = input_scale * x seen by the loss);
+    a loss that runs part of the model itself (a Jacobian SAE's MLP) needs raw units."""
+
+    output_scale: float = 1.0
+    """The same for the targets."""
+
     batch_mean: Callable[[Tensor], Tensor] | None = None
     """Under data parallelism: the whole batch's mean of a statistic, from this process's slice
     mean, with gradients. A loss that is not linear in a batch mean applies it first to stay
