@@ -33,7 +33,7 @@ def test_the_pair_jacobian_is_the_core_jacobian_and_the_loss_has_every_term():
     model, x, y = pair_data()
     pair = make_pair(model)
     ctx = StepContext(input_scale=2.0, output_scale=0.5)
-    J, _ = pair.jacobian(x[:16] / 2.0, ctx)
+    J = pair.jacobian(x[:16] / 2.0, ctx)[0]
     latents = pair.encode(x[:16] / 2.0)
     x_raw = pair.decode(latents) * 2.0
     y_scaled = pair.mlp(x_raw) / 0.5
@@ -91,18 +91,24 @@ def test_jsae_command_trains_measures_and_writes_the_two_saes(tmp_path, capsys):
               "--model-batch-size", "4", "--layer", "1", "--k", "4", "--width", "48", "--tokens", str(256 * 6),
               "--batch-size", "256", "--init-sample-tokens", "512", "--no-progress", "--eval-tokens", "256",
               "--device", "cpu"]
-    assert main(["jsae", *common, "--out", str(tmp_path / "run")]) == 0
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    fractions = summary["jacobian"]
-    assert set(fractions) == {"jacobian_above_0.005", "jacobian_above_0.01", "jacobian_above_0.02"}
-    assert 1 >= fractions["jacobian_above_0.005"] >= fractions["jacobian_above_0.01"] >= fractions[
-        "jacobian_above_0.02"] >= 0
-    assert summary["held_out"]["input"]["site"] == "layers.1.mlp_in" and "delta_lm_loss" in summary["held_out"]["output"]
-    assert jumpscope.load(tmp_path / "run" / "output").cfg.site == "layers.1.mlp_out"
-    assert "fraction of |J| above" in capsys.readouterr().out
+    assert main(["jsae", *common, "--jacobian-coefficients", "0", "50", "--out", str(tmp_path / "run")]) == 0
+    pairs = json.loads((tmp_path / "run" / "summary.json").read_text())["pairs"]
+    assert set(pairs) == {"lambda_0", "lambda_50"}
+    for row in pairs.values():
+        fractions = row["jacobian"]
+        assert list(fractions) == ["jacobian_above_0.005", "jacobian_above_0.01", "jacobian_above_0.02"]
+        assert 1 >= fractions["jacobian_above_0.005"] >= fractions["jacobian_above_0.01"] >= fractions[
+            "jacobian_above_0.02"] >= 0
+        assert row["held_out"]["input"]["site"] == "layers.1.mlp_in" and "delta_lm_loss" in row["held_out"]["output"]
+        shapes = row["strongest_functions"]
+        assert len(shapes) == 8 and {s["shape"] for s in shapes} <= {"linear", "jumprelu-like", "other"}
+        assert all(abs(s["jacobian"]) >= abs(shapes[-1]["jacobian"]) for s in shapes)  # strongest first
+    assert jumpscope.load(tmp_path / "run" / "lambda_50" / "output").cfg.site == "layers.1.mlp_out"
+    assert (tmp_path / "run" / "lambda_sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert "| lambda | |J| > 0.005 |" in capsys.readouterr().out
     assert main(["jsae", *common, "--randomize-model", "--out", str(tmp_path / "control")]) == 0
     control = json.loads((tmp_path / "control" / "summary.json").read_text())
-    assert control["job"]["randomize_model"] and control["jacobian"] != fractions
+    assert control["job"]["randomize_model"] and control["pairs"]["lambda_1"]["jacobian"] != pairs["lambda_0"]["jacobian"]
     assert main(["jsae", *common[:-9], "--layer", "9", "--out", str(tmp_path / "x")]) == 2
     assert "layer 9 out of range" in capsys.readouterr().err
 
@@ -114,3 +120,17 @@ def test_the_pair_is_not_an_ordinary_architecture_for_train_sweep_or_suite(tmp_p
     assert "jumpscope jsae" in capsys.readouterr().err
     assert main(["sweep", "--archs", "jsae", "--out", str(tmp_path / "s")]) == 2
     assert "jumpscope jsae" in capsys.readouterr().err
+
+
+def test_randomize_weights_keeps_each_matrix_scale_and_no_structure():
+    from jumpscope.jobs.jsae import randomize_weights
+
+    model, _ = build_model("gpt2")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    randomize_weights(model, seed=3)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            assert not torch.equal(p, before[name]), name
+            assert p.std().item() == pytest.approx(before[name].std().item(), rel=0.1), name
+        else:
+            assert torch.equal(p, before[name]), name  # norms and biases kept

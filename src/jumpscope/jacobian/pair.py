@@ -69,8 +69,9 @@ class JacobianSAE(TopKSAE):
         self.mlp = mlp.to(self.W_enc.device)
         return self
 
-    def jacobian(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        """(J [N, k, k] at scaled inputs ``x``, the MLP output of the reconstruction, scaled)."""
+    def jacobian(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(J [N, k, k] at inputs ``x`` in the units of ``ctx``, the active input and output latents
+        [N, k] it is taken over, and the reconstructed MLP input in raw units [N, d_in])."""
         if self.mlp is None:
             raise RuntimeError("the Jacobian SAE has no MLP attached: call attach_mlp(mlp_function(model, layer))")
         latents = self.encode(x)
@@ -80,7 +81,7 @@ class JacobianSAE(TopKSAE):
         out_active = self.output.pre_activation(y_scaled).topk(self.cfg.k, dim=-1).indices
         J = jacobian_active(self.mlp, self.W_dec, x_raw, in_active, self.output.W_enc, out_active,
                             ctx.input_scale, ctx.output_scale)
-        return J, y_scaled
+        return J, in_active, out_active, x_raw
 
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
         if target is None:
@@ -91,7 +92,7 @@ class JacobianSAE(TopKSAE):
                 self.output_initialised.fill_(True)
         inner = super().loss(x, ctx)
         outer = self.output.loss(target, dataclasses.replace(ctx, dead_mask=None))
-        J, _ = self.jacobian(x, ctx)
+        J = self.jacobian(x, ctx)[0]
         jacobian = ctx.sparsity_scale * self.cfg.jacobian_coefficient * J.abs().mean()
         terms = {"mse_in": inner.terms["mse"], "mse": outer.terms["mse"], "jacobian": jacobian}
         terms.update({f"{name}_in": value for name, value in inner.terms.items() if name != "mse"})

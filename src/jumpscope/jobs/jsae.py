@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from ..formats import save as save_format
-from ..jacobian import JacobianSAE, JacobianSAEConfig, jacobian_sparsity, mlp_function
+from ..jacobian import (JacobianSAE, JacobianSAEConfig, classify_response, jacobian_sparsity, latent_response,
+                        mlp_function)
 from ..models.harvest import harvest
 from ..models.loading import load_model
 from ..safeio import write_text
@@ -45,8 +46,9 @@ class JsaeJobConfig:
     width: int | None = None
     """Latents per SAE; None: 8 x d_model."""
 
-    jacobian_coefficient: float = 1.0
-    """lambda, the weight of mean |J| (0 trains the same pair without the Jacobian penalty)."""
+    jacobian_coefficients: tuple[float, ...] = (1.0,)
+    """lambda, the weight of mean |J|: one pair per value, all trained on the same batches (0: the
+    same pair without the penalty). Several values also give the lambda sweep plot."""
 
     warmup_fraction: float = 0.05
     """lambda rises linearly from 0 over this fraction of the steps."""
@@ -70,6 +72,8 @@ class JsaeJobConfig:
     """Held-out tokens for the Jacobian sparsity and the spliced measures."""
 
     def __post_init__(self) -> None:
+        if not self.jacobian_coefficients or any(c < 0 for c in self.jacobian_coefficients):
+            raise ValueError("give one or more jacobian_coefficients >= 0")
         if not 0 <= self.warmup_fraction <= 1:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
 
@@ -96,17 +100,66 @@ def held_out_jacobian_sparsity(pair: JacobianSAE, source: ActivationSource, eval
     count = 0
     for chunk in harvest(source.loaded.model, evaluation_windows(source, eval_tokens), [site]):
         x = chunk[site].to(pair.W_enc.device)
-        J, _ = pair.jacobian(x, StepContext())
+        J = pair.jacobian(x, StepContext())[0]
         for threshold, fraction in jacobian_sparsity(J * scale).items():
             fractions[threshold] = fractions.get(threshold, 0.0) + fraction * x.shape[0]
         count += x.shape[0]
     return {f"jacobian_above_{threshold:g}": total / count for threshold, total in fractions.items()}
 
 
+@torch.no_grad()
+def strongest_functions(pair: JacobianSAE, source: ActivationSource, eval_tokens: int, count: int = 8,
+                        points: int = 25) -> list[dict[str, Any]]:
+    """The ``count`` largest |J| entries of the first held-out batch, each with the scalar function
+    from its input latent to its output latent at that token (the input latent swept from 0 to
+    twice its value, the others fixed; the output latent after ReLU), classified."""
+    site = pair.cfg.site
+    x = next(iter(harvest(source.loaded.model, evaluation_windows(source, eval_tokens)[:1], [site])))[site]
+    x = x.to(pair.W_enc.device)
+    J, in_active, out_active, x_raw = pair.jacobian(x, StepContext())
+    latents = pair.encode(x)
+    output = pair.output
+    bias = output.b_enc - output.b_dec @ output.W_enc if output.cfg.apply_b_dec_to_input else output.b_enc
+    found = []
+    for flat in J.abs().flatten().topk(min(count, J.numel())).indices.tolist():
+        token, j, i = flat // (J.shape[1] * J.shape[2]), (flat // J.shape[2]) % J.shape[1], flat % J.shape[2]
+        in_latent, out_latent = int(in_active[token, i]), int(out_active[token, j])
+        base = float(latents[token, in_latent])
+        values = torch.linspace(0.0, 2.0 * base, points)
+        response = torch.relu(latent_response(pair.mlp, pair.W_dec, output.W_enc, x_raw[token], in_latent, out_latent,
+                                              values, base_value=base, out_bias=bias))
+        found.append({"token": token, "input_latent": in_latent, "output_latent": out_latent,
+                      "jacobian": float(J[token, j, i]), "shape": classify_response(values, response)})
+    return found
+
+
+def sweep_plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Reconstruction (FVU of each SAE) against the Jacobian's density, one point per lambda."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    dense = [row["jacobian"]["jacobian_above_0.01"] for row in rows.values()]
+    for side, marker in (("input", "o"), ("output", "s")):
+        ax.plot(dense, [row["held_out"][side]["fvu"] for row in rows.values()], marker=marker, label=f"{side} SAE")
+    for name, row, x in zip(rows, rows.values(), dense):
+        ax.annotate(name.replace("lambda_", "λ="), (x, row["held_out"]["output"]["fvu"]), fontsize=7)
+    ax.set_xlabel("fraction of |J| > 0.01 (held out; lower is sparser)")
+    ax.set_ylabel("FVU (held out)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
              trainer_fields: dict[str, Any] | None = None, sae_fields: dict[str, Any] | None = None
              ) -> tuple[dict[str, Any], str]:
-    """Train and measure the pair; returns the summary and its Markdown table."""
+    """Train and measure the pairs; returns the summary and its Markdown report."""
     started = time.time()
     activations = activations or ActivationConfig()
     device = str(resolve_device(job.device))
@@ -122,38 +175,57 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
     if source.site_dims[sites[1]] != d_in:
         raise ValueError(f"the MLP's input ({d_in}) and output ({source.site_dims[sites[1]]}) widths differ")
     trainer_fields = dict(trainer_fields or {})
-    batch_size = trainer_fields.get("batch_size", TrainerConfig.batch_size)
-    warmup = math.ceil(job.warmup_fraction * job.tokens / batch_size)
-    cfg = JacobianSAEConfig(**{"d_in": d_in, "d_sae": job.width or 8 * d_in, "k": job.k, "site": sites[0],
-                               "output_site": sites[1], "model": source.loaded.name,
-                               "jacobian_coefficient": job.jacobian_coefficient,
-                               "sparsity_warmup_steps": warmup, **(sae_fields or {})})
-    pair = JacobianSAE(cfg).attach_mlp(mlp)
+    warmup = math.ceil(job.warmup_fraction * job.tokens / trainer_fields.get("batch_size", TrainerConfig.batch_size))
+    pairs = {}
+    for coefficient in job.jacobian_coefficients:
+        cfg = JacobianSAEConfig(**{"d_in": d_in, "d_sae": job.width or 8 * d_in, "k": job.k, "site": sites[0],
+                                   "output_site": sites[1], "model": source.loaded.name,
+                                   "jacobian_coefficient": coefficient, "sparsity_warmup_steps": warmup,
+                                   **(sae_fields or {})})
+        pairs[f"lambda_{coefficient:g}"] = JacobianSAE(cfg).attach_mlp(mlp)
     out = Path(job.out)
     trainer_cfg = TrainerConfig(**{**trainer_fields, "total_tokens": job.tokens, "out_dir": str(out / "training"),
                                    "device": device})
-    trainer = Trainer({"pair": pair}, trainer_cfg, inputs={"pair": sites})
-    trained = trainer.fit(source.training_stream(job.tokens, trainer_cfg.batch_size), resume=job.resume)["pair"]
+    trainer = Trainer(pairs, trainer_cfg, inputs={name: sites for name in pairs})
+    trained = trainer.fit(source.training_stream(job.tokens, trainer_cfg.batch_size), resume=job.resume)
     if not trainer.dist.is_main:  # under torchrun one process measures and writes
         return {}, ""
-    trained.attach_mlp(mlp)
-    inner, outer = trained.split()
-    for name, sae in (("input", inner), ("output", outer)):
-        save_format(sae, out / name, format="native")
-    results = evaluate_saes(source, {"input": inner, "output": outer}, job.eval_tokens,
-                            progress=trainer_cfg.progress)
-    sparsity = held_out_jacobian_sparsity(trained, source, job.eval_tokens,
-                                          trainer.input_scales["pair"] / trainer.output_scales["pair"])
+    split = {}
+    for name, pair in trained.items():
+        pair.attach_mlp(mlp)
+        for side, sae in zip(("input", "output"), pair.split()):
+            save_format(sae, out / name / side, format="native")
+            split[f"{name}/{side}"] = sae
+    results = evaluate_saes(source, split, job.eval_tokens, progress=trainer_cfg.progress)
+    rows = {}
+    for name, pair in trained.items():
+        scale = trainer.input_scales[name] / trainer.output_scales[name]
+        rows[name] = {"jacobian_coefficient": pair.cfg.jacobian_coefficient,
+                      "jacobian": held_out_jacobian_sparsity(pair, source, job.eval_tokens, scale),
+                      "held_out": {side: results[f"{name}/{side}"] for side in ("input", "output")},
+                      "strongest_functions": strongest_functions(pair, source, job.eval_tokens)}
+    title = (f"{source.loaded.name} layer {layer} ({mlp.kind} MLP, {mlp.activation})"
+             f"{' (randomised model)' if job.randomize_model else ''}")
+    if len(rows) > 1:
+        sweep_plot(rows, out / "lambda_sweep.png", f"Jacobian SAE lambda sweep: {title}")
     summary = {"job": dataclasses.asdict(job), "source": source.manifest(), "layer": layer, "mlp": mlp.kind,
-               "activation": mlp.activation, "jacobian": sparsity, "held_out": results,
-               "training_window": trainer.final_summary(), "seconds": time.time() - started}
-    cells = " / ".join(f"{value:.4f}" for value in sparsity.values())
-    table = (f"# Jacobian SAE pair, {source.loaded.name} layer {layer} ({mlp.kind} MLP, {mlp.activation})"
-             f"{' (randomised model)' if job.randomize_model else ''}\n\n"
-             f"lambda {job.jacobian_coefficient:g}, k {job.k}, d_sae {cfg.d_sae}, {job.tokens:,} tokens\n\n"
-             f"fraction of |J| above 0.005 / 0.01 / 0.02 on held-out tokens (normalised units): {cells}\n\n"
-             + results_table(results, source.loaded.kind))
+               "activation": mlp.activation, "pairs": rows, "training_window": trainer.final_summary(),
+               "seconds": time.time() - started}
+    lines = [f"# Jacobian SAE pairs: {title}", "", f"k {job.k}, d_sae {next(iter(pairs.values())).cfg.d_sae}, "
+             f"{job.tokens:,} tokens, held-out measures on {results[next(iter(split))]['n_tokens']:,} tokens", "",
+             "| lambda | |J| > 0.005 | > 0.01 | > 0.02 | FVU in | FVU out | L0 in | L0 out | strongest |J| shapes |",
+             "|" + " --- |" * 9]
+    for name, row in rows.items():
+        shapes = [f["shape"] for f in row["strongest_functions"]]
+        counts = ", ".join(f"{shapes.count(kind)} {kind}" for kind in ("linear", "jumprelu-like", "other")
+                           if kind in shapes)
+        held = row["held_out"]
+        lines.append(f"| {row['jacobian_coefficient']:g} | " + " | ".join(f"{v:.4f}" for v in row["jacobian"].values())
+                     + f" | {held['input']['fvu']:.4f} | {held['output']['fvu']:.4f} | {held['input']['l0']:.1f} | "
+                     f"{held['output']['l0']:.1f} | {counts} |")
+    table = "\n".join(lines) + "\n\n" + results_table(results, source.loaded.kind)
+    if len(rows) > 1:
+        table += "\n![lambda sweep](lambda_sweep.png)\n"
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_text(out / "summary.md", table)
     return summary, table
-
