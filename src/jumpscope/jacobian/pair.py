@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..sae.base import LossOutput, StepContext
+from ..sae.base import InputScaling, LossOutput, StepContext
 from ..sae.registry import register
 from ..sae.topk import TopKSAE, TopKSAEConfig
 from .jacobian import jacobian_active
@@ -35,6 +35,11 @@ class JacobianSAEConfig(TopKSAEConfig):
 
     jacobian_coefficient: float = 1.0
     """lambda, the weight of mean |J| (about 1 for small models; warmed up by sparsity_warmup_steps)."""
+
+    input_scaling: InputScaling = "unit_mean_sq_norm"
+    """E||x||^2 = 1 on both sides, so the two MSEs are on the scale of FVU and lambda ~ 1 weighs
+    mean|J| against them as the paper intends (TopK's default sqrt(d_in) norm makes the MSEs d_in
+    times larger and the Jacobian term negligible)."""
 
     output_site: str | None = None
     """The MLP output site the output SAE reads (e.g. layers.3.mlp_out; ``site`` is the mlp_in)."""
