@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from .cli import command
-from .cli_train import TRAINER_JOB_FIELDS
-from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit
+from .cli_train import add_job_arguments, trainer_fields_from_args
+from .config_cli import dataclass_from_args_or_exit
 
 
 def add_jsae_arguments(parser: argparse.ArgumentParser) -> None:
-    from .jobs.activations import ActivationConfig
     from .jobs.jsae import JsaeJobConfig
-    from .train import TrainerConfig
 
-    add_dataclass_arguments(parser.add_argument_group("Jacobian SAE"), JsaeJobConfig)
-    add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
-    add_dataclass_arguments(parser.add_argument_group("trainer"), TrainerConfig, exclude=TRAINER_JOB_FIELDS)
+    add_job_arguments(parser, JsaeJobConfig, "Jacobian SAE", sae_options=False)
 
 
 @command("jsae", "Train a Jacobian SAE pair around one layer's MLP (TopK SAEs on its input and output, "
@@ -26,12 +21,10 @@ def add_jsae_arguments(parser: argparse.ArgumentParser) -> None:
 def jsae(args: argparse.Namespace) -> int:
     from .jobs.activations import ActivationConfig
     from .jobs.jsae import JsaeJobConfig, run_jsae
-    from .train import TrainerConfig
 
     job = dataclass_from_args_or_exit(args.parser, JsaeJobConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
-                      if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
+    trainer_fields = trainer_fields_from_args(args)
     _, table = run_jsae(job, activations, trainer_fields)
     if not table:  # a torchrun process other than the first: nothing to report
         return 0

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from .cli import command
-from .cli_train import TRAINER_JOB_FIELDS, add_sae_arguments, sae_fields_from_args
-from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit
+from .cli_train import add_job_arguments, sae_fields_from_args, trainer_fields_from_args
+from .config_cli import dataclass_from_args_or_exit
 
 
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
-    from .jobs.activations import ActivationConfig
     from .jobs.suite import SuiteConfig
-    from .train import TrainerConfig
 
-    add_dataclass_arguments(parser.add_argument_group("suite"), SuiteConfig)
-    add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
-    add_dataclass_arguments(parser.add_argument_group("trainer"), TrainerConfig, exclude=TRAINER_JOB_FIELDS)
-    add_sae_arguments(parser)
+    add_job_arguments(parser, SuiteConfig, "suite")
 
 
 @command("suite", "Train a Gemma-Scope-style suite: an SAE for every layer and site at several sparsities, "
@@ -28,14 +22,12 @@ def suite(args: argparse.Namespace) -> int:
     from .jobs.activations import ActivationConfig
     from .jobs.suite import SuiteConfig, run_suite
     from .sae import architectures
-    from .train import TrainerConfig
 
     if getattr(args, "arch", "jumprelu") not in architectures():
         args.parser.error(f"unknown --arch {args.arch!r}; choose from {', '.join(architectures())}")
     config = dataclass_from_args_or_exit(args.parser, SuiteConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
-                      if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
+    trainer_fields = trainer_fields_from_args(args)
     _, table = run_suite(config, activations, trainer_fields, sae_fields_from_args(args.parser, args, config.arch))
     if not table:  # a torchrun process other than the first: nothing to report
         return 0

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from .cli import command
-from .cli_train import TRAINER_JOB_FIELDS, add_sae_arguments, sae_fields_from_args
-from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit
+from .cli_train import add_job_arguments, sae_fields_from_args, trainer_fields_from_args
+from .config_cli import dataclass_from_args_or_exit
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from .jobs.activations import ActivationConfig
     from .jobs.sweep import SweepConfig
-    from .train import TrainerConfig
 
-    add_dataclass_arguments(parser.add_argument_group("sweep"), SweepConfig)
-    add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
-    add_dataclass_arguments(parser.add_argument_group("trainer"), TrainerConfig, exclude=TRAINER_JOB_FIELDS)
-    add_sae_arguments(parser)
+    add_job_arguments(parser, SweepConfig, "sweep")
 
 
 @command("sweep", "Train several sparsity levels of several architectures on one activation stream, evaluate "
@@ -26,12 +20,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 def sweep(args: argparse.Namespace) -> int:
     from .jobs.activations import ActivationConfig
     from .jobs.sweep import SweepConfig, run_sweep
-    from .train import TrainerConfig
 
     config = dataclass_from_args_or_exit(args.parser, SweepConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
-                      if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
+    trainer_fields = trainer_fields_from_args(args)
     sae_fields = sae_fields_from_args(args.parser, args, config.archs)
     _, report = run_sweep(config, activations, trainer_fields, sae_fields)
     if not report:  # a torchrun process other than the first: nothing to report

@@ -21,18 +21,35 @@ def _sae_config_classes() -> list[type]:
     return [config_class(name) for name in architectures()]
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_job_arguments(parser: argparse.ArgumentParser, job: type, title: str, *, exclude: tuple[str, ...] = (),
+                      sae_options: bool = True) -> None:
+    """The options of a training job: its own config's, then the activation, trainer and
+    (``sae_options``) SAE configs'. Shared by train, sweep, suite and jsae."""
     from .jobs.activations import ActivationConfig
-    from .jobs.train import TrainJobConfig
     from .train import TrainerConfig
+
+    add_dataclass_arguments(parser.add_argument_group(title), job, exclude=exclude)
+    add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
+    add_dataclass_arguments(parser.add_argument_group("trainer"), TrainerConfig, exclude=TRAINER_JOB_FIELDS)
+    if sae_options:
+        add_sae_arguments(parser)
+
+
+def trainer_fields_from_args(args: argparse.Namespace) -> dict:
+    """The trainer options given on the command line (those the job does not set itself)."""
+    from .train import TrainerConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
+            if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .jobs.train import TrainJobConfig
 
     parser.add_argument("--site", action="append", default=None, metavar="SITE",
                         help="a hook site such as layers.3.resid_post (repeatable; one SAE each; default: the "
                              "middle layer's resid_post)")
-    add_dataclass_arguments(parser.add_argument_group("job"), TrainJobConfig, exclude=("site",))
-    add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
-    add_dataclass_arguments(parser.add_argument_group("trainer"), TrainerConfig, exclude=TRAINER_JOB_FIELDS)
-    add_sae_arguments(parser)
+    add_job_arguments(parser, TrainJobConfig, "job", exclude=("site",))
 
 
 def add_sae_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +85,6 @@ def train(args: argparse.Namespace) -> int:
     from .jobs.activations import ActivationConfig
     from .jobs.train import TrainJobConfig, run_train
     from .sae import architectures
-    from .train import TrainerConfig
 
     parser = args.parser
     if getattr(args, "arch", "jumprelu") not in architectures():
@@ -77,8 +93,7 @@ def train(args: argparse.Namespace) -> int:
         parser.error("a Jacobian SAE pair trains around an MLP with `jumpscope jsae`, not `jumpscope train`")
     job = dataclass_from_args_or_exit(parser, TrainJobConfig, args, site=tuple(args.site or ()))
     activations = dataclass_from_args_or_exit(parser, ActivationConfig, args)
-    trainer_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
-                      if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
+    trainer_fields = trainer_fields_from_args(args)
     _, summary = run_train(job, activations, trainer_fields, sae_fields_from_args(parser, args, job.arch))
     if not summary:  # a torchrun process other than the first: nothing to report
         return 0
