@@ -111,14 +111,18 @@ def nonempty(windows: Iterator, corpus: str, context_size: int, what: str) -> It
     yield from windows
 
 
+def load_source_model(cfg: ActivationConfig, device: str = "cpu") -> LoadedModel:
+    """The model ``cfg`` names, loaded as the activation source will use it."""
+    return load_model(cfg.model, dtype=cfg.dtype, device=device, allow_network=cfg.allow_network)
+
+
 class ActivationSource:
     """Activations of ``sites`` of a model over a corpus, as ``{site: Tensor [n, d]}`` chunks."""
 
     def __init__(self, cfg: ActivationConfig, sites: Iterable[str] = (), device: str = "cpu",
                  loaded: LoadedModel | None = None):
         self.cfg = cfg
-        self.loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=device,
-                                           allow_network=cfg.allow_network)
+        self.loaded = loaded or load_source_model(cfg, device)
         if self.loaded.tokenizer is None:
             raise ValueError(f"model {self.loaded.name} has no tokenizer; it cannot read text")
         self.sites = list(dict.fromkeys(sites)) or [default_site(self.loaded)]

@@ -99,8 +99,7 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
                 x = chunk[sae.cfg.site].to(sae.W_enc.device, sae.W_enc.dtype)
                 target = chunk[replaced_site(sae)].to(x.device, x.dtype)
                 latents = sae.encode(x)
-                prediction = sae.decode(latents) if sae.W_skip is None else sae.decode(latents) + x @ sae.W_skip
-                metrics[name].update(target, prediction, latents)
+                metrics[name].update(target, sae.predict(x, latents), latents)
     groups = {name: {replaced_site(sae): sae} for name, sae in saes.items()}
     replaced = sorted({replaced_site(sae) for sae in saes.values()})
     if together and len(saes) > 1:

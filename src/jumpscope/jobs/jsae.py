@@ -19,18 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..formats import save as save_format
 from ..jacobian import (JacobianSAE, JacobianSAEConfig, classify_response, jacobian_sparsity, latent_response,
                         mlp_function)
 from ..models.harvest import harvest
-from ..models.loading import load_model
 from ..safeio import write_text
 from ..sae.base import StepContext
-from ..train import Trainer, TrainerConfig
+from ..train import TrainerConfig
 from ..train.trainer import resolve_device
-from .activations import ActivationConfig, ActivationSource
+from .activations import ActivationConfig, ActivationSource, load_source_model
 from .evaluate import evaluate_saes, evaluation_windows, results_table
+from .train import fit_on_source
 
 
 @dataclass
@@ -90,16 +91,20 @@ def randomize_weights(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def held_out_jacobian_sparsity(pair: JacobianSAE, source: ActivationSource, eval_tokens: int,
-                               scale: float = 1.0) -> dict[str, float]:
-    """Fraction of |J| entries above each threshold over held-out tokens. The folded pair gives J in
-    raw units; ``scale`` = input scale / output scale turns it back into the units it was trained
-    in (normalised activations), where the paper's thresholds apply."""
-    site = pair.cfg.site
+def held_out_mlp_inputs(source: ActivationSource, site: str, eval_tokens: int) -> list[Tensor]:
+    """The MLP-input rows of the held-out batches, harvested once for every pair's measures."""
+    return [chunk[site] for chunk in harvest(source.loaded.model, evaluation_windows(source, eval_tokens), [site])]
+
+
+@torch.no_grad()
+def held_out_jacobian_sparsity(pair: JacobianSAE, rows: list[Tensor], scale: float = 1.0) -> dict[str, float]:
+    """Fraction of |J| entries above each threshold over held-out MLP inputs ``rows``. The folded
+    pair gives J in raw units; ``scale`` = input scale / output scale turns it back into the units
+    it was trained in (normalised activations), where the paper's thresholds apply."""
     fractions: dict[float, float] = {}
     count = 0
-    for chunk in harvest(source.loaded.model, evaluation_windows(source, eval_tokens), [site]):
-        x = chunk[site].to(pair.W_enc.device)
+    for x in rows:
+        x = x.to(pair.W_enc.device)
         J = pair.jacobian(x, StepContext())[0]
         for threshold, fraction in jacobian_sparsity(J * scale).items():
             fractions[threshold] = fractions.get(threshold, 0.0) + fraction * x.shape[0]
@@ -108,13 +113,10 @@ def held_out_jacobian_sparsity(pair: JacobianSAE, source: ActivationSource, eval
 
 
 @torch.no_grad()
-def strongest_functions(pair: JacobianSAE, source: ActivationSource, eval_tokens: int, count: int = 8,
-                        points: int = 25) -> list[dict[str, Any]]:
-    """The ``count`` largest |J| entries of the first held-out batch, each with the scalar function
-    from its input latent to its output latent at that token (the input latent swept from 0 to
-    twice its value, the others fixed; the output latent after ReLU), classified."""
-    site = pair.cfg.site
-    x = next(iter(harvest(source.loaded.model, evaluation_windows(source, eval_tokens)[:1], [site])))[site]
+def strongest_functions(pair: JacobianSAE, x: Tensor, count: int = 8, points: int = 25) -> list[dict[str, Any]]:
+    """The ``count`` largest |J| entries over MLP inputs ``x``, each with the scalar function from
+    its input latent to its output latent at that token (the input latent swept from 0 to twice
+    its value, the others fixed; the output latent after ReLU), classified."""
     x = x.to(pair.W_enc.device)
     J, in_active, out_active, x_raw = pair.jacobian(x, StepContext())
     latents = pair.encode(x)
@@ -163,8 +165,7 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
     started = time.time()
     activations = activations or ActivationConfig()
     device = str(resolve_device(job.device))
-    loaded = load_model(activations.model, dtype=activations.dtype, device=device,
-                        allow_network=activations.allow_network)
+    loaded = load_source_model(activations, device)
     if job.randomize_model:
         randomize_weights(loaded.model)
     layer = job.layer if job.layer is not None else loaded.model.config.num_hidden_layers // 2
@@ -184,10 +185,8 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
                                    **(sae_fields or {})})
         pairs[f"lambda_{coefficient:g}"] = JacobianSAE(cfg).attach_mlp(mlp)
     out = Path(job.out)
-    trainer_cfg = TrainerConfig(**{**trainer_fields, "total_tokens": job.tokens, "out_dir": str(out / "training"),
-                                   "device": device})
-    trainer = Trainer(pairs, trainer_cfg, inputs={name: sites for name in pairs})
-    trained = trainer.fit(source.training_stream(job.tokens, trainer_cfg.batch_size), resume=job.resume)
+    trainer, trained = fit_on_source(pairs, source, job.tokens, out / "training", device, trainer_fields,
+                                     job.resume, inputs={name: sites for name in pairs})
     if not trainer.dist.is_main:  # under torchrun one process measures and writes
         return {}, ""
     split = {}
@@ -196,14 +195,15 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
         for side, sae in zip(("input", "output"), pair.split()):
             save_format(sae, out / name / side, format="native")
             split[f"{name}/{side}"] = sae
-    results = evaluate_saes(source, split, job.eval_tokens, progress=trainer_cfg.progress)
+    results = evaluate_saes(source, split, job.eval_tokens, progress=trainer.cfg.progress)
+    held_out = held_out_mlp_inputs(source, sites[0], job.eval_tokens)
     rows = {}
     for name, pair in trained.items():
         scale = trainer.input_scales[name] / trainer.output_scales[name]
         rows[name] = {"jacobian_coefficient": pair.cfg.jacobian_coefficient,
-                      "jacobian": held_out_jacobian_sparsity(pair, source, job.eval_tokens, scale),
+                      "jacobian": held_out_jacobian_sparsity(pair, held_out, scale),
                       "held_out": {side: results[f"{name}/{side}"] for side in ("input", "output")},
-                      "strongest_functions": strongest_functions(pair, source, job.eval_tokens)}
+                      "strongest_functions": strongest_functions(pair, held_out[0])}
     title = (f"{source.loaded.name} layer {layer} ({mlp.kind} MLP, {mlp.activation})"
              f"{' (randomised model)' if job.randomize_model else ''}")
     if len(rows) > 1:

@@ -28,15 +28,13 @@ from typing import Any
 
 from ..evaluate.downstream import MAIN_MEASURE
 from ..formats import save as save_format
-from ..models.loading import load_model
 from ..models.sites import parse_site
 from ..sae import SAE, build, config_class
 from ..safeio import write_text
-from ..train import Trainer, TrainerConfig
 from ..train.trainer import resolve_device
-from .activations import ActivationConfig, ActivationSource
+from .activations import ActivationConfig, ActivationSource, load_source_model
 from .evaluate import evaluate_saes
-from .train import transcoder_target
+from .train import fit_on_source, transcoder_target
 
 RELEASE_NAMES = {"resid_post": "res", "attn_z": "att", "mlp_out": "mlp", "mlp_in": "transcoder"}
 
@@ -173,22 +171,18 @@ def run_suite(suite: SuiteConfig, activations: ActivationConfig | None = None,
     started = time.time()
     activations = activations or ActivationConfig()
     device = str(resolve_device(suite.device))
-    loaded = load_model(activations.model, dtype=activations.dtype, device=device,
-                        allow_network=activations.allow_network)
+    loaded = load_source_model(activations, device)
     pairs = suite_sites(suite, loaded.model)
     sites = [f"layers.{layer}.{kind}" for layer, kind in pairs]
     sites += [transcoder_target(site) for site in sites if site.endswith(".mlp_in")]
     source = ActivationSource(activations, sites, device=device, loaded=loaded)
     saes = build_suite(suite, source, pairs, sae_fields or {})
     out = Path(suite.out)
-    trainer_cfg = TrainerConfig(**{**(trainer_fields or {}), "total_tokens": suite.tokens,
-                                   "out_dir": str(out / "training"), "device": device})
-    routes = {name: (sae.cfg.site, sae.cfg.target_site) for name, sae in saes.items() if sae.cfg.target_site}
-    trainer = Trainer(saes, trainer_cfg, inputs=routes or None)
-    trained = trainer.fit(source.training_stream(suite.tokens, trainer_cfg.batch_size), resume=suite.resume)
+    trainer, trained = fit_on_source(saes, source, suite.tokens, out / "training", device, trainer_fields,
+                                     suite.resume)
     if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the release
         return [], ""
-    results = evaluate_saes(source, trained, suite.eval_tokens, progress=trainer_cfg.progress)
+    results = evaluate_saes(source, trained, suite.eval_tokens, progress=trainer.cfg.progress)
     kind = source.loaded.kind
     rows = write_release(out, trained, results, suite, kind)
     table = index_table(rows, kind)

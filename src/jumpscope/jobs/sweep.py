@@ -22,10 +22,10 @@ from ..evaluate.plots import write_plots
 from ..evaluate.report import write_report
 from ..sae import SAE, architectures, build, config_class
 from ..safeio import write_text
-from ..train import Trainer, TrainerConfig
 from ..train.trainer import resolve_device
 from .activations import ActivationConfig, ActivationSource
 from .evaluate import evaluate_saes
+from .train import fit_on_source
 
 # Architectures that aim at an L0 take the sweep's L0 levels; the others an L1 coefficient.
 L1_ARCHS = ("relu", "gated")
@@ -122,14 +122,11 @@ def run_sweep(sweep: SweepConfig, activations: ActivationConfig | None = None,
     site, d_in = next(iter(source.site_dims.items()))
     saes = build_sweep(sweep, site, d_in, source.loaded.name, sae_fields)
     out = Path(sweep.out)
-    trainer_cfg = TrainerConfig(**{**(trainer_fields or {}), "total_tokens": sweep.tokens, "out_dir": str(out),
-                                   "device": device})
-    trainer = Trainer(saes, trainer_cfg)
-    trained = trainer.fit(source.training_stream(sweep.tokens, trainer_cfg.batch_size), resume=sweep.resume)
+    trainer, trained = fit_on_source(saes, source, sweep.tokens, out, device, trainer_fields, sweep.resume)
     trained_seconds = time.time() - started
     if not trainer.dist.is_main:  # under torchrun one process evaluates, plots and reports
         return [], ""
-    results = evaluate_saes(source, trained, sweep.eval_tokens, progress=trainer_cfg.progress)
+    results = evaluate_saes(source, trained, sweep.eval_tokens, progress=trainer.cfg.progress)
     training = trainer.final_summary()
     points = [{**point, "site": site, "held_out": results[point["name"]],
                "training_window": training.get(point["name"], {})} for point in sweep_points(sweep)]

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluate.downstream import MAIN_MEASURE
-from ..models.loading import load_model
 from ..sae import SAE, build, config_class
 from ..safeio import write_text
 from ..train import Trainer, TrainerConfig
 from ..train.trainer import resolve_device
-from .activations import ActivationConfig, ActivationSource
+from .activations import ActivationConfig, ActivationSource, load_source_model
 from .evaluate import evaluate_saes, results_table
 
 log = logging.getLogger(__name__)
@@ -149,6 +148,17 @@ def write_summary(out: Path, job: TrainJobConfig, source: ActivationSource, resu
     return text
 
 
+def fit_on_source(saes: dict[str, SAE], source: ActivationSource, tokens: int, out_dir: Path, device: str,
+                  trainer_fields: dict[str, Any] | None, resume: bool,
+                  inputs: dict[str, tuple[str, str]] | None = None) -> tuple[Trainer, dict[str, SAE]]:
+    """Train ``saes`` together on ``source``'s stream (one model pass or cache read feeds them all);
+    every job goes through here, so checkpoints, resume and torchrun behave the same everywhere."""
+    trainer_cfg = TrainerConfig(**{**(trainer_fields or {}), "total_tokens": tokens, "out_dir": str(out_dir),
+                                   "device": device})
+    trainer = Trainer(saes, trainer_cfg, inputs=inputs)
+    return trainer, trainer.fit(source.training_stream(tokens, trainer_cfg.batch_size), resume=resume)
+
+
 def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
               trainer_fields: dict[str, Any] | None = None, sae_fields: dict[str, Any] | None = None
               ) -> tuple[dict[str, SAE], str]:
@@ -156,18 +166,13 @@ def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
     started = time.time()
     activations = activations or ActivationConfig()
     device = str(resolve_device(job.device))
-    loaded = load_model(activations.model, dtype=activations.dtype, device=device,
-                        allow_network=activations.allow_network)
+    loaded = load_source_model(activations, device)
     sites, targets = job_sites(job, loaded)
     source = ActivationSource(activations, sites, device=device, loaded=loaded)
     saes = build_saes(job, source, sae_fields or {}, targets)
     out = Path(job.out)
-    trainer_cfg = TrainerConfig(**{**(trainer_fields or {}), "total_tokens": job.tokens, "out_dir": str(out),
-                                   "device": device})
-    routes = {name: (sae.cfg.site, sae.cfg.target_site) for name, sae in saes.items() if sae.cfg.target_site}
-    trainer = Trainer(saes, trainer_cfg, inputs=routes or None)
-    trained = trainer.fit(source.training_stream(job.tokens, trainer_cfg.batch_size), resume=job.resume)
+    trainer, trained = fit_on_source(saes, source, job.tokens, out, device, trainer_fields, job.resume)
     if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the summary
         return trained, ""
-    results = evaluate_saes(source, trained, job.eval_tokens, progress=trainer_cfg.progress)
+    results = evaluate_saes(source, trained, job.eval_tokens, progress=trainer.cfg.progress)
     return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started)

@@ -51,12 +51,9 @@ def reconstruct(sae: SAE, x: Tensor, keep_error: bool = False, edit: LatentEdit 
                          f"{f' (it was trained on {sae.cfg.site!r})' if sae.cfg.site else ''}")
     flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
     latents = sae.encode(flat)
-    out = sae.decode(edit(latents) if edit is not None else latents)
-    skip = flat @ sae.W_skip if sae.W_skip is not None else None
-    if skip is not None:
-        out = out + skip
+    out = sae.predict(flat, edit(latents) if edit is not None else latents)
     if keep_error:
-        clean = sae.decode(latents) if skip is None else sae.decode(latents) + skip
+        clean = out if edit is None else sae.predict(flat, latents)
         out = out + (target.reshape(-1, target.shape[-1]).to(out.dtype) - clean)
     return out.reshape(*target.shape[:-1], out.shape[-1]).to(target.dtype)
 

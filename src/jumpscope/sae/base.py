@@ -231,10 +231,15 @@ class SAE(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
+    def predict(self, x: Tensor, latents: Tensor) -> Tensor:
+        """The output for input ``x`` from its (possibly edited) ``latents``: the decoding, plus the
+        skip connection's ``x @ W_skip`` where there is one."""
+        out = self.decode(latents)
+        return out if self.W_skip is None else out + x @ self.W_skip
+
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of ``x`` (the prediction of the output, for a transcoder)."""
-        out = self.decode(self.encode(x))
-        return out if self.W_skip is None else out + x @ self.W_skip
+        return self.predict(x, self.encode(x))
 
     def split_skip(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
         """(what the latents must predict, the skip's prediction or None). With a skip connection

@@ -172,10 +172,11 @@ class Trainer:
                 if sae.cfg.site is None:
                     raise ValueError(f"SAE {name!r} has no cfg.site to pick its entry of dict batches "
                                      f"(keys {sorted(first_item)}); set it or pass inputs={{{name!r}: key}}")
-                route = (sae.cfg.site, None)
+                route = (sae.cfg.site, sae.cfg.target_site)  # a transcoder predicts its target site
             else:
-                route = ("input", "target" if sae.cfg.d_out is not None else None)
-            if sae.cfg.d_out is not None and route[1] is None:
+                transcoder = sae.cfg.d_out is not None or sae.cfg.target_site is not None
+                route = ("input", "target" if transcoder else None)
+            if (sae.cfg.d_out is not None or sae.cfg.target_site is not None) and route[1] is None:
                 raise ValueError(f"transcoder {name!r} needs a target entry: pass inputs={{{name!r}: (input, target)}}")
             self.routes[name] = route
         widths: dict[str, int] = {}
