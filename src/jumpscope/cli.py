@@ -206,4 +206,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(code, file=sys.stderr)
         return 1
 
-from . import cli_eval, cli_jsae, cli_suite, cli_sweep, cli_train  # noqa: E402,F401  (register their commands)
+from . import cli_dashboard, cli_eval, cli_jsae, cli_suite, cli_sweep, cli_train, cli_steer, cli_serve  # noqa: E402,F401  (register their commands)

@@ -135,11 +135,13 @@ class ActivationSource:
         self.context_size = context_size_for(cfg, self.loaded)
         self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network, txt_split=cfg.txt_split)
 
-    def windows(self, evaluation: bool = False) -> Iterator[tuple]:
+    def windows(self, evaluation: bool | None = False) -> Iterator[tuple]:
+        """Batches of context windows: the training part, the held-out part, or (None) all of them."""
         packed = pack_tokens(self.loaded.tokenizer, self.corpus, self.context_size,
                              max_positions=max_positions(self.loaded))
-        part = nonempty(held_out(packed, self.cfg.eval_every, evaluation), self.corpus.name, self.context_size,
-                        "held-out" if evaluation else "training")
+        what = "any" if evaluation is None else "held-out" if evaluation else "training"
+        part = nonempty(packed if evaluation is None else held_out(packed, self.cfg.eval_every, evaluation),
+                        self.corpus.name, self.context_size, what)
         return batch_windows(part, self.cfg.model_batch_size)
 
     def chunks(self, evaluation: bool = False) -> Iterator[dict]:

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -140,20 +140,21 @@ def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_for_eval(job: EvalJobConfig, allow_network: bool = False) -> dict[str, SAE]:
-    """The SAEs of a job keyed by a readable name (the folder's name, made unique)."""
+def load_saes(paths: Sequence[str], site: str | None = None, allow_network: bool = False) -> dict[str, SAE]:
+    """SAEs from folders, files or hf:// references, keyed by a readable name (the folder's name,
+    made unique); ``site`` places SAEs whose file records none (or moves them)."""
     from .. import load
 
-    if not job.saes:
-        raise ValueError("give at least one SAE folder or file to evaluate")
+    if not paths:
+        raise ValueError("give at least one SAE folder or file")
     saes: dict[str, SAE] = {}
-    for path in job.saes:
+    for path in paths:
         sae = load(path, allow_network=allow_network)
-        if job.site and sae.cfg.target_site:
+        if site and sae.cfg.target_site:
             raise ValueError(f"{path}: --site cannot move a transcoder (it reads {sae.cfg.site!r} and writes "
                              f"{sae.cfg.target_site!r})")
-        if job.site:
-            sae.cfg = dataclasses.replace(sae.cfg, site=job.site)
+        if site:
+            sae.cfg = dataclasses.replace(sae.cfg, site=site)
         if not sae.cfg.site:
             raise ValueError(f"{path}: the SAE records no hook site; give one with --site")
         name = Path(path).name if Path(path).is_dir() else Path(path).stem
@@ -163,9 +164,10 @@ def load_for_eval(job: EvalJobConfig, allow_network: bool = False) -> dict[str, 
     return saes
 
 
-def model_of(job: EvalJobConfig, saes: Mapping[str, SAE]) -> str:
-    if job.model:
-        return job.model
+def model_of(model: str | None, saes: Mapping[str, SAE]) -> str:
+    """``model`` when given, else the one model the SAEs record they were trained on."""
+    if model:
+        return model
     recorded = {sae.cfg.model for sae in saes.values() if sae.cfg.model}
     if len(recorded) != 1:
         raise ValueError("the SAEs do not name one model they were trained on "
@@ -178,8 +180,8 @@ def run_eval(job: EvalJobConfig, activations: ActivationConfig | None = None) ->
     from ..train.trainer import resolve_device
 
     activations = activations or ActivationConfig()
-    saes = load_for_eval(job, activations.allow_network)
-    activations = dataclasses.replace(activations, model=model_of(job, saes))
+    saes = load_saes(job.saes, job.site, activations.allow_network)
+    activations = dataclasses.replace(activations, model=model_of(job.model, saes))
     device = resolve_device(job.device)
     sites = [site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site]
     source = ActivationSource(activations, sites, device=str(device))

@@ -54,7 +54,8 @@ def reconstruct(sae: SAE, x: Tensor, keep_error: bool = False, edit: LatentEdit 
     out = sae.predict(flat, edit(latents) if edit is not None else latents)
     if keep_error:
         clean = out if edit is None else sae.predict(flat, latents)
-        out = out + (target.reshape(-1, target.shape[-1]).to(out.dtype) - clean)
+        # target + (edited - clean): exactly the target where the edit changes nothing
+        out = target.reshape(-1, target.shape[-1]).to(out.dtype) + (out - clean)
     return out.reshape(*target.shape[:-1], out.shape[-1]).to(target.dtype)
 
 

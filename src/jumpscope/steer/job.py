@@ -1,0 +1,162 @@
+"""``jumpscope steer``: generate from prompts with and without interventions on an SAE's latents.
+
+The model defaults to the one the SAE records (``cfg.model``), as ``jumpscope eval`` does, and
+the site to the SAE's ``cfg.site``. Interventions are given as text: ``--steer LATENT:ALPHA``,
+``--clamp LATENT:VALUE``, ``--ablate LATENT[,LATENT...]``; they apply in that order per token:
+ablations, then clamps, then steering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .generate import generate_with
+from .intervene import Positions
+from .interventions import Ablate, Clamp, Intervention, Steer, describe
+from .report import display_text, side_by_side
+
+__all__ = ["SteerJobConfig", "parse_interventions", "parse_positions", "run_steer"]
+
+
+@dataclass
+class SteerJobConfig:
+    """What to generate, with which interventions, and how to print it."""
+
+    sae: str
+    """The SAE: a folder or file in any supported format, or hf://owner/name/path."""
+
+    prompt: tuple[str, ...] = ()
+    """Prompts to continue (one or more)."""
+
+    steer: tuple[str, ...] = ()
+    """LATENT:ALPHA items: add ALPHA times the latent's decoder direction (ALPHA may be negative)."""
+
+    clamp: tuple[str, ...] = ()
+    """LATENT:VALUE items: set the latent to VALUE (>= 0) at every edited position."""
+
+    ablate: tuple[str, ...] = ()
+    """LATENT[,LATENT...] items: remove these latents' contribution (the SAE's error term is kept)."""
+
+    model: str | None = None
+    """The model to run; None: the one the SAE was trained on (its config's 'model')."""
+
+    site: str | None = None
+    """Hook site to intervene at; None: the SAE's own (its config's 'site')."""
+
+    positions: str = "all"
+    """Which token positions are edited: 'all', 'new' (generated tokens only, not the prompt), or a
+    start position N (positions >= N)."""
+
+    max_new_tokens: int = 40
+    """Tokens to generate per prompt."""
+
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy decoding."""
+
+    seed: int = 0
+    """Seed of the sampling (the same draws for the unsteered and the steered run)."""
+
+    width: int = 100
+    """Characters per printed line (the two generations share it in columns)."""
+
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
+
+    dtype: str = "float32"
+    """Model dtype: float32, bfloat16 or float16."""
+
+    allow_network: bool = False
+    """Allow downloads from the Hugging Face hub (model and SAE)."""
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("give at least one prompt")
+        if not (self.steer or self.clamp or self.ablate):
+            raise ValueError("give at least one intervention: steer, clamp or ablate")
+        parse_interventions(self.steer, self.clamp, self.ablate)
+        parse_positions(self.positions)
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.width < 40:
+            raise ValueError(f"width must be at least 40 characters, got {self.width}")
+
+
+def _number(text: str, item: str, option: str, form: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{option} {item!r}: expected {form}, e.g. 12:8") from None
+
+
+def _latent(text: str, item: str, option: str, form: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{option} {item!r}: expected {form} with an integer latent index") from None
+
+
+def parse_interventions(steer: tuple[str, ...] = (), clamp: tuple[str, ...] = (),
+                        ablate: tuple[str, ...] = ()) -> list[Intervention]:
+    """``Ablate``s, then ``Clamp``s, then ``Steer``s from their text forms; errors name the item."""
+    edits: list[Intervention] = []
+    for item in ablate:
+        latents = [part for part in item.split(",") if part.strip()]
+        if not latents:
+            raise ValueError(f"ablate {item!r}: expected LATENT[,LATENT...]")
+        edits.append(Ablate(tuple(_latent(part, item, "ablate", "LATENT[,LATENT...]") for part in latents)))
+    for option, items, make, form in (("clamp", clamp, Clamp, "LATENT:VALUE"), ("steer", steer, Steer, "LATENT:ALPHA")):
+        for item in items:
+            latent, sep, value = item.partition(":")
+            if not sep:
+                raise ValueError(f"{option} {item!r}: expected {form}, e.g. 12:8")
+            edits.append(make(_latent(latent, item, option, form), _number(value, item, option, form)))
+    return edits
+
+
+def parse_positions(text: str) -> Positions:
+    """'all', 'new' or a start position from its text form."""
+    if text in ("all", "new"):
+        return text  # type: ignore[return-value]
+    try:
+        start = int(text)
+    except ValueError:
+        raise ValueError(f"positions must be 'all', 'new' or a start position, got {text!r}") from None
+    if start < 0:
+        raise ValueError(f"positions: a start position is >= 0, got {start}")
+    return start
+
+
+def run_steer(job: SteerJobConfig) -> str:
+    """Generate each prompt's continuation without and with the interventions; returns the report."""
+    from ..formats import load
+    from ..models.loading import load_model, resolve_device
+
+    sae = load(job.sae, allow_network=job.allow_network)
+    site = job.site or sae.cfg.site
+    if not site:
+        raise ValueError(f"{job.sae}: the SAE records no hook site; give one with --site")
+    model_spec = job.model or sae.cfg.model
+    if not model_spec:
+        raise ValueError(f"{job.sae}: the SAE records no model it was trained on; give one with --model")
+    device = resolve_device(job.device)
+    loaded = load_model(model_spec, dtype=job.dtype, device=device, allow_network=job.allow_network)
+    if loaded.kind != "causal_lm" or loaded.tokenizer is None:
+        raise ValueError(f"{loaded.name}: steering generation needs a causal LM with a tokenizer "
+                         f"(this is {'an encoder' if loaded.kind != 'causal_lm' else 'a model without tokenizer'})")
+    sae = sae.to(device).eval()
+    edits = parse_interventions(job.steer, job.clamp, job.ablate)
+    settings: dict[str, Any] = dict(max_new_tokens=job.max_new_tokens, temperature=job.temperature, seed=job.seed,
+                                    positions=parse_positions(job.positions))
+    sampling = "greedy" if job.temperature == 0 else f"temperature {job.temperature:g}, seed {job.seed}"
+    lines = [f"SAE {job.sae} ({sae.architecture}, {sae.cfg.d_sae} latents) at {site} of {loaded.name}",
+             f"interventions: {describe(edits)} (positions: {job.positions}); {sampling}, "
+             f"{job.max_new_tokens} new tokens"]
+    for prompt in job.prompt:
+        plain = generate_with(loaded, None, prompt, None, **settings)
+        steered = generate_with(loaded, None, prompt, {site: (sae, edits)}, **settings)
+        lines += ["", f"prompt: {display_text(prompt)}",
+                  side_by_side([("unsteered", plain), ("steered", steered)], job.width)]
+    return "\n".join(lines)

@@ -1,0 +1,409 @@
+"""Steering, clamping and ablating SAE latents while a model runs or generates (jumpscope.steer)."""
+
+import math
+
+import pytest
+import torch
+
+from jumpscope import formats
+from jumpscope.analysis import logit_lens
+from jumpscope.cli import main
+from jumpscope.models.loading import load_model
+from jumpscope.models.splice import replace_sites
+from jumpscope.sae import build as build_sae
+from jumpscope.steer import (Ablate, Clamp, Steer, generate_ids, generate_with, intervene, side_by_side,
+                             display_text)
+from jumpscope.steer.job import parse_interventions
+from tiny_causal_lm import write_tiny_causal_lm
+from tiny_models import CASES, N_LAYERS, PARAMS, build, ids_for
+
+D = 32  # hidden width of every tiny model
+SITE = "layers.1.resid_post"
+CAUSAL = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "neox"]
+
+
+def topk_sae(seed=0, d_sae=64, k=8, **fields):
+    return build_sae("topk", d_in=D, d_sae=d_sae, k=k, seed=seed, **fields).eval()
+
+
+def run(model, ids, capture_site=None):
+    """(the model's first output: logits or last hidden state, the activation at capture_site as the
+    next layer reads it, i.e. after any intervention hooked before this call)."""
+    seen = {}
+
+    def capture(x):
+        seen["x"] = x.detach().clone()
+        return x
+
+    with torch.no_grad(), replace_sites(model, {capture_site: capture} if capture_site else {}):
+        out = model(input_ids=ids)[0]
+    return out, seen.get("x")
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def by_hand(sae, edit):
+    """x -> x + (edit(f) - f) @ W_dec with f = sae.encode(x): the intervention formula, written out."""
+
+    def transform(x):
+        with torch.no_grad():
+            f = sae.encode(x)
+            return x + (edit(f.clone()) - f) @ sae.W_dec
+
+    return transform
+
+
+# -- ablation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_ablation_removes_exactly_the_latents_contribution(name):
+    model, _ = build(name)
+    ids, sae = ids_for(), topk_sae()
+    clean, x = run(model, ids, SITE)
+    acts = sae.encode(x).detach()
+    latent = int((acts > 0).sum((0, 1)).argmax())  # active on many positions
+    assert (acts[..., latent] > 0).any()
+    with intervene(model, {SITE: (sae, [Ablate([latent])])}):
+        ablated, x_ablated = run(model, ids, SITE)
+    delta = -acts[..., latent:latent + 1] * sae.W_dec[latent].detach()
+    torch.testing.assert_close(x_ablated, x + delta, atol=1e-5, rtol=0)
+    hand, _ = run_with(model, ids, {SITE: lambda y: y + delta})
+    torch.testing.assert_close(ablated, hand, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ablated, clean, atol=1e-3)  # the latent mattered
+
+
+def run_with(model, ids, transforms):
+    with replace_sites(model, transforms):
+        return run(model, ids)
+
+
+def test_ablating_an_inactive_latent_changes_nothing():
+    model, _ = build("llama")
+    ids, sae = ids_for(), build_sae("relu", d_in=D, d_sae=16, seed=1).eval()
+    with torch.no_grad():
+        sae.b_enc[5] = -1e3  # latent 5 never fires
+    clean, x = run(model, ids, SITE)
+    assert not (sae.encode(x)[..., 5] > 0).any() and (sae.encode(x) > 0).any()
+    with intervene(model, {SITE: (sae, [Ablate(5)])}):
+        ablated, _ = run(model, ids)
+    assert torch.equal(ablated, clean)
+
+
+# -- clamping -------------------------------------------------------------------------------------
+def test_clamping_to_the_current_value_changes_nothing_and_to_v_moves_by_the_formula():
+    model, _ = build("llama")
+    ids, sae = ids_for(), build_sae("relu", d_in=D, d_sae=16, seed=2).eval()
+    with torch.no_grad():  # latent 3 fires with the same value 1.5 everywhere: W_enc column 0, b_enc 1.5
+        sae.W_enc[:, 3] = 0.0
+        sae.b_enc[3] = 1.5
+    clean, x = run(model, ids, SITE)
+    with intervene(model, {SITE: (sae, [Clamp(3, 1.5)])}):
+        same, _ = run(model, ids)
+    torch.testing.assert_close(same, clean, atol=1e-6, rtol=0)
+    with intervene(model, {SITE: (sae, [Clamp(3, 4.0)])}):
+        clamped, x_clamped = run(model, ids, SITE)
+    torch.testing.assert_close(x_clamped, x + 2.5 * sae.W_dec[3].detach(), atol=1e-5, rtol=0)
+    assert not torch.allclose(clamped, clean, atol=1e-3)
+
+
+def test_clamp_reaches_the_value_with_an_orthonormal_decoder():
+    model, _ = build("gpt2")
+    ids = ids_for()
+    sae = build_sae("relu", d_in=D, d_sae=D, seed=3, apply_b_dec_to_input=False).eval()
+    with torch.no_grad():  # W_dec orthonormal, W_enc its transpose: encode(x + c W_dec[i])[i] = f[i] + c
+        q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))
+        sae.W_dec.copy_(q.T)
+        sae.W_enc.copy_(q)
+        sae.b_enc.fill_(1e-3)
+    _, x = run(model, ids, SITE)
+    latent = int((sae.encode(x) > 0).sum((0, 1)).argmax())
+    active = sae.encode(x)[..., latent] > 0  # where the pre-activation is the latent (ReLU's linear part)
+    with intervene(model, {SITE: (sae, [Clamp(latent, 2.0)])}):
+        _, x_clamped = run(model, ids, SITE)
+    reached = sae.encode(x_clamped)[..., latent].detach()[active]
+    assert active.sum() >= 6
+    torch.testing.assert_close(reached, torch.full_like(reached, 2.0), atol=1e-4, rtol=0)
+
+
+# -- steering -------------------------------------------------------------------------------------
+def themed_sae(model, token):
+    """A ReLU SAE whose latent 0 writes (and reads) the direction the final norm maps onto token
+    ``token``'s unembedding: its logit lens is well defined."""
+    from jumpscope.analysis import unembedding
+
+    W_U, gain = unembedding(model)
+    direction = W_U[token] / gain
+    direction = direction - direction.mean()  # LayerNorm removes the mean; keep only what survives it
+    sae = build_sae("relu", d_in=D, d_sae=8, seed=4, apply_b_dec_to_input=False).eval()
+    with torch.no_grad():
+        sae.W_dec[0] = direction / direction.norm()
+        sae.W_enc[:, 0] = sae.W_dec[0]
+    return sae
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_steering_raises_the_latent_and_the_tokens_its_logit_lens_promotes(name):
+    model, _ = build(name)
+    ids, last = ids_for(), f"layers.{N_LAYERS - 1}.resid_post"
+    sae = themed_sae(model, token=11)
+    promoted = logit_lens(sae, model, n=5).promoted_ids[0]
+    assert 11 in promoted.tolist()
+    clean, x = run(model, ids, last)
+    alpha = 4 * float(x.norm(dim=-1).mean())
+    with intervene(model, {last: (sae, [Steer(0, alpha)])}):
+        steered, x_steered = run(model, ids, last)
+    assert (sae.encode(x_steered)[..., 0] > sae.encode(x)[..., 0] + 0.5 * alpha).all()
+    p_clean = clean.softmax(-1)[..., promoted].sum(-1)
+    p_steered = steered.softmax(-1)[..., promoted].sum(-1)
+    # random tiny models have small logits, so probabilities move little; the ranking moves all the way
+    assert (p_steered > p_clean).all() and p_steered.mean() > 1.15 * p_clean.mean()
+    assert (steered.argmax(-1) == promoted[0]).all() and not (clean.argmax(-1) == promoted[0]).all()
+
+
+def test_steering_needs_no_encoder_pass_and_equals_the_latent_edit():
+    model, _ = build("neox")
+    ids, sae = ids_for(), topk_sae(seed=5)
+    with intervene(model, {SITE: (sae, [Steer(7, 3.0), Steer(9, -2.0)])}):
+        steered, _ = run(model, ids)
+    hand, _ = run_with(model, ids, {SITE: lambda y: y + 3.0 * sae.W_dec[7].detach() - 2.0 * sae.W_dec[9].detach()})
+    torch.testing.assert_close(steered, hand, atol=1e-5, rtol=1e-5)
+    with intervene(model, {SITE: (sae, [Ablate([1]), Steer(7, 3.0)])}):  # mixed: one encode, same steering
+        mixed, _ = run(model, ids)
+    edit = by_hand(sae, lambda f: torch.cat([f[..., :1], torch.zeros_like(f[..., 1:2]), f[..., 2:]], -1))
+    hand, _ = run_with(model, ids, {SITE: lambda y: edit(y) + 3.0 * sae.W_dec[7].detach()})
+    torch.testing.assert_close(mixed, hand, atol=1e-5, rtol=1e-5)
+
+
+def test_edits_apply_in_order():
+    sae = topk_sae()
+    x = torch.randn(4, D)
+    f = sae.encode(x).detach()
+    from jumpscope.steer import site_transform
+
+    out = site_transform(sae, [Clamp(5, 0.0), Steer(5, 2.0)])(x)
+    torch.testing.assert_close(out, x + (2.0 - f[:, 5:6]) * sae.W_dec[5].detach(), atol=1e-5, rtol=0)
+    out = site_transform(sae, [Steer(5, 2.0), Clamp(5, 0.0)])(x)
+    torch.testing.assert_close(out, x - f[:, 5:6] * sae.W_dec[5].detach(), atol=1e-5, rtol=0)
+
+
+# -- every family, several sites at once ----------------------------------------------------------
+@pytest.mark.parametrize("name,cls", PARAMS)
+def test_interventions_at_several_sites_match_the_formula_in_every_family(name, cls):
+    model, _ = build(name, cls)
+    ids = ids_for()
+    saes = {"layers.0.attn_out": topk_sae(1), "layers.1.mlp_out": topk_sae(2), "layers.2.resid_post": topk_sae(3)}
+    edits = {"layers.0.attn_out": [Ablate([0, 1, 2, 3])], "layers.1.mlp_out": [Clamp(4, 2.0), Steer(5, 1.5)],
+             "layers.2.resid_post": [Steer(6, 3.0)]}
+
+    def clamp_steer(f):
+        f[..., 4] = 2.0
+        f[..., 5] += 1.5
+        return f
+
+    def ablate(f):
+        f[..., :4] = 0.0
+        return f
+
+    clean, _ = run(model, ids)
+    with intervene(model, {site: (sae, edits[site]) for site, sae in saes.items()}):
+        edited, _ = run(model, ids)
+    hand, _ = run_with(model, ids, {"layers.0.attn_out": by_hand(saes["layers.0.attn_out"], ablate),
+                                    "layers.1.mlp_out": by_hand(saes["layers.1.mlp_out"], clamp_steer),
+                                    "layers.2.resid_post": by_hand(saes["layers.2.resid_post"],
+                                                                   lambda f: f + 3.0 * torch.eye(64)[6])})
+    torch.testing.assert_close(edited, hand, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(edited, clean, atol=1e-3)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_generation_with_a_strong_steer_differs_and_without_edits_is_identical(name):
+    model, _ = build(name)
+    ids, sae = ids_for()[:, :5], topk_sae()
+    plain = generate_ids(model, None, ids, max_new_tokens=8)
+    assert plain.shape == (2, 13)
+    assert torch.equal(generate_ids(model, None, ids, {SITE: (sae, [])}, max_new_tokens=8), plain)
+    assert torch.equal(generate_ids(model, None, ids, {}, max_new_tokens=8), plain)
+    steered = generate_ids(model, None, ids, {SITE: (sae, [Steer(3, 50.0)])}, max_new_tokens=8)
+    assert torch.equal(steered[:, :5], ids) and not torch.equal(steered, plain)
+    assert hook_count(model) == 0
+
+
+# -- positions ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_new_positions_leave_the_prompt_alone_with_and_without_a_kv_cache(name):
+    model, _ = build(name)  # gemma2: 5 + 10 tokens run past its sliding window of 8
+    ids, sae = ids_for()[:, :5], topk_sae()
+    interventions = {SITE: (sae, [Steer(3, 50.0)])}
+    plain = generate_ids(model, None, ids, max_new_tokens=10)
+    cached = generate_ids(model, None, ids, interventions, max_new_tokens=10, positions="new")
+    assert torch.equal(cached[:, :6], plain[:, :6])  # the first new token comes from the prompt's forward
+    assert not torch.equal(cached, plain)
+    recomputed = ids  # no KV cache: every forward reads the whole sequence, the prompt stays unedited
+    with torch.no_grad(), intervene(model, interventions, positions="new"):
+        for _ in range(10):
+            recomputed = torch.cat([recomputed, model(input_ids=recomputed).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(recomputed, cached)
+
+
+def test_a_start_position_edits_only_positions_from_it():
+    model, _ = build("llama")
+    ids, sae = ids_for(), topk_sae()
+    _, x = run(model, ids, SITE)
+    with intervene(model, {SITE: (sae, [Steer(2, 5.0)])}, positions=4):
+        _, x_steered = run(model, ids, SITE)
+    torch.testing.assert_close(x_steered[:, :4], x[:, :4], atol=0, rtol=0)
+    torch.testing.assert_close(x_steered[:, 4:], x[:, 4:] + 5.0 * sae.W_dec[2].detach(), atol=1e-5, rtol=0)
+
+
+def test_hooks_are_removed_on_exit_and_when_the_block_raises():
+    model, _ = build("gpt2")
+    ids, sae = ids_for(), topk_sae()
+    clean, _ = run(model, ids)
+    for positions in ("all", "new"):
+        with pytest.raises(RuntimeError, match="inside"):
+            with intervene(model, {SITE: (sae, [Steer(1, 9.0), Ablate(2)])}, positions=positions):
+                assert hook_count(model) > 0
+                raise RuntimeError("raised inside")
+        assert hook_count(model) == 0
+    assert torch.equal(run(model, ids)[0], clean)
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone():
+    model, _ = build("llama")
+    ids, sae = ids_for()[:, :4], topk_sae()
+    state = torch.get_rng_state()
+    first = generate_ids(model, None, ids, max_new_tokens=10, temperature=1.0, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(generate_ids(model, None, ids, {SITE: (sae, [])}, max_new_tokens=10, temperature=1.0, seed=3),
+                       first)
+    others = [generate_ids(model, None, ids, max_new_tokens=10, temperature=1.0, seed=s) for s in (4, 5)]
+    assert any(not torch.equal(o, first) for o in others)
+
+
+# -- bad inputs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: Steer(-1, 1.0), ValueError, "count from 0"),
+    (lambda: Steer(True, 1.0), TypeError, "int"),
+    (lambda: Steer(1.5, 1.0), TypeError, "int"),
+    (lambda: Steer(1, math.nan), ValueError, "finite"),
+    (lambda: Steer(1, math.inf), ValueError, "finite"),
+    (lambda: Clamp(1, -0.5), ValueError, ">= 0"),
+    (lambda: Clamp(1, math.nan), ValueError, "finite"),
+    (lambda: Ablate([]), ValueError, "at least one"),
+    (lambda: Ablate([1, -2]), ValueError, "count from 0"),
+])
+def test_invalid_interventions_are_refused(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bad_targets_give_clear_errors_and_leave_no_hooks():
+    model, _ = build("llama")
+    sae = topk_sae()
+    transcoder = build_sae("topk", d_in=D, d_sae=64, d_out=D, k=4, apply_b_dec_to_input=False,
+                           site="layers.0.mlp_in", target_site="layers.0.mlp_out")
+    cases = [({SITE: (sae, [Steer(64, 1.0)])}, ValueError, "out of range .* 64 latents"),
+             ({SITE: (sae, [Ablate([3, 99])])}, ValueError, "latent 99 is out of range"),
+             ({"layers.7.resid_post": (sae, [Steer(1, 1.0)])}, ValueError, "layers"),
+             ({"nonsense": (sae, [Steer(1, 1.0)])}, ValueError, "valid sites"),
+             ({SITE: (build_sae("topk", d_in=16, d_sae=32, k=4), [Steer(1, 1.0)])}, ValueError, "does not fit"),
+             ({"layers.0.mlp_out": (transcoder, [Steer(1, 1.0)])}, ValueError, "transcoder"),
+             ({SITE: (sae, [("steer", 1, 2.0)])}, TypeError, "unknown intervention"),
+             ({SITE: sae}, TypeError, r"\(sae, \[Steer"),
+             ([(SITE, sae)], TypeError, "mapping")]
+    for interventions, error, match in cases:
+        with pytest.raises(error, match=match):
+            with intervene(model, interventions):
+                pass
+        assert hook_count(model) == 0
+    for positions in ("some", -1, True):
+        with pytest.raises(ValueError, match="positions"):
+            with intervene(model, {SITE: (sae, [Steer(1, 1.0)])}, positions=positions):
+                pass
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_ids(model, None, ids_for(), max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_ids(model, None, ids_for(), temperature=-1.0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate_with(model, None, "text")
+
+
+def test_generation_refuses_a_model_without_a_language_model_head():
+    encoder, _ = build("bert", CASES["bert"][2][1])
+    with pytest.raises(ValueError, match="language-model head"):
+        generate_ids(encoder, None, ids_for(), max_new_tokens=2)
+
+
+# -- text helpers and the command line ------------------------------------------------------------
+def test_parse_interventions_and_side_by_side():
+    edits = parse_interventions(steer=("12:8", "3:-2.5"), clamp=("4:1",), ablate=("5,6", "7"))
+    assert edits == [Ablate((5, 6)), Ablate((7,)), Clamp(4, 1.0), Steer(12, 8.0), Steer(3, -2.5)]
+    for bad, match in [(dict(steer=("12",)), "LATENT:ALPHA"), (dict(steer=("a:1",)), "integer latent"),
+                       (dict(clamp=("1:x",)), "LATENT:VALUE"), (dict(ablate=(",",)), "LATENT")]:
+        with pytest.raises(ValueError, match=match):
+            parse_interventions(**bad)
+    text = side_by_side([("left", "one two three " * 5), ("right", "x\x07y\nz")], width=41)
+    lines = text.splitlines()
+    assert lines[0].startswith("left") and "| right" in lines[0] and set(lines[1]) <= {"-", "+"}
+    assert display_text("x\x07y\nz") == "x\\x07y z" and "x\\x07y z" in text
+
+
+def columns(output, width):
+    """The two columns' texts of a side_by_side block starting after its rule line."""
+    column = (width - 3) // 2
+    lines = output.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line and set(line) <= {"-", "+"})
+    body = []
+    for line in lines[rule + 1:]:
+        if not line.strip():
+            break
+        body.append(line)
+    left = "".join(line[:column] for line in body)
+    right = "".join(line[column + 3:] for line in body)
+    return "".join(left.split()), "".join(right.split())
+
+
+def test_cli_steer_prints_both_generations(tmp_path, capsys):
+    model_path = write_tiny_causal_lm(tmp_path / "model")
+    sae = build_sae("topk", d_in=D, d_sae=64, k=8, model=str(model_path), site=SITE)
+    formats.save(sae, tmp_path / "sae", format="native")
+    args = ["steer", str(tmp_path / "sae"), "--prompt", "hello abc", "--steer", "3:60", "--ablate", "1,2",
+            "--max-new-tokens", "12", "--width", "80", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "unsteered" in out and "steered" in out and "ablate 1, 2; steer 3 by +60" in out
+    loaded = load_model(model_path)
+    plain = generate_with(loaded, None, "hello abc", max_new_tokens=12)
+    steered = generate_with(loaded, None, "hello abc", {SITE: (formats.load(tmp_path / "sae"),
+                                                               [Ablate((1, 2)), Steer(3, 60.0)])}, max_new_tokens=12)
+    assert plain != steered
+    expect = tuple("".join(display_text(text).split()) for text in (plain, steered))
+    assert columns(out, 80) == expect
+
+
+def test_cli_steer_errors(tmp_path, capsys):
+    model_path = write_tiny_causal_lm(tmp_path / "model")
+    formats.save(build_sae("topk", d_in=D, d_sae=64, k=8, site=SITE), tmp_path / "nomodel", format="native")
+    formats.save(build_sae("topk", d_in=D, d_sae=64, k=8, model=str(model_path), site=SITE), tmp_path / "sae",
+                 format="native")
+    sae = str(tmp_path / "sae")
+    for args, message in [([sae, "--prompt", "hi"], "at least one intervention"),
+                          ([sae, "--prompt", "hi", "--steer", "3"], "LATENT:ALPHA"),
+                          ([sae, "--steer", "3:1"], "at least one prompt"),
+                          ([sae, "--prompt", "hi", "--clamp", "3:-1"], ">= 0"),
+                          ([sae, "--prompt", "hi", "--steer", "64:1", "--device", "cpu"], "out of range"),
+                          ([str(tmp_path / "nomodel"), "--prompt", "hi", "--steer", "1:1"], "--model")]:
+        assert main(["steer", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+
+
+def test_every_steer_job_field_has_a_docstring():
+    import dataclasses
+
+    from jumpscope.config_cli import field_docs
+    from jumpscope.steer.job import SteerJobConfig
+
+    docs = field_docs(SteerJobConfig)
+    assert not [f.name for f in dataclasses.fields(SteerJobConfig) if not docs.get(f.name, "").strip()]
