@@ -131,16 +131,12 @@ def parse_positions(text: str) -> Positions:
 
 def run_steer(job: SteerJobConfig) -> str:
     """Generate each prompt's continuation without and with the interventions; returns the report."""
-    from ..formats import load
+    from ..jobs.evaluate import load_saes, model_of
     from ..models.loading import load_model, resolve_device
 
-    sae = load(job.sae, allow_network=job.allow_network)
-    site = job.site or sae.cfg.site
-    if not site:
-        raise ValueError(f"{job.sae}: the SAE records no hook site; give one with --site")
-    model_spec = job.model or sae.cfg.model
-    if not model_spec:
-        raise ValueError(f"{job.sae}: the SAE records no model it was trained on; give one with --model")
+    name, sae = next(iter(load_saes([job.sae], job.site, job.allow_network).items()))
+    site = sae.cfg.site
+    model_spec = model_of(job.model, {name: sae})
     device = resolve_device(job.device)
     loaded = load_model(model_spec, dtype=job.dtype, device=device, allow_network=job.allow_network)
     if loaded.kind != "causal_lm" or loaded.tokenizer is None:
