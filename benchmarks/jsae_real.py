@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from jumpscope.jobs.activations import ActivationConfig  # noqa: E402
 from jumpscope.jobs.jsae import JsaeJobConfig, run_jsae  # noqa: E402
-from shared_data import GUTENBERG, STORIES260K, WIKITEXT, verified  # noqa: E402
+from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAMBDAS = (0.0, 1.0, 4.0, 16.0)
@@ -122,12 +122,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {}
-    for name in args.models:
-        setup = setups(args.quick)[name]
-        paths = verified(*setup["files"])
-        if isinstance(paths, str):
-            print(f"SKIP {name}: {paths}")
-            continue
+    for name, setup, paths in available(args.models, setups(args.quick)):
         runs = {}
         for variant in ("trained", "random"):
             out = RESULTS / f"jsae_{name}{'_quick' if args.quick else ''}" / variant

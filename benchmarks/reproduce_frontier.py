@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads s
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_data import GUTENBERG, STORIES260K, WIKITEXT, verified  # noqa: E402
+from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available  # noqa: E402
 
 from jumpscope.evaluate.plots import frontier_metrics  # noqa: E402
 from jumpscope.evaluate.report import frontier, frontier_table  # noqa: E402
@@ -120,12 +120,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     summary = {}
-    for name in args.models:
-        setup = setups(args.quick)[name]
-        paths = verified(*setup["files"])
-        if isinstance(paths, str):
-            print(f"SKIP {name}: {paths}")
-            continue
+    for name, setup, paths in available(args.models, setups(args.quick)):
         variants = [("", setup["sweep"], {})]
         if args.lr_check:
             baselines = tuple(a for a in SweepConfig().archs if a != "jumprelu")

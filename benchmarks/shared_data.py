@@ -52,6 +52,18 @@ def verified(*relative: str) -> list[Path] | str:
     return paths
 
 
+def available(names, setups: dict):
+    """``(name, setup, paths)`` for each named setup whose ``setup["files"]`` are present and verified;
+    prints a SKIP line for the others."""
+    for name in names:
+        setup = setups[name]
+        paths = verified(*setup["files"])
+        if isinstance(paths, str):
+            print(f"SKIP {name}: {paths}")
+            continue
+        yield name, setup, paths
+
+
 GUTENBERG = tuple(rel for rel in SHA256 if rel.startswith("text/gutenberg/"))
 WIKITEXT = ("text/wikitext2_valid.txt", "text/wikitext2_test.txt")
 STORIES260K = ("stories260k/stories260K.bin", "stories260k/tok512.bin")

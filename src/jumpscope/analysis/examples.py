@@ -221,8 +221,7 @@ def collect_examples(model: Any, sae: SAE, batches: Iterable[Any], cfg: Examples
     folder = Path(state_dir) if state_dir is not None else None
     if resume and folder is not None and (folder / "state.json").is_file():
         collector.load_state(folder)
-    total = max_tokens if max_tokens is not None else None
-    bar = tqdm(total=total, initial=min(collector.n_tokens, total or collector.n_tokens), unit="tok",
+    bar = tqdm(total=max_tokens, initial=min(collector.n_tokens, max_tokens or collector.n_tokens), unit="tok",
                desc="max-activating examples", disable=not progress, dynamic_ncols=True)
     for index, batch in enumerate(batches):
         if max_tokens is not None and collector.n_tokens >= max_tokens:
