@@ -4,28 +4,49 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH := torch==2.13.0
+# The exact versions the suite last passed with; every install here is held to them.
+LOCK := constraints.txt
+LATEST := .venv-latest
 
-.PHONY: demo test venv clean bench bench-frontier bench-peer interop
+.PHONY: demo test test-latest lock venv clean bench bench-frontier bench-peer interop
 
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e .
+	$(PIP) install -q -c $(LOCK) $(TORCH)
+	$(PIP) install -q -c $(LOCK) -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c $(LOCK) -e '.[dev]'
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.base
-	$(PIP) install -q -e '.[demo]'
+	$(PIP) install -q -c $(LOCK) -e '.[demo]'
 	touch $@
 
 venv: $(VENV)/.base
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -ra
+
+# The newest versions pyproject allows (torch stays pinned: newer wheels are CUDA builds of
+# several GB), in a venv of their own, and the whole suite on them: catches a break before a
+# user meets it. `make lock` then records them in constraints.txt.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q $(TORCH)
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|tokenizers|safetensors|numpy|huggingface.hub|tqdm|matplotlib)=='
+	$(LATEST)/bin/python -m pytest -q -ra
+
+lock: test-latest
+	{ sed -n '1,3p' $(LOCK); $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -v '^-e' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	@echo "constraints.txt now holds the versions the suite just passed with; commit it."
 
 # The main job on the embedded default: JumpReLU on MiniLM's middle residual stream, built-in corpus.
 demo: $(VENV)/.demo
@@ -51,4 +72,4 @@ interop:
 	.venv-saelens/bin/python -m pytest -q tests/test_formats_saelens_interop.py
 
 clean:
-	rm -rf $(VENV) .venv-saelens build dist src/*.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-saelens build dist src/*.egg-info

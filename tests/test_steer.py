@@ -13,6 +13,7 @@ from jumpscope.models.splice import replace_sites
 from jumpscope.sae import build as build_sae
 from jumpscope.steer import (Ablate, Clamp, Steer, generate_ids, generate_with, intervene, side_by_side,
                              display_text)
+from jumpscope.steer.intervene import forward_offset
 from jumpscope.steer.job import parse_interventions
 from tiny_causal_lm import write_tiny_causal_lm
 from tiny_models import CASES, N_LAYERS, PARAMS, build, ids_for
@@ -245,6 +246,41 @@ def test_new_positions_leave_the_prompt_alone_with_and_without_a_kv_cache(name):
         for _ in range(10):
             recomputed = torch.cat([recomputed, model(input_ids=recomputed).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(recomputed, cached)
+
+
+class _FakeCache:
+    def __init__(self, length):
+        self.length = length
+
+    def get_seq_length(self):
+        return self.length
+
+
+@pytest.mark.parametrize("kwargs, offset", [
+    ({"input_ids": torch.zeros(1, 1)}, 0),  # no cache: the whole sequence
+    ({"past_key_values": _FakeCache(7)}, 7),  # transformers 4.x
+    ({"cache": _FakeCache(7), "position_ids": torch.tensor([[7]])}, 7),  # transformers 5.x generate
+    ({"kv_store": _FakeCache(9)}, 9),  # any keyword holding a cache object
+    ({"past_key_values": ((torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4)),)}, 5),  # legacy tuples
+    ({"cache_position": torch.tensor([6])}, 6),
+    ({"position_ids": torch.tensor([[3, 4], [3, 4]])}, 3),
+    ({"cache": object(), "use_cache": True}, None),  # a cache nothing tells the length of
+])
+def test_the_forward_offset_is_read_from_every_calling_convention(kwargs, offset):
+    assert forward_offset(kwargs) == offset
+
+
+def test_new_positions_refuse_a_cached_step_whose_offset_cannot_be_seen():
+    """A forward shorter than the prompt at offset 0 is a cached step whose cache went unseen:
+    "new" must raise rather than silently edit nothing (the transformers 5.x regression)."""
+    model, _ = build("llama")
+    ids, sae = ids_for()[:, :5], topk_sae()
+    with torch.no_grad(), intervene(model, {SITE: (sae, [Steer(3, 50.0)])}, positions="new"):
+        prompt = model(input_ids=ids).logits  # the prompt itself is never edited
+        assert torch.equal(model(input_ids=ids).logits, prompt)  # re-reading it (no cache) is fine
+        with pytest.raises(RuntimeError, match="KV cache"):
+            model(input_ids=ids[:, -1:])
+    torch.testing.assert_close(prompt, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
 def test_a_start_position_edits_only_positions_from_it():

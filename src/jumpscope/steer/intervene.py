@@ -15,9 +15,12 @@ only the new token on each later one.
   the block reads (so use one block per generation, as :func:`generate_with` does);
 - an int ``start``: only absolute positions ``>= start`` (e.g. 1 to leave BOS alone).
 
-A position's absolute index is the forward's offset (the length of the KV cache it is given,
-read from the call's ``past_key_values`` or ``cache_position``) plus its index in the call, so
-"new" and ``start`` work with and without a KV cache.
+A position's absolute index is the forward's offset plus its index in the call, so "new" and
+``start`` work with and without a KV cache. The offset is the length of the KV cache the call is
+given, whatever its keyword (transformers has passed it as ``past_key_values`` and, since 5.x
+``generate``, as ``cache``), else the call's ``cache_position`` or ``position_ids``. Where a
+call uses a cache but none of these says where it starts, the block raises instead of editing
+the wrong positions (or silently none).
 """
 
 from __future__ import annotations
@@ -74,18 +77,29 @@ class _PositionTracker:
 
     def __init__(self, positions: Positions):
         self.start: int | None = None if positions == "new" else int(positions)
-        self.offset = 0
+        self.offset: int | None = 0
 
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.offset = _cache_length(kwargs)
+        self.offset = forward_offset(kwargs)
 
     def mask(self, x: Tensor) -> Tensor:
         """[batch, seq] bool: the positions of ``x`` ([batch, seq, d]) to edit."""
         if x.dim() != 3:
             raise ValueError(f"positions='new' or a start position needs [batch, seq, d] activations, "
                              f"got shape {tuple(x.shape)}")
+        if self.offset is None:
+            raise RuntimeError("positions='new' or a start position: this forward uses a KV cache but passes "
+                               "neither the cache, cache_position nor position_ids in a form jumpscope reads, "
+                               "so its absolute positions are unknown; use positions='all' or generate with "
+                               "use_cache=False")
         if self.start is None:  # the first forward in the block reads the prompt
             self.start = self.offset + x.shape[1]
+        elif self.offset == 0 and x.shape[1] < self.start:
+            # Without a cache every later forward re-reads the prompt, so a shorter one at offset 0
+            # is a cached step whose offset went unseen: editing nothing would be a silent no-op.
+            raise RuntimeError(f"positions='new': a forward read {x.shape[1]} token(s) at offset 0 after a "
+                               f"{self.start}-token prompt, so it uses a KV cache that jumpscope cannot "
+                               "read; use positions='all' or generate with use_cache=False")
         absolute = self.offset + torch.arange(x.shape[1], device=x.device)
         return (absolute >= self.start).expand(x.shape[0], -1)
 
@@ -97,18 +111,35 @@ class _PositionTracker:
         return masked
 
 
-def _cache_length(kwargs: dict) -> int:
-    """Tokens already in the KV cache passed to this forward (0 without one)."""
-    cache = kwargs.get("past_key_values")
-    if cache is not None:
-        if hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
-        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy (k, v) per layer
-            return int(cache[0][0].shape[-2])
-    position = kwargs.get("cache_position")
-    if isinstance(position, Tensor) and position.numel():
-        return int(position.reshape(-1)[0])
-    return 0
+def _cache_seq_length(cache: Any) -> int | None:
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0] \
+            and isinstance(cache[0][0], Tensor):  # legacy: (key, value) per layer, [batch, heads, seq, dim]
+        return int(cache[0][0].shape[-2])
+    return None
+
+
+def forward_offset(kwargs: Mapping[str, Any]) -> int | None:
+    """The absolute position of the first token a model forward reads, from its keyword arguments:
+    the length of its KV cache (a cache object under any keyword, e.g. ``past_key_values`` or
+    ``cache``; a legacy tuple under those two), else its ``cache_position``, else its
+    ``position_ids`` (unpadded here); 0 for a call without a cache; None where a cache is in use
+    but nothing says how long it is."""
+    uses_cache = False
+    for name, value in kwargs.items():
+        if name in ("past_key_values", "cache") or hasattr(value, "get_seq_length"):
+            if value is None:
+                continue
+            uses_cache = True
+            length = _cache_seq_length(value)
+            if length is not None:
+                return length
+    for name in ("cache_position", "position_ids"):
+        position = kwargs.get(name)
+        if isinstance(position, Tensor) and position.numel():
+            return int(position.reshape(-1, position.shape[-1])[:, 0].min())
+    return None if uses_cache else 0
 
 
 @contextlib.contextmanager
