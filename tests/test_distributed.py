@@ -46,12 +46,13 @@ def launch(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """Each suite trained in this process on the same global batches: (out folder, weights)."""
+    """Each suite trained in this process on the same global batches: (out folder, weights, summary)."""
     references = {}
     for suite in ("data", "saes"):
         out = tmp_path_factory.mktemp(f"single_{suite}")
-        trained = Trainer(worker.make_saes(suite), worker.config(suite, str(out)), SingleProcess()).fit(worker.stream())
-        references[suite] = out, worker.flat_state(trained)
+        trainer = Trainer(worker.make_saes(suite), worker.config(suite, str(out)), SingleProcess())
+        trained = trainer.fit(worker.stream())
+        references[suite] = out, worker.flat_state(trained), trainer.final_summary()
     return references
 
 
@@ -97,7 +98,7 @@ def test_data_parallel_equals_one_process_on_the_same_global_batches(launch, one
 
 @needs_gloo
 def test_data_parallel_logs_and_summaries_describe_the_whole_batch(launch, one_process):
-    out, _ = launch
+    out, results = launch
     single_out = one_process["data"][0]
     parallel, single = log_rows(out / "data_full" / "rank0" / "train_log.jsonl"), log_rows(single_out / "train_log.jsonl")
     assert parallel.keys() == single.keys()
@@ -106,8 +107,8 @@ def test_data_parallel_logs_and_summaries_describe_the_whole_batch(launch, one_p
             for key, value in row.items():
                 if isinstance(value, float):
                     assert parallel[step, name][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (step, name, key)
-    summary = json.loads((out / "data_full" / "rank0" / "summary.json").read_text())["saes"]
-    expected = json.loads((single_out / "summary.json").read_text())["saes"]
+    summary = json.loads((results / "data_full.rank0.json").read_text())["summary"]
+    expected = one_process["data"][2]
     for name in worker.EXACT:
         for key in ("n_tokens", "l0", "fvu", "mse", "cosine", "dead_fraction", "dense_fraction"):
             assert summary[name][key] == pytest.approx(expected[name][key], rel=1e-5, abs=1e-7), (name, key)
@@ -118,7 +119,7 @@ def test_only_the_main_process_writes_under_data_parallelism(launch):
     out, _ = launch
     assert not (out / "data_full" / "rank1").exists()
     written = {path.name for path in (out / "data_full" / "rank0").iterdir()}
-    assert written == {"checkpoint.safetensors", "train_log.jsonl", "summary.json", *worker.make_saes("data")}
+    assert written == {"checkpoint.safetensors", "train_log.jsonl", *worker.make_saes("data")}
 
 
 @needs_gloo
@@ -156,8 +157,9 @@ def test_each_process_trains_and_writes_its_own_saes(launch, one_process):
     assert len(trained_here[0]) == len(trained_here[1]) == 2
     assert {path.name for path in (out / "saes_full" / "rank1").iterdir()} == trained_here[1]
     assert {path.name for path in (out / "saes_full" / "rank0").iterdir()} == \
-        trained_here[0] | {"checkpoint.safetensors", "train_log.jsonl", "summary.json"}
-    assert set(json.loads((out / "saes_full" / "rank0" / "summary.json").read_text())["saes"]) == names
+        trained_here[0] | {"checkpoint.safetensors", "train_log.jsonl"}
+    for rank in (0, 1):  # every process's summary covers every SAE, its own and the others'
+        assert set(json.loads((results / f"saes_full.rank{rank}.json").read_text())["summary"]) == names
     assert {name for _, name in log_rows(out / "saes_full" / "rank0" / "train_log.jsonl")} == names
     initial = worker.flat_state(worker.make_saes("saes"))
     for rank in (0, 1):  # every process returns every SAE, trained by its owner as in one process

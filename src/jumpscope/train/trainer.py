@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import Tensor
 from ..sae.base import SAE
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import Batch, check_finite, rebatch
-from .checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, local_device,
                           process_group_from_env, reduce_metrics, reduced_row, shard_batch, share_saes, step_context)
@@ -311,68 +310,31 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, path: Path) -> None:
         """One file for every SAE, as one process writes it (collective: every process calls it)."""
-        parts = {name: (*self._sae_state(name), self.input_scales[name], self.output_scales[name])
+        parts = {name: TrainingState(self.saes[name], self.optimizers[name], self.since_fired[name],
+                                     reduce_metrics(self.final_metrics[name], self.dp), self.input_scales[name],
+                                     self.output_scales[name]).portable(to_cpu=self.dp is not self.dist)
                  for name in self.saes}
         if self.dp is not self.dist:  # each process has its own SAEs: gather them on the main one
             parts = gather_by_name(self.dist, parts, self.all_saes)
-        if not self.dist.is_main:
-            return
-        tensors: dict[str, Tensor] = {}
-        groups, input_scales, output_scales = {}, {}, {}
-        for index, name in enumerate(self.all_saes):
-            sae_tensors, groups[name], input_scales[name], output_scales[name] = parts[name]
-            tensors.update({f"sae{index}.{key}": value for key, value in sae_tensors.items()})
-        state = {"step": self.step, "names": list(self.all_saes), "input_scales": input_scales,
-                 "output_scales": output_scales, "param_groups": groups, "trainer": self.cfg.to_dict(),
-                 "configs": self._configs()}
-        save_checkpoint(path, tensors, state)
-
-    def _sae_state(self, name: str) -> tuple[dict[str, Tensor], list]:
-        tensors = {f"model.{k}": v for k, v in self.saes[name].state_dict().items()}
-        optim_tensors, groups = optimizer_tensors(self.optimizers[name], "optim")
-        tensors.update(optim_tensors)
-        tensors["since_fired"] = self.since_fired[name]
-        final = reduce_metrics(self.final_metrics[name], self.dp)
-        tensors.update({f"final.{k}": v for k, v in final.state_dict().items()})
-        if self.dp is not self.dist:
-            tensors = {key: value.detach().cpu() for key, value in tensors.items()}  # to be pickled
-        return tensors, groups
-
-    def _configs(self) -> dict[str, dict[str, Any]]:
-        """What must match for a checkpoint to resume: each SAE's architecture and config, less
-        its runtime fields (e.g. the kernel choice), which change how, not what, it computes."""
-        return {name: {"architecture": sae.architecture,
-                       **{k: v for k, v in sae.cfg.to_dict().items() if k not in sae.cfg.runtime_fields}}
-                for name, sae in self.all_saes.items()}
+        if self.dist.is_main:
+            save_training(path, self.step, parts, list(self.all_saes), self.cfg.to_dict(),
+                          resume_configs(self.all_saes))
 
     def _load(self, path: Path) -> None:
-        tensors, state = load_checkpoint(path)
-        configs = self._configs()
-        if state["configs"] != configs:
-            raise ValueError(f"{path} was written by a run with different SAEs or configs; resume with the same "
-                             f"settings or use another output folder.\n saved: {state['configs']}\n now: {configs}")
-        for key in ("batch_size", "total_tokens"):
-            if state["trainer"][key] != getattr(self.cfg, key):
-                raise ValueError(f"{path} was written with {key}={state['trainer'][key]}, "
-                                 f"this run has {getattr(self.cfg, key)}; resume with the same value")
+        step, states, input_scales, output_scales = load_training(
+            path, resume_configs(self.all_saes), {key: getattr(self.cfg, key) for key in ("batch_size", "total_tokens")})
         for name, sae in self.saes.items():
-            index = state["names"].index(name)
-            prefix = f"sae{index}.model."
-            sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            restore_optimizer(self.optimizers[name], tensors, f"sae{index}.optim", state["param_groups"][name])
-            self.since_fired[name] = tensors[f"sae{index}.since_fired"].to(self.device)
-            prefix = f"sae{index}.final."
-            if self.dp.is_main:  # the sums so far count once; the other processes add their rows from here
-                self.final_metrics[name].load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                                          if k.startswith(prefix)})
-        self.step = int(state["step"])
-        self.input_scales = {k: float(v) for k, v in state["input_scales"].items()}
-        self.output_scales = {k: float(v) for k, v in state["output_scales"].items()}
+            self.since_fired[name] = states[name].restore(sae, self.optimizers[name],
+                                                          self.final_metrics[name] if self.dp.is_main else None,
+                                                          self.device)
+        self.step = step
+        self.input_scales, self.output_scales = input_scales, output_scales
 
     # -- output -------------------------------------------------------------------------------
     def _finish(self) -> dict[str, SAE]:
         """Fold the input scales, write the SAE folders (each process those it trained, once)
-        and summary.json (the main process), and return every SAE, on every process."""
+        and return every SAE, on every process. The run's summary is the caller's to write
+        (``final_summary()``); the trainer's own files are only what resuming needs."""
         for name in self.saes:
             self.final_metrics[name] = reduce_metrics(self.final_metrics[name], self.dp)
         summary = self.final_summary()
@@ -391,8 +353,4 @@ class Trainer:
                             metadata=metadata)
         if self.dp is not self.dist:  # each process trained its own SAEs: give every process all of them
             self.final_metrics = share_saes(self.dist, self.all_saes, self.owners, self.final_metrics, self.device)
-            summary = self.final_summary()
-        if self.out_dir is not None and self.dist.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(
-                {"steps": self.step, "tokens": self.step * self.cfg.batch_size, "saes": summary}, indent=2))
         return self.all_saes
