@@ -11,7 +11,8 @@ from jumpscope.models.sites import available_sites
 from tiny_models import CASES, N_LAYERS, PARAMS, T, V, build, ids_for  # noqa: F401
 
 def base_of(model):
-    return model.base_model
+    base = model.base_model  # transformers 4.5x's Gemma3ForCausalLM names a prefix it lacks: fall back to .model
+    return model.model if base is model and hasattr(model, "model") else base
 
 
 def layer_of(model, family, L):

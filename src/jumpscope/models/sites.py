@@ -42,6 +42,7 @@ sites only (family ``generic``); ``module:`` works for every model.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -116,14 +117,17 @@ def _layout(model: nn.Module) -> _Layout:
     family = _FAMILY_OF.get(model_type)
     candidates = [_LAYOUT[family][0]] if family else list(_GENERIC_LAYER_LISTS)
     n_cfg = getattr(config, "num_hidden_layers", None)
-    for rel in candidates:
+    # Some releases name a head model's base_model_prefix after an attribute it lacks (transformers
+    # 4.5x's Gemma3ForCausalLM says "language_model" but holds "model"): then try "model." too.
+    prefixes = [prefix] + (["model."] if not prefix and isinstance(getattr(model, "model", None), nn.Module) else [])
+    for base, rel in itertools.product(prefixes, candidates):
         try:
-            layers = model.get_submodule(prefix + rel)
+            layers = model.get_submodule(base + rel)
         except AttributeError:
             continue
         if isinstance(layers, nn.ModuleList) and (family or n_cfg is None or len(layers) == n_cfg):
             n = len(layers) if n_cfg is None else min(len(layers), n_cfg)
-            return _Layout(family or "generic", prefix, prefix + rel, n, _LAYOUT[family][1] if family else {})
+            return _Layout(family or "generic", base, base + rel, n, _LAYOUT[family][1] if family else {})
     if family:
         raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no {prefix + candidates[0]!r} "
                          "layer list where its family keeps one; use module:<path> sites")
