@@ -259,3 +259,82 @@ def test_site_selection_feeds_the_trainer(reference):
         reader.iterate(site="blocks.1.resid", sites=["blocks.1.resid"])
     with pytest.raises(ValueError, match="batch_size"):
         reader.iterate(buffer_rows=10)
+
+
+# -- hostile manifests and shards: a CacheError naming the file, before any row is read ----------
+def hostile_copy(tmp_path, reference, change):
+    import shutil
+
+    folder = tmp_path / "c"
+    shutil.copytree(reference, folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    change(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def set_shard(index, **fields):
+    return lambda m: m["shards"][index].update(fields)
+
+
+@pytest.mark.parametrize("change, match", [
+    (set_shard(2, rows=0), r"shard 2 \(shard_00002.safetensors\): rows must be a positive integer, got 0"),
+    (set_shard(2, rows=-5), "rows must be a positive integer, got -5"),
+    (set_shard(0, rows=-1e30), "rows must be a positive integer, got -1e\\+30"),
+    (set_shard(0, rows=True), "rows must be a positive integer, got True"),
+    (set_shard(0, bytes=12), r"12 bytes cannot hold 40 rows"),
+    (set_shard(0, bytes="many"), "bytes must be a positive integer"),
+    (set_shard(0, sha256=None), "sha256 must be 64 lowercase hex digits, got None"),
+    (set_shard(1, file="shard_00000.safetensors"), "shard 1 must be shard_00001.safetensors"),
+    (set_shard(1, file="sub/shard_00001.safetensors"), "shard file names must look like"),
+    (set_shard(1, file="..\\shard_00001.safetensors"), "shard file names must look like"),
+    (lambda m: m["shards"].insert(1, m["shards"][0]), "shard 1 must be shard_00001.safetensors, got shard_00000"),
+    (lambda m: m.update(shard_rows=0), "shard_rows must be a positive integer"),
+    (lambda m: m.update(sites={"a": True}), "sites must map names to positive widths"),
+    (lambda m: m.update(total_tokens=True), "total_tokens True is not the sum"),
+    (lambda m: m["shards"][0].update(extra=1), "shards must be a list of"),
+])
+def test_hostile_manifests_are_refused_before_use(tmp_path, reference, change, match):
+    from jumpscope.errors import CacheError
+
+    folder = hostile_copy(tmp_path, reference, change)
+    with pytest.raises(CacheError, match=match) as error:
+        CacheReader(folder)
+    assert str(folder / MANIFEST) in str(error.value)
+
+
+def test_a_zero_row_shard_no_longer_vanishes_silently(tmp_path, reference):
+    """It used to be skipped without being read or checksummed (its rows lost): now the manifest
+    is refused, and a shard whose size on disk differs from the manifest is refused on open."""
+    from jumpscope.errors import CacheError
+
+    folder = hostile_copy(tmp_path, reference, lambda m: m.update(
+        total_tokens=m["total_tokens"] - m["shards"][2]["rows"]) or m["shards"][2].update(rows=0))
+    with pytest.raises(CacheError, match="rows must be a positive integer, got 0"):
+        list(CacheReader(folder))
+    folder = hostile_copy(tmp_path / "2", reference, lambda m: None)
+    with open(folder / "shard_00004.safetensors", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(CacheError, match=r"shard 4 \(shard_00004.safetensors\) is corrupt: it is \d+ bytes"):
+        CacheReader(folder)
+
+
+def test_non_regular_shard_huge_or_nested_manifest(tmp_path, reference):
+    import os
+
+    from jumpscope.errors import CacheError
+
+    folder = hostile_copy(tmp_path, reference, lambda m: None)
+    (folder / "shard_00001.safetensors").unlink()
+    os.mkfifo(folder / "shard_00001.safetensors")  # hashing it would block forever
+    with pytest.raises(CacheError, match="shard_00001.safetensors is not a regular file"):
+        CacheReader(folder)
+    (folder / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CacheError, match="manifest.json is not valid JSON") as error:
+        CacheReader(folder)
+    assert str(folder / MANIFEST) in str(error.value)
+    with pytest.raises(CacheError, match="not valid JSON.*overwrite=True"):
+        CacheWriter(folder, SITES, "float32", SHARD_ROWS, META)
+    (folder / MANIFEST).write_text(" " * (65 << 20))
+    with pytest.raises(CacheError, match=r"manifest.json is \d+ bytes, more than"):
+        CacheReader(folder)

@@ -221,3 +221,105 @@ def test_float16_file_loads_exactly(tmp_path):
     np.savez(tmp_path / "params.npz", **{key: value.astype(np.float16) for key, value in p.items()})
     sae = load_gemma_scope(tmp_path)
     assert sae.W_enc.dtype == torch.float32 and torch.equal(sae.W_enc, torch.from_numpy(p["W_enc"]))
+
+
+# -- hostile archives: refused from the headers, before any data is decompressed ---------------
+def npy_bytes(array: np.ndarray, shape=None) -> bytes:
+    """An .npy file of ``array``'s data whose header declares ``shape`` (a lie, when given)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                                  "fortran_order": False, "shape": shape or array.shape})
+    return buffer.getvalue() + array.tobytes()
+
+
+def write_members(path, members: dict[str, bytes], compression=None) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression or zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def members_of(p) -> dict[str, bytes]:
+    return {f"{name}.npy": npy_bytes(value) for name, value in p.items()}
+
+
+def test_huge_declared_shape_is_refused_before_allocating(tmp_path):
+    from jumpscope.errors import FormatError
+
+    p = spec_params()
+    members = members_of(p)
+    members["W_enc.npy"] = npy_bytes(p["W_enc"], shape=(100_000, 100_000))  # 37 GiB declared
+    write_members(tmp_path / "params.npz", members)
+    with pytest.raises(FormatError, match=r"array 'W_enc' declares shape \(100000, 100000\) .* refused") as error:
+        load_gemma_scope(tmp_path)
+    assert str(tmp_path / "params.npz") in str(error.value)
+
+
+def test_zip_bomb_is_refused_before_decompressing(tmp_path):
+    import zipfile
+
+    from jumpscope.errors import FormatError
+
+    p = spec_params()
+    members = members_of(p)
+    members["W_enc.npy"] = npy_bytes(np.zeros((D_IN, 12 << 20), np.float32))  # 288 MiB of zeros, consistent header
+    write_members(tmp_path / "params.npz", members, zipfile.ZIP_DEFLATED)
+    assert (tmp_path / "params.npz").stat().st_size < 2 << 20
+    with pytest.raises(FormatError, match="inconsistent Gemma Scope shapes") as error:
+        load_gemma_scope(tmp_path)
+    assert str(tmp_path / "params.npz") in str(error.value)
+    n = 4 << 20  # now every shape agrees: 4M latents, 4 x 96 MiB of zeros packed into ~400 KB
+    zeros = {"W_enc": np.zeros((D_IN, n), np.float32), "W_dec": np.zeros((n, D_IN), np.float32),
+             "b_enc": np.zeros(n, np.float32), "b_dec": np.zeros(D_IN, np.float32), "threshold": np.zeros(n, np.float32)}
+    write_members(tmp_path / "params.npz", members_of(zeros), zipfile.ZIP_DEFLATED)
+    with pytest.raises(FormatError, match="refused as a likely zip bomb"):
+        load_gemma_scope(tmp_path)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("not_npy", "member 'threshold.npy' is not a .npy array"),
+    ("zip_version", "is truncated or not a valid npz archive"),
+    ("bad_header", "array 'b_dec' has an invalid .npy header"),
+    ("extra_member", r"unexpected \['notes.txt'\]"),
+    ("crc", "is truncated or not a valid npz archive"),
+])
+def test_corrupt_members_are_clean_errors(tmp_path, damage, match):
+    from jumpscope.errors import FormatError
+
+    p = spec_params()
+    members = members_of(p)
+    if damage == "not_npy":
+        members["threshold.npy"] = b"just some bytes, not an array"
+    elif damage == "bad_header":
+        members["b_dec.npy"] = b"\x93NUMPY\x01\x00\x10\x00{'descr': ((((}\n"
+    elif damage == "extra_member":
+        members["notes.txt"] = b"hello"
+    write_members(tmp_path / "params.npz", members)
+    data = bytearray((tmp_path / "params.npz").read_bytes())
+    if damage == "zip_version":  # every central directory entry needs zip version 99
+        at = data.find(b"PK\x01\x02")
+        while at >= 0:
+            data[at + 6: at + 8] = (99).to_bytes(2, "little")
+            at = data.find(b"PK\x01\x02", at + 4)
+    elif damage == "crc":
+        at = data.find(b"threshold.npy") + len("threshold.npy") + 80
+        data[at] ^= 0xFF
+    (tmp_path / "params.npz").write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=match) as error:
+        load_gemma_scope(tmp_path)
+    assert str(tmp_path / "params.npz") in str(error.value)
+
+
+def test_symlink_to_dev_zero_is_not_a_regular_file(tmp_path):
+    import jumpscope
+    from jumpscope.errors import FormatError
+
+    (tmp_path / "params.npz").symlink_to("/dev/zero")
+    for path in (tmp_path, tmp_path / "params.npz"):
+        with pytest.raises(FormatError, match="params.npz is not a regular file"):
+            load_gemma_scope(path)
+    with pytest.raises(FormatError, match="not a regular file"):
+        jumpscope.load(tmp_path / "params.npz")

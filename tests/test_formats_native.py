@@ -246,3 +246,68 @@ def test_detect_format_errors(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros(3))
     with pytest.raises(ValueError, match="only a Gemma Scope .npz"):
         formats.detect_format(tmp_path / "a.npy")
+
+
+# -- hostile files: a clear FormatError naming the file, before anything large is allocated -----
+def hostile(tmp_path, **config):
+    save_native(make("relu"), tmp_path)
+    document = json.loads((tmp_path / "cfg.json").read_text())
+    edit_config(tmp_path, config={**document["config"], **config})
+    return tmp_path
+
+
+@pytest.mark.parametrize("config, match", [
+    (dict(d_in=46341, d_sae=46341), r"wrong tensor shapes: .*\(expected \(46341, 46341\)\)"),
+    (dict(d_sae=10**9), r"wrong tensor shapes: .*\(expected \(8, 1000000000\)\)"),
+    (dict(d_sae=10**12), r"d_sae must be a positive integer, got 1000000000000 \(at most"),
+    (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(seed="0"), "seed must be an integer, got '0'"),
+    (dict(d_in=True), "d_in must be an integer, got True"),
+    (dict(lr=[1]), r"lr must be a number, got \[1\]"),
+    (dict(normalize_decoder=1), "normalize_decoder must be true or false, got 1"),
+    (dict(input_scaling="fancy"), r"input_scaling must be one of \['unit_mean_sq_norm'"),
+    (dict(model={"a": 1}), r"model must be a string, got \{.a.: 1\}"),
+])
+def test_hostile_config_values_are_refused_naming_the_file(tmp_path, config, match):
+    from jumpscope.errors import FormatError
+
+    folder = hostile(tmp_path, **config)
+    with pytest.raises(FormatError, match=match) as error:
+        formats.load(folder)
+    assert str(folder) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_deeply_nested_or_huge_cfg_json_is_refused(tmp_path):
+    from jumpscope.errors import FormatError
+
+    save_native(make("relu"), tmp_path)
+    (tmp_path / "cfg.json").write_text('{"config": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(FormatError, match="cfg.json is not valid JSON") as error:
+        load_native(tmp_path)
+    assert str(tmp_path / "cfg.json") in str(error.value)
+    (tmp_path / "cfg.json").write_text(" " * (9 << 20) + "{}")
+    with pytest.raises(FormatError, match=r"cfg.json is \d+ bytes, more than the \d+ bytes"):
+        load_native(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "folder"])
+def test_a_path_that_is_not_a_regular_file_is_refused_without_opening_it(tmp_path, kind):
+    import os
+
+    from jumpscope.errors import FormatError
+
+    save_native(make("relu"), tmp_path / "sae")
+    weights = tmp_path / "sae" / "sae.safetensors"
+    weights.unlink()
+    if kind == "fifo":
+        os.mkfifo(weights)  # opening it would block forever
+    elif kind == "dev_zero":
+        weights.symlink_to("/dev/zero")
+    else:
+        weights.mkdir()
+    with pytest.raises(FormatError, match="sae.safetensors is not a regular file") as error:
+        formats.load(tmp_path / "sae")
+    assert str(weights) in str(error.value)
+    os.mkfifo(tmp_path / "params.npz")
+    with pytest.raises(FormatError, match="not a regular file"):
+        formats.load(tmp_path / "params.npz")

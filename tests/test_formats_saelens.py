@@ -289,3 +289,45 @@ def test_unrepresentable_saes_are_refused(tmp_path):
     topk_transcoder = registry.build("topk", d_in=D_IN, d_sae=D_SAE, d_out=5, k=2, apply_b_dec_to_input=False)
     with pytest.raises(ValueError, match="SAELens has no topk transcoder"):
         save_saelens(topk_transcoder, tmp_path)
+
+
+# -- hostile configs: a FormatError naming the file, never a raw torch or Python error ------------
+@pytest.mark.parametrize("cfg, match", [
+    (v6("transcoder", d_out=-1), r"d_out must be a positive integer, got -1"),
+    (v6("standard", d_in=True), "d_in must be a positive integer, got True"),
+    (v6("standard", d_sae=10**12), r"d_sae must be a positive integer, got 1000000000000 \(at most"),
+    (v5(activation_fn_str="topk", activation_fn_kwargs=[3]), "activation_fn_kwargs must be a dict, got \\[3\\]"),
+    (v5(activation_fn_str=["relu"]), "activation_fn must be a str"),
+    (v6(7), "architecture must be a str, got 7"),
+    (v6("standard", apply_b_dec_to_input="yes"), "apply_b_dec_to_input must be a bool"),
+    (v6("topk", k=10**400), "TopK k must be a positive integer"),
+    (v6("topk", k=float("nan")), "TopK k must be a positive integer, got nan"),
+    (v6("standard", metadata={"model_name": ["x"], "hook_name": SITE}), "model must be a string"),
+    (v6("jumprelu", metadata={"hook_name": 5}), "site must be a string"),
+    (v6("standard", d_in=46341, d_sae=46341), r"wrong tensor shapes: .*W_enc \(8, 16\) \(expected \(46341, 46341\)\)"),
+])
+def test_hostile_configs_are_refused_naming_the_file(tmp_path, cfg, match):
+    from jumpscope.errors import FormatError
+
+    keys = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if "jumprelu" in str(cfg["architecture"]) else [])
+    folder = write_folder(tmp_path / "sae", cfg, random_weights(keys))
+    with pytest.raises(FormatError, match=match) as error:
+        load_saelens(folder)
+    assert str(folder) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_nested_json_and_non_regular_weights(tmp_path):
+    import os
+
+    from jumpscope.errors import FormatError
+
+    folder = write_folder(tmp_path / "sae", v6("standard"), random_weights(["W_enc", "W_dec", "b_enc", "b_dec"]))
+    (folder / "cfg.json").write_text('{"metadata": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(FormatError, match="cfg.json is not valid JSON"):
+        load_saelens(folder)
+    (folder / "cfg.json").write_text(json.dumps(v6("standard")))
+    (folder / "sae_weights.safetensors").unlink()
+    os.mkfifo(folder / "sae_weights.safetensors")
+    with pytest.raises(FormatError, match="sae_weights.safetensors is not a regular file") as error:
+        load_saelens(folder)
+    assert str(folder) in str(error.value)

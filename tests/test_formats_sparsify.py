@@ -296,3 +296,42 @@ def test_cli_info_and_convert(tmp_path, capsys):
     (folder / "cfg.json").write_text(json.dumps(sparsify_cfg(embed_skip=True)))
     assert main(["info", str(folder)]) == 2
     assert "embed_skip=True is not supported" in capsys.readouterr().err
+
+
+# -- hostile configs and files: a FormatError naming the file ------------------------------------
+@pytest.mark.parametrize("changes, match", [
+    ({"d_in": True}, "d_in must be a positive integer, got True"),
+    ({"num_latents": 10**12}, r"num_latents must be a positive integer, got 1000000000000 \(at most"),
+    ({"num_latents": 0, "expansion_factor": 10**9}, r"latents \(d_in times expansion_factor\) is more than"),
+    ({"d_in": 46341, "num_latents": 46341}, r"wrong tensor shapes: .*\(expected \(46341, 46341\)\)"),
+    ({"k": 2.5}, "k must be a positive integer, got 2.5"),
+    ({"normalize_decoder": None}, "normalize_decoder must be true or false, got None"),
+    ({"new_trick": [[[[1]]]] * 1000}, r"unknown sparsify config field\(s\) \['new_trick'\]"),
+])
+def test_hostile_configs(tmp_path, changes, match):
+    from jumpscope.errors import FormatError
+
+    folder = write_coder(tmp_path / "layers.0", **changes)
+    with pytest.raises(FormatError, match=match) as error:
+        jumpscope.load(folder)
+    assert str(folder) in str(error.value) and len(str(error.value)) < 1000
+
+
+def test_non_regular_files_and_nested_json(tmp_path):
+    import os
+
+    from jumpscope.errors import FormatError
+
+    folder = write_coder(tmp_path / "layers.0")
+    (folder / "sae.safetensors").unlink()
+    (folder / "sae.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(FormatError, match="sae.safetensors is not a regular file"):
+        load_sparsify(folder)
+    (folder / "cfg.json").unlink()
+    os.mkfifo(folder / "cfg.json")
+    with pytest.raises(FormatError, match="cfg.json is not a regular file"):
+        load_sparsify(folder)
+    (folder / "cfg.json").unlink()
+    (folder / "cfg.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(FormatError, match="cfg.json is not valid JSON"):
+        load_sparsify(folder)

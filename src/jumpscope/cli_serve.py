@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import urllib.parse
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -12,10 +15,36 @@ from .cli import command
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
-    """Serves files without logging every request to stderr."""
+    """Serves the files under its folder only, without logging every request to stderr. A path
+    with a null byte, a backslash or a '..' segment (raw or %-encoded) is answered 400; one that
+    leads out of the folder through a symlink, 404."""
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
         pass
+
+    def send_head(self):  # type: ignore[no-untyped-def]  (the base class's signature)
+        try:
+            if bad_request_path(self.path):
+                self.send_error(HTTPStatus.BAD_REQUEST, "Bad request path")
+                return None
+            root = os.path.realpath(self.directory)
+            target = os.path.realpath(self.translate_path(self.path))
+            if target != root and not target.startswith(root + os.sep):
+                self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+                return None
+            return super().send_head()
+        except (ValueError, OSError):  # whatever else slipped through: an answer, not a traceback
+            self.send_error(HTTPStatus.BAD_REQUEST, "Bad request path")
+            return None
+
+
+def bad_request_path(raw: str) -> bool:
+    """Whether a request target is one no file under the folder can have: not starting with '/',
+    or holding a null byte, a backslash or a '..' segment once %-decoded."""
+    path = raw.split("?", 1)[0].split("#", 1)[0]  # as translate_path reads it
+    decoded = urllib.parse.unquote(path, errors="surrogateescape")
+    return (not path.startswith("/") or "\x00" in decoded or "\\" in decoded
+            or ".." in decoded.split("/") or any(ord(c) < 32 for c in decoded))
 
 
 def make_server(folder: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:

@@ -1,6 +1,9 @@
 """Safe file helpers shared by formats and checkpoints: atomic writes, reads with clear errors.
 
-Nothing here unpickles: tensors go through safetensors, configs through JSON.
+Nothing here unpickles: tensors go through safetensors, configs through JSON. Readers take the
+error class to raise (FormatError for SAE files, CacheError for activation caches); a file that
+does not exist is a FileNotFoundError, anything else wrong with it (not a regular file, too
+large, corrupt, deeply nested) is that class, with a one-line message naming the file.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +20,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .errors import FormatError
+
+# A config or manifest larger than this is refused before it is read (real ones are kilobytes).
+MAX_JSON_BYTES = 8 << 20
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -73,17 +82,89 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, write)
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
+def check_regular_file(path: str | Path, error: type[Exception] = FormatError) -> int:
+    """The size of ``path`` if it is a regular file (symlinks followed); a FileNotFoundError if it
+    does not exist, ``error`` if it is anything else (a FIFO would block a reader forever, a
+    device such as /dev/zero never ends)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path.name} in {path.parent}")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}") from None
+    except (OSError, ValueError) as problem:  # ValueError: an embedded null byte
+        raise error(f"{path}: cannot read it ({_one_line(problem)})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, device or socket"
+        raise error(f"{path} is not a regular file (it is {kind})")
+    return info.st_size
+
+
+def read_bytes(path: str | Path, limit: int, error: type[Exception] = FormatError) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (checked before reading, and again
+    while reading, in case it grows)."""
+    path = Path(path)
+    size = check_regular_file(path, error)
+    if size > limit:
+        raise error(f"{path} is {size} bytes, more than the {limit} bytes such a file may have; refused")
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the check, open does not block
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise error(f"{path} is not a regular file")
+            data = handle.read(limit + 1)
+    except OSError as problem:
+        raise error(f"{path}: cannot read it ({_one_line(problem)})") from None
+    if len(data) > limit:
+        raise error(f"{path} is more than the {limit} bytes such a file may have; refused")
+    return data
+
+
+def read_json(path: str | Path, error: type[Exception] = FormatError, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The JSON object in ``path``; a missing file is a FileNotFoundError, a file that is not a
+    regular file, larger than ``limit``, not JSON, nested too deeply or not an object is
+    ``error`` naming the file."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}")
+    data = read_bytes(path, limit, error)
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise error(f"{path} is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError, MemoryError) as problem:  # ValueError: also huge int literals
+        raise error(f"{path} is not valid JSON ({_one_line(problem)})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+        raise error(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
+
+
+def safetensors_header(path: str | Path, error: type[Exception] = FormatError) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` from a safetensors file's header, without reading any tensor
+    data, so declared shapes can be checked before anything is allocated."""
+    path = Path(path)
+    check_regular_file(path, error)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            found = {}
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                found[name] = (tuple(int(n) for n in part.get_shape()), str(part.get_dtype()))
+            return found
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as problem:
+        raise error(f"{path} is truncated or not a valid safetensors file ({_one_line(problem)})") from None
+
+
+def check_header(path: str | Path, expected: dict[str, tuple[int, ...]], error: type[Exception] = FormatError) -> None:
+    """The header of ``path`` lists exactly ``expected``'s names with its shapes (nothing loaded)."""
+    header = safetensors_header(path, error)
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise error(f"{path}: weights do not match the config: missing keys {missing}, unexpected keys {unexpected}")
+    wrong = [f"{name} {header[name][0]} (expected {tuple(shape)})" for name, shape in expected.items()
+             if header[name][0] != tuple(shape)]
+    if wrong:
+        raise error(f"{path}: wrong tensor shapes: {', '.join(wrong)}")
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -92,25 +173,27 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
     atomic_write(path, lambda temp: save_file(plain, temp, metadata=metadata))
 
 
-def read_safetensors(path: str | Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file (on CPU); a truncated or corrupt file is a ValueError
+def read_safetensors(path: str | Path, error: type[Exception] = FormatError) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file (on CPU); a truncated or corrupt file is ``error``
     naming the file, not a raw safetensors traceback."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"missing {path.name} in {path.parent}")
+    check_regular_file(path, error)
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} is truncated or not a valid safetensors file ({error})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as problem:
+        raise error(f"{path} is truncated or not a valid safetensors file ({_one_line(problem)})") from None
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+def read_safetensors_metadata(path: str | Path, error: type[Exception] = FormatError) -> dict[str, str]:
     """The string metadata of a safetensors file's header (empty if it has none)."""
+    check_regular_file(path, error)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} is truncated or not a valid safetensors file ({error})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as problem:
+        raise error(f"{path} is truncated or not a valid safetensors file ({_one_line(problem)})") from None
 
 
 def check_finite(tensors: dict[str, Tensor], source: str | Path) -> None:
@@ -118,7 +201,7 @@ def check_finite(tensors: dict[str, Tensor], source: str | Path) -> None:
     for name, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s)")
+            raise FormatError(f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s)")
 
 
 def check_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], source: str | Path) -> None:
@@ -126,10 +209,22 @@ def check_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], sourc
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the config: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
+        raise FormatError(f"{source}: weights do not match the config: missing keys {missing}, "
+                          f"unexpected keys {unexpected}")
     wrong = [f"{name} {tuple(tensors[name].shape)} (expected {tuple(value.shape)})"
              for name, value in expected.items() if tensors[name].shape != value.shape]
     if wrong:
-        raise ValueError(f"{source}: wrong tensor shapes: {', '.join(wrong)}")
+        raise FormatError(f"{source}: wrong tensor shapes: {', '.join(wrong)}")
 
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about hostile values."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # ValueError: an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__

@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from ..safeio import atomic_write, read_json, read_safetensors, to_json, write_text
+from ..errors import CacheError
+from ..safeio import atomic_write, check_regular_file, read_json, read_safetensors, short, to_json, write_text
 from .buffer import ShuffleBuffer, skip_rows
 
 FORMAT = "jumpscope-activation-cache"
@@ -39,6 +40,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _SHARD = re.compile(r"shard_\d+\.safetensors")
 _TEMP = re.compile(r"\.(shard_\d+\.safetensors|manifest\.json)\..*\.tmp")
 _SETTINGS = ("model", "corpus", "context_size", "sites", "dtype", "shard_rows", "metadata")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_MANIFEST_BYTES = 64 << 20  # about 400,000 shards
+MAX_WIDTH = 2**31
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -51,7 +55,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 def is_complete(folder: str | Path) -> bool:
     """Whether ``folder`` holds a finished cache (its manifest says complete)."""
     try:
-        return read_json(Path(folder) / MANIFEST).get("complete") is True
+        return read_json(Path(folder) / MANIFEST, CacheError, MAX_MANIFEST_BYTES).get("complete") is True
     except (OSError, ValueError):
         return False
 
@@ -112,22 +116,22 @@ class CacheWriter:
         """The manifest of the incomplete cache in the folder, if it was written with ``settings``."""
         path = self.folder / MANIFEST
         try:
-            old = read_json(path)
+            old = read_json(path, CacheError, MAX_MANIFEST_BYTES)
             _validate(old, path)
         except ValueError as error:
-            raise ValueError(f"{error}; pass overwrite=True to write the cache again") from None
+            raise CacheError(f"{error}; pass overwrite=True to write the cache again") from None
         if old["complete"]:
             raise FileExistsError(f"{self.folder} already holds a complete activation cache "
                                   f"({old['total_tokens']} tokens); pass overwrite=True to write it again")
         differ = [key for key in _SETTINGS if old.get(key) != settings[key]]
         if differ:
             detail = "; ".join(f"{key}: cache has {old.get(key)!r}, now {settings[key]!r}" for key in differ)
-            raise ValueError(f"cannot resume the incomplete cache in {self.folder}: its settings differ ({detail}). "
+            raise CacheError(f"cannot resume the incomplete cache in {self.folder}: its settings differ ({detail}). "
                              "Resume with the same settings, or pass overwrite=True to start again")
         for index, shard in enumerate(old["shards"]):
             shard_path = self.folder / shard["file"]
             if not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"]:
-                raise ValueError(f"cannot resume {self.folder}: shard {index} ({shard['file']}) is missing or has "
+                raise CacheError(f"cannot resume {self.folder}: shard {index} ({shard['file']}) is missing or has "
                                  "the wrong size; pass overwrite=True to start again")
         return old
 
@@ -197,30 +201,76 @@ class CacheWriter:
 
 
 def _validate(manifest: dict[str, Any], path: Path) -> None:
+    """Check the whole manifest before any of it is used: types, positive sizes, each shard's name,
+    rows, bytes (consistent with its rows, widths and dtype) and checksum; a CacheError naming the
+    file lists what is wrong."""
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a jumpscope activation cache manifest (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported cache format version {manifest.get('format_version')!r} "
+        raise CacheError(f"{path} is not a jumpscope activation cache manifest (format {short(manifest.get('format'))})")
+    if manifest.get("format_version") != FORMAT_VERSION or isinstance(manifest.get("format_version"), bool):
+        raise CacheError(f"{path}: unsupported cache format version {short(manifest.get('format_version'))} "
                          f"(this jumpscope reads version {FORMAT_VERSION})")
     problems = []
     sites = manifest.get("sites")
-    if not isinstance(sites, dict) or not sites or not all(isinstance(d, int) and d > 0 for d in sites.values()):
-        problems.append(f"sites must map names to positive widths, got {sites!r}")
-    if manifest.get("dtype") not in DTYPES:
-        problems.append(f"dtype must be one of {sorted(DTYPES)}, got {manifest.get('dtype')!r}")
+    if not isinstance(sites, dict) or not sites or not all(
+            isinstance(name, str) and name and _positive(d, MAX_WIDTH) for name, d in sites.items()):
+        problems.append(f"sites must map names to positive widths, got {short(sites)}")
+        sites = None
+    dtype = manifest.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        problems.append(f"dtype must be one of {sorted(DTYPES)}, got {short(dtype)}")
+        dtype = None
+    shard_rows = manifest.get("shard_rows")
+    if not _positive(shard_rows):
+        problems.append(f"shard_rows must be a positive integer, got {short(shard_rows)}")
+        shard_rows = None
+    if not isinstance(manifest.get("metadata", {}), (dict, type(None))):
+        problems.append(f"metadata must be an object, got {short(manifest.get('metadata'))}")
     shards = manifest.get("shards")
-    fields = {"file": str, "rows": int, "bytes": int, "sha256": str}
-    if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in fields.items()) for s in shards):
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and set(s) == {"file", "rows", "bytes", "sha256"}
+                                               for s in shards):
         problems.append("shards must be a list of {file, rows, bytes, sha256}")
-    elif any(not _SHARD.fullmatch(s["file"]) for s in shards):
-        problems.append("shard file names must look like shard_NNNNN.safetensors")
-    elif manifest.get("total_tokens") != sum(s["rows"] for s in shards):
-        problems.append(f"total_tokens {manifest.get('total_tokens')!r} is not the sum of the shards' rows")
+    else:
+        problems += _shard_problems(shards, sites, dtype, shard_rows)
+        total = manifest.get("total_tokens")
+        if not problems and (isinstance(total, bool) or total != sum(s["rows"] for s in shards)):
+            problems.append(f"total_tokens {short(total)} is not the sum of the shards' rows")
     if not isinstance(manifest.get("complete"), bool):
         problems.append("complete must be true or false")
     if problems:
-        raise ValueError(f"{path} is not a valid cache manifest: {'; '.join(problems)}")
+        raise CacheError(f"{path} is not a valid cache manifest: {'; '.join(problems[:5])}")
+
+
+def _shard_problems(shards: list[dict[str, Any]], sites: dict[str, int] | None, dtype: str | None,
+                    shard_rows: int | None) -> list[str]:
+    for index, shard in enumerate(shards):
+        name, rows, size, digest = shard["file"], shard["rows"], shard["bytes"], shard["sha256"]
+        what = f"shard {index}"
+        if not isinstance(name, str) or not _SHARD.fullmatch(name):
+            return ["shard file names must look like shard_NNNNN.safetensors (no folders), "
+                    f"got {short(name)} for {what}"]
+        if name != f"shard_{index:05d}.safetensors":  # also refuses a shard listed twice
+            return [f"{what} must be shard_{index:05d}.safetensors, got {name}"]
+        if not _positive(rows):
+            return [f"{what} ({name}): rows must be a positive integer, got {short(rows)}"]
+        if shard_rows is not None and (rows > shard_rows or (rows != shard_rows and index < len(shards) - 1)):
+            return [f"{what} ({name}) has {rows} rows; every shard holds shard_rows={shard_rows} but the last, "
+                    "which holds at most that"]
+        if not _positive(size):
+            return [f"{what} ({name}): bytes must be a positive integer, got {short(size)}"]
+        if sites is not None and dtype is not None:
+            data = rows * sum(sites.values()) * DTYPES[dtype].itemsize
+            header = size - 8 - data  # safetensors: 8-byte length, JSON header, then the data
+            if not 0 < header <= 1024 + sum(6 * len(site) + 160 for site in sites):
+                return [f"{what} ({name}): {size} bytes cannot hold {rows} rows of {dtype} sites {dict(sites)} "
+                        f"({data} bytes of data)"]
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return [f"{what} ({name}): sha256 must be 64 lowercase hex digits, got {short(digest)}"]
+    return []
+
+
+def _positive(value: Any, limit: int | None = None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value > 0
+            and (limit is None or value <= limit))
 
 
 class CacheReader:
@@ -228,15 +278,19 @@ class CacheReader:
 
     def __init__(self, folder: str | Path, allow_incomplete: bool = False):
         self.folder = Path(folder)
-        if not self.folder.is_dir():
+        if not self.folder.exists():
             raise FileNotFoundError(f"no activation cache at {self.folder}: the folder does not exist")
+        if not self.folder.is_dir():
+            raise CacheError(f"no activation cache at {self.folder}: it is not a folder")
         path = self.folder / MANIFEST
-        manifest = read_json(path)
+        manifest = read_json(path, CacheError, MAX_MANIFEST_BYTES)
         _validate(manifest, path)
         if not manifest["complete"] and not allow_incomplete:
-            raise ValueError(f"{self.folder} is an incomplete activation cache ({len(manifest['shards'])} shards, "
+            raise CacheError(f"{self.folder} is an incomplete activation cache ({len(manifest['shards'])} shards, "
                              f"{manifest['total_tokens']} tokens: its writer was interrupted); resume the writer, "
                              "or pass allow_incomplete=True to read the complete shards")
+        for index, entry in enumerate(manifest["shards"]):  # sizes on disk now, checksums as shards are read
+            self._shard_path(index, entry)
         self.manifest = manifest
         self.sites: dict[str, int] = dict(manifest["sites"])
         self.dtype = DTYPES[manifest["dtype"]]
@@ -253,21 +307,31 @@ class CacheReader:
     def read_shard(self, index: int, dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor]:
         """Every site of shard ``index``, after checking its sha256 (``dtype=None``: as stored)."""
         entry = self.shards[index]
-        path = self.folder / entry["file"]
+        path = self._shard_path(index, entry)
         where = f"activation cache {self.folder}: shard {index} ({entry['file']})"
-        if not path.is_file():
-            raise FileNotFoundError(f"{where} is missing; the cache is damaged, write it again")
         digest = _sha256(path)
         if digest != entry["sha256"]:
-            raise ValueError(f"{where} is corrupt: its sha256 checksum does not match the manifest "
+            raise CacheError(f"{where} is corrupt: its sha256 checksum does not match the manifest "
                              f"(expected {entry['sha256']}, got {digest}); write the cache again")
-        tensors = read_safetensors(path)
+        tensors = read_safetensors(path, CacheError)
         expected = {site: (entry["rows"], width) for site, width in self.sites.items()}
         found = {site: tuple(value.shape) for site, value in tensors.items()}
         if found != expected or any(value.dtype != self.dtype for value in tensors.values()):
-            raise ValueError(f"{where} does not match the manifest: expected {expected} in {self.dtype}, "
+            raise CacheError(f"{where} does not match the manifest: expected {expected} in {self.dtype}, "
                              f"found {found} in {sorted({str(v.dtype) for v in tensors.values()})}")
         return {site: tensors[site] if dtype is None else tensors[site].to(dtype) for site in self.sites}
+
+    def _shard_path(self, index: int, entry: dict[str, Any]) -> Path:
+        """The shard's path, once it is known to be a regular file of the size the manifest says."""
+        path = self.folder / entry["file"]
+        where = f"activation cache {self.folder}: shard {index} ({entry['file']})"
+        if not path.exists() and not path.is_symlink():
+            raise FileNotFoundError(f"{where} is missing; the cache is damaged, write it again")
+        size = check_regular_file(path, CacheError)  # a FIFO would block the checksum forever
+        if size != entry["bytes"]:
+            raise CacheError(f"{where} is corrupt: it is {size} bytes, the manifest says {entry['bytes']}; "
+                             "write the cache again")
+        return path
 
     def shard_order(self, shuffle_shards: bool = False, seed: int = 0) -> list[int]:
         if not shuffle_shards:

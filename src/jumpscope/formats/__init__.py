@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..safeio import read_json
+from ..errors import FormatError
+from ..safeio import read_json, short
 from ..sae.base import SAE
 from . import hub
 from .gemma_scope import load_gemma_scope, read_gemma_scope, save_gemma_scope
@@ -52,13 +53,16 @@ def detect_format(path: str | Path, *, allow_network: bool = False) -> str:
     if not path.exists():
         hint = "" if path.is_absolute() else " (an SAE on the Hugging Face hub is hf://owner/name/path)"
         raise FileNotFoundError(f"no SAE at {path}: it does not exist{hint}")
+    if not path.is_file() and not path.is_dir():  # never open a FIFO or device: it may block or never end
+        raise FormatError(f"{path} is not a regular file or folder (a FIFO, device or socket); no SAE can be read from it")
     if path.is_file():
         if path.suffix == ".npz":
             return "gemma_scope"
-        raise ValueError(f"cannot tell the SAE format of the file {path}: only a Gemma Scope .npz is read as a "
-                         "single file; other formats are folders")
+        raise FormatError(f"cannot tell the SAE format of the file {path}: only a Gemma Scope .npz is read as a "
+                          "single file; other formats are folders")
     present = sorted(entry.name for entry in path.iterdir())
-    found = [name for name, files in _MARKERS.items() if all((path / file).is_file() for file in files)]
+    # exists(), not is_file(): a marker that is a FIFO or a device is then refused by name by its reader
+    found = [name for name, files in _MARKERS.items() if all((path / file).exists() for file in files)]
     if sorted(found) == ["gemma_scope", "native"] and _native_or_sparsify(path) == "native":
         return "native"  # a suite's release folder: our files with a params.npz export beside them
     if found == ["native"]:
@@ -66,9 +70,9 @@ def detect_format(path: str | Path, *, allow_network: bool = False) -> str:
     if len(found) == 1:
         return found[0]
     what = "several formats' files" if found else "no known SAE files"
-    raise ValueError(f"cannot tell the SAE format of {path}: {what} (found: {present or 'nothing'}); expected "
-                     "native or sparsify (cfg.json + sae.safetensors), SAELens (cfg.json + "
-                     "sae_weights.safetensors) or Gemma Scope (params.npz)")
+    raise FormatError(f"cannot tell the SAE format of {path}: {what} (found: "
+                      f"{short(present, 300) if present else 'nothing'}); expected native or sparsify (cfg.json + "
+                      "sae.safetensors), SAELens (cfg.json + sae_weights.safetensors) or Gemma Scope (params.npz)")
 
 
 def _native_or_sparsify(folder: Path) -> str:
@@ -77,10 +81,10 @@ def _native_or_sparsify(folder: Path) -> str:
         return "native"
     if is_sparsify_config(document):
         return "sparsify"
-    raise ValueError(f"{folder / 'cfg.json'}: cfg.json + sae.safetensors is the layout of both jumpscope's native "
-                     "format and EleutherAI sparsify's, but this cfg.json fits neither: native needs "
-                     "'format_version', 'architecture' and 'config'; sparsify needs 'd_in', 'k' and 'num_latents' "
-                     f"or 'expansion_factor', without 'architecture'; found keys {sorted(document)}")
+    raise FormatError(f"{folder / 'cfg.json'}: cfg.json + sae.safetensors is the layout of both jumpscope's native "
+                      "format and EleutherAI sparsify's, but this cfg.json fits neither: native needs "
+                      "'format_version', 'architecture' and 'config'; sparsify needs 'd_in', 'k' and 'num_latents' "
+                      f"or 'expansion_factor', without 'architecture'; found keys {short(sorted(document), 200)}")
 
 
 def load(path: str | Path, sae_id: str | None = None, device: str | torch.device = "cpu", format: str | None = None,

@@ -5,23 +5,25 @@ Keys: ``W_enc`` (d_in, n), ``W_dec`` (n, d_out), ``b_enc`` (n), ``b_dec`` (d_out
 ``pre = x @ W_enc + b_enc; acts = (pre > threshold) * ReLU(pre)``; decode:
 ``acts @ W_dec + b_dec``.
 
-Reading uses ``np.load(allow_pickle=False)`` only, so an archive holding an object array is
-refused, never unpickled. Writing goes through ``np.savez`` (numeric arrays are stored as raw
+Reading (npz_safe.py) checks every member's ``.npy`` header (shape, dtype) against the zip
+directory and the shapes against each other before decompressing any data, and never unpickles:
+an archive holding an object array is refused. Writing goes through ``np.savez`` (numeric arrays are stored as raw
 ``.npy`` members, no pickles) into a temp file that is fsynced and renamed into place.
 """
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..sae.base import SAE
-from ..sae.jumprelu import JumpReLUSAE, jumprelu_from_weights
+from ..errors import FormatError
+from ..sae.base import SAE, check_field_values
+from ..sae.jumprelu import JumpReLUConfig, JumpReLUSAE, jumprelu_from_weights
 from ..safeio import atomic_write
+from .npz_safe import read_npz
 
 PARAMS_FILE = "params.npz"
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -74,25 +76,13 @@ def save_gemma_scope(sae: SAE, path: str | Path) -> Path:
 def read_gemma_scope(path: str | Path) -> dict[str, np.ndarray]:
     """The validated float32 arrays of a ``params.npz`` (file or folder holding it)."""
     file = params_path(path)
-    if not file.is_file():
+    if not file.exists():
         raise FileNotFoundError(f"no Gemma Scope params file at {file}")
-    try:
-        archive = np.load(file, allow_pickle=False)
-    except ValueError as error:  # numpy's message for a pickled (non-.npy/.npz) file
-        raise ValueError(f"{file} is not an npz archive (loading it would need unpickling, refused): {error}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise ValueError(f"{file} is truncated or not a valid npz archive ({error})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{file} holds a single .npy array, not an npz archive with keys {list(KEYS)}")
-    with archive:
-        names = set(archive.files)
-        missing, unexpected = sorted(set(KEYS) - names), sorted(names - set(KEYS))
-        if missing or unexpected:
-            raise ValueError(f"{file}: Gemma Scope params need exactly the keys {list(KEYS)}; "
-                             f"missing {missing}, unexpected {unexpected}")
-        arrays = {name: _read_member(archive, name, file) for name in KEYS}
-    _check_shapes(arrays, file)
-    return arrays
+    arrays = read_npz(file, KEYS, lambda headers: _check_shapes({k: h[0] for k, h in headers.items()}, file))
+    for name, array in arrays.items():
+        if not np.isfinite(array).all():
+            raise FormatError(f"{file}: array {name!r} holds NaN or infinite values")
+    return {name: array.astype(np.float32) for name, array in arrays.items()}  # a copy: writable, native order
 
 
 def load_gemma_scope(path: str | Path, **metadata: Any) -> JumpReLUSAE:
@@ -104,6 +94,10 @@ def load_gemma_scope(path: str | Path, **metadata: Any) -> JumpReLUSAE:
     the ReLU zeroes ``pre`` in (t, 0], so SPEC 4 gives ``ReLU(pre) = pre * (pre > 0)``, which is
     ours with t = 0.
     """
+    try:
+        check_field_values(JumpReLUConfig, metadata)
+    except ValueError as error:
+        raise ValueError(f"invalid metadata for a JumpReLU config: {error}") from None
     arrays = read_gemma_scope(path)
     tensors = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()}
     threshold = tensors["threshold"].clamp_min(0.0)
@@ -115,25 +109,7 @@ def load_gemma_scope(path: str | Path, **metadata: Any) -> JumpReLUSAE:
     return sae.eval()
 
 
-def _read_member(archive: Any, name: str, file: Path) -> np.ndarray:
-    try:
-        array = archive[name]
-    except ValueError as error:
-        if "pickle" in str(error).lower():
-            raise ValueError(f"{file}: array {name!r} is an object (pickled) array; refused, "
-                             "Gemma Scope params hold float arrays only") from None
-        raise ValueError(f"{file}: cannot read array {name!r} ({error})") from None
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
-        raise ValueError(f"{file} is truncated or corrupt: cannot read array {name!r} ({error})") from None
-    if array.dtype.kind != "f":
-        raise ValueError(f"{file}: array {name!r} has dtype {array.dtype}; Gemma Scope params are float32")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{file}: array {name!r} holds NaN or infinite values")
-    return array.astype(np.float32, copy=False)
-
-
-def _check_shapes(arrays: dict[str, np.ndarray], file: Path) -> None:
-    shapes = {name: array.shape for name, array in arrays.items()}
+def _check_shapes(shapes: dict[str, tuple[int, ...]], file: Path) -> None:
     problem = None
     if len(shapes["W_enc"]) != 2 or len(shapes["W_dec"]) != 2:
         problem = "W_enc and W_dec must be matrices"
@@ -150,4 +126,4 @@ def _check_shapes(arrays: dict[str, np.ndarray], file: Path) -> None:
             problem = f"b_dec must have shape ({d_out},)"
     if problem:
         listing = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
-        raise ValueError(f"{file}: inconsistent Gemma Scope shapes ({problem}): {listing}")
+        raise FormatError(f"{file}: inconsistent Gemma Scope shapes ({problem}): {listing}")

@@ -21,10 +21,11 @@ import torch
 from torch import Tensor
 
 from .. import __version__
+from ..errors import FormatError
 from ..sae import registry
-from ..sae.base import SAE, SAEConfig
-from ..safeio import (check_finite, check_tensors, finite_or_none, read_json, read_safetensors, to_json, write_safetensors,
-                  write_text)
+from ..sae.base import SAE, SAEConfig, check_field_values
+from ..safeio import (check_finite, check_header, check_tensors, finite_or_none, read_json, read_safetensors, short,
+                      to_json, write_safetensors, write_text)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "cfg.json"
@@ -67,19 +68,19 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     document = read_json(path)
     version = document.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"{path}: missing or invalid format_version {version!r}")
+        raise FormatError(f"{path}: missing or invalid format_version {short(version)}")
     if version > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version} was written by a newer jumpscope "
+        raise FormatError(f"{path}: format_version {version} was written by a newer jumpscope "
                          f"(this one reads up to {FORMAT_VERSION}); upgrade jumpscope")
     name = document.get("architecture")
     if not isinstance(name, str):
-        raise ValueError(f"{path}: missing or invalid 'architecture' {name!r}")
+        raise FormatError(f"{path}: missing or invalid 'architecture' {short(name)}")
     if name not in registry.architectures():
-        raise ValueError(f"{path}: unknown SAE architecture {name!r}; known: {', '.join(registry.architectures())}")
+        raise FormatError(f"{path}: unknown SAE architecture {short(name)}; known: {', '.join(registry.architectures())}")
     if not isinstance(document.get("config"), dict):
-        raise ValueError(f"{path}: 'config' must be a JSON object")
+        raise FormatError(f"{path}: 'config' must be a JSON object")
     if not isinstance(document.get("metadata", {}), dict):
-        raise ValueError(f"{path}: 'metadata' must be a JSON object")
+        raise FormatError(f"{path}: 'metadata' must be a JSON object")
     return document
 
 
@@ -90,10 +91,25 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
 
 def build_config(name: str, values: dict[str, Any], source: str | Path) -> SAEConfig:
     """``config_class(name).from_dict(values)`` with errors that name the file."""
+    cls = registry.config_class(name)
     try:
-        return registry.config_class(name).from_dict(values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{source}: invalid {name!r} config ({error})") from None
+        check_field_values(cls, values)  # types first: the config's own checks assume them
+        return cls.from_dict(values)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise FormatError(f"{source}: invalid {name!r} config ({' '.join(str(error).split())[:300]})") from None
+
+
+def build_checked(cfg: SAEConfig, weights: str | Path) -> SAE:
+    """The SAE of ``cfg``, built only once the shapes in ``weights``' header match it: the sizes a
+    config declares are not trusted to be allocated (a tiny cfg.json could ask for gigabytes)."""
+    source = Path(weights).parent / CONFIG_FILE
+    try:
+        with torch.device("meta"):  # shapes and dtypes only, no memory
+            expected = registry.build(cfg).state_dict()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise FormatError(f"{source}: invalid {cfg.architecture!r} config ({' '.join(str(error).split())[:300]})") from None
+    check_header(weights, {name: tuple(value.shape) for name, value in expected.items()})
+    return registry.build(cfg)
 
 
 def load_state(sae: SAE, tensors: dict[str, Tensor], source: str | Path) -> SAE:
@@ -103,7 +119,7 @@ def load_state(sae: SAE, tensors: dict[str, Tensor], source: str | Path) -> SAE:
     wrong = [f"{name} {tensors[name].dtype} (expected {value.dtype})"
              for name, value in expected.items() if tensors[name].dtype != value.dtype]
     if wrong:
-        raise ValueError(f"{source}: wrong tensor dtypes: {', '.join(wrong)}")
+        raise FormatError(f"{source}: wrong tensor dtypes: {', '.join(wrong)}")
     check_finite(tensors, source)
     sae.load_state_dict(tensors, strict=True)
     return sae
@@ -115,7 +131,9 @@ def load_native(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     folder = _existing_folder(folder)
     document = read_config(folder)
     cfg = build_config(document["architecture"], document["config"], folder / CONFIG_FILE)
-    sae = registry.build(cfg)
+    if not (folder / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"missing {WEIGHTS_FILE} in {folder}")
+    sae = build_checked(cfg, folder / WEIGHTS_FILE)
     tensors = read_safetensors(folder / WEIGHTS_FILE)
     return load_state(sae, tensors, folder / WEIGHTS_FILE).eval().to(device)
 
@@ -128,31 +146,33 @@ def load_density(folder: str | Path) -> dict[str, Any] | None:
         return None
     tensors = read_safetensors(path)
     if set(tensors) != {"firing_counts", "n_tokens"}:
-        raise ValueError(f"{path}: expected keys ['firing_counts', 'n_tokens'], got {sorted(tensors)}")
+        raise FormatError(f"{path}: expected keys ['firing_counts', 'n_tokens'], got {sorted(tensors)}")
     d_sae = None
     if (folder / CONFIG_FILE).exists():
         d_sae = read_config(folder)["config"].get("d_sae")
+        d_sae = d_sae if isinstance(d_sae, int) and not isinstance(d_sae, bool) else None
     n_tokens = tensors["n_tokens"]
     if n_tokens.dtype != torch.int64 or n_tokens.numel() != 1:
-        raise ValueError(f"{path}: n_tokens must be one int64, got {n_tokens.dtype} {tuple(n_tokens.shape)}")
+        raise FormatError(f"{path}: n_tokens must be one int64, got {n_tokens.dtype} {tuple(n_tokens.shape)}")
     counts, total = _check_density({"firing_counts": tensors["firing_counts"], "n_tokens": int(n_tokens.item())},
-                                   d_sae, path)
+                                   d_sae, path, FormatError)
     return {"firing_counts": counts, "n_tokens": total}
 
 
-def _check_density(density: dict[str, Any], d_sae: int | None, source: Any) -> tuple[Tensor, int]:
+def _check_density(density: dict[str, Any], d_sae: int | None, source: Any,
+                   error: type[Exception] = ValueError) -> tuple[Tensor, int]:
     if not isinstance(density, dict) or set(density) != {"firing_counts", "n_tokens"}:
         keys = sorted(density) if isinstance(density, dict) else type(density).__name__
-        raise ValueError(f"{source}: density needs exactly 'firing_counts' and 'n_tokens', got {keys}")
+        raise error(f"{source}: density needs exactly 'firing_counts' and 'n_tokens', got {keys}")
     counts, n_tokens = density["firing_counts"], density["n_tokens"]
     if not isinstance(counts, Tensor) or counts.dtype != torch.int64 or counts.dim() != 1:
-        raise ValueError(f"{source}: firing_counts must be a 1-d int64 tensor")
+        raise error(f"{source}: firing_counts must be a 1-d int64 tensor")
     if d_sae is not None and counts.shape[0] != d_sae:
-        raise ValueError(f"{source}: firing_counts has {counts.shape[0]} entries, the SAE has d_sae={d_sae}")
+        raise error(f"{source}: firing_counts has {counts.shape[0]} entries, the SAE has d_sae={d_sae}")
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
-        raise ValueError(f"{source}: n_tokens must be a non-negative int, got {n_tokens!r}")
+        raise error(f"{source}: n_tokens must be a non-negative int, got {n_tokens!r}")
     if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > n_tokens):
-        raise ValueError(f"{source}: firing_counts must lie in [0, n_tokens={n_tokens}]")
+        raise error(f"{source}: firing_counts must lie in [0, n_tokens={n_tokens}]")
     return counts.detach().cpu(), n_tokens
 
 
@@ -161,5 +181,5 @@ def _existing_folder(folder: str | Path) -> Path:
     if not folder.exists():
         raise FileNotFoundError(f"SAE folder {folder} does not exist")
     if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder")
+        raise FormatError(f"{folder} is not a folder (an SAE in this format is a folder)")
     return folder

@@ -47,11 +47,12 @@ import torch
 from torch import Tensor
 
 from .. import __version__
+from ..errors import FormatError
 from ..sae import registry
-from ..sae.base import SAE
-from ..sae.jumprelu import jumprelu_from_weights
-from ..safeio import (check_finite, check_tensors, finite_or_none, read_json, read_safetensors, to_json, write_safetensors,
-                  write_text)
+from ..sae.base import MAX_SIZE, SAE, check_field_values
+from ..sae.jumprelu import JumpReLUConfig, jumprelu_from_weights
+from ..safeio import (check_finite, check_tensors, finite_or_none, read_json, read_safetensors, safetensors_header,
+                      short, to_json, write_safetensors, write_text)
 from .native import _check_density, _existing_folder, build_config, load_state
 
 CONFIG_FILE = "cfg.json"
@@ -168,24 +169,38 @@ def read_saelens_config(folder: str | Path) -> dict[str, Any]:
     meta = {key: raw[key] for key in _METADATA_KEYS if key in raw}
     if isinstance(raw.get("metadata"), dict):
         meta.update({_RENAMES.get(key, key): value for key, value in raw["metadata"].items()})
-    activation = raw.get("activation_fn") or "relu"
-    kwargs = raw.get("activation_fn_kwargs") or {}
-    arch = raw.get("architecture") or "standard"
+    activation = _typed(raw, "activation_fn", str, path) or "relu"
+    kwargs = _typed(raw, "activation_fn_kwargs", dict, path) or {}
+    arch = _typed(raw, "architecture", str, path) or "standard"
     if arch == "standard" and activation == "topk":
         arch = "topk"
-    norm = raw.get("normalize_activations")
+    norm = _typed(raw, "normalize_activations", (str, bool), path)
     norm = ("expected_average_only_in" if norm else "none") if isinstance(norm, bool) or norm is None else norm
-    for key in ("d_in", "d_sae"):
-        if isinstance(raw.get(key), bool) or not isinstance(raw.get(key), int) or raw[key] <= 0:
-            raise ValueError(f"{path}: {key} must be a positive integer, got {raw.get(key)!r}")
     transcoder = arch in ("transcoder", "jumprelu_transcoder")
+    for key in ("d_in", "d_sae", "d_out") if transcoder and "d_out" in raw else ("d_in", "d_sae"):
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+            raise FormatError(f"{path}: {key} must be a positive integer, got {short(value)} (at most {MAX_SIZE})")
+    flags = {key: _typed(raw, key, bool, path) for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm",
+                                                          "finetuning_scaling_factor")}
     return {"architecture": arch, "d_in": raw["d_in"], "d_sae": raw["d_sae"],
             "d_out": raw.get("d_out", raw["d_in"]) if transcoder else raw["d_in"],
-            "apply_b_dec_to_input": False if transcoder else bool(raw.get("apply_b_dec_to_input", True)),
+            "apply_b_dec_to_input": False if transcoder else flags["apply_b_dec_to_input"] is not False,
             "normalize_activations": norm, "activation_fn": activation, "k": raw.get("k", kwargs.get("k")),
-            "rescale_acts_by_decoder_norm": bool(raw.get("rescale_acts_by_decoder_norm", arch == "batchtopk")),
-            "finetuning_scaling_factor": bool(raw.get("finetuning_scaling_factor", False)),
+            "rescale_acts_by_decoder_norm": bool(flags["rescale_acts_by_decoder_norm"]
+                                                 if flags["rescale_acts_by_decoder_norm"] is not None
+                                                 else arch == "batchtopk"),
+            "finetuning_scaling_factor": bool(flags["finetuning_scaling_factor"]),
             "reshape_activations": raw.get("reshape_activations") or "none", "metadata": meta}
+
+
+def _typed(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    """``raw[key]`` if it is absent, null or of ``kind``; else a FormatError naming the file."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise FormatError(f"{path}: {key} must be a {names}, got {short(value)}")
+    return value
 
 
 def load_saelens(folder: str | Path, device: str | torch.device = "cpu", *,
@@ -200,25 +215,31 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu", *,
     source = folder / WEIGHTS_FILE
     arch, d_in, d_sae, d_out = cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["d_out"]
     if arch not in SUPPORTED:
-        raise ValueError(f"{folder / CONFIG_FILE}: SAELens architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED)})")
+        raise FormatError(f"{folder / CONFIG_FILE}: SAELens architecture {short(arch)} is not supported "
+                          f"(supported: {', '.join(SUPPORTED)})")
     if arch in ("standard", "transcoder") and cfg["activation_fn"] != "relu":
-        raise ValueError(f"{folder / CONFIG_FILE}: activation_fn {cfg['activation_fn']!r} is not supported "
-                         "(a standard SAE maps onto our relu SAE only with activation_fn 'relu')")
-    tensors = dict(read_safetensors(source))
-    scale = _pop_scaling_factor(tensors, cfg, source)
-    if "log_threshold" in tensors and "threshold" not in tensors and arch.startswith("jumprelu"):
-        tensors["threshold"] = tensors.pop("log_threshold").double().exp()
+        raise FormatError(f"{folder / CONFIG_FILE}: activation_fn {short(cfg['activation_fn'])} is not supported "
+                          "(a standard SAE maps onto our relu SAE only with activation_fn 'relu')")
     vector = {"standard": ("b_enc",), "transcoder": ("b_enc",), "topk": ("b_enc",), "batchtopk": ("b_enc",),
               "jumprelu": ("b_enc", "threshold"), "jumprelu_transcoder": ("b_enc", "threshold"),
               "gated": ("b_gate", "r_mag", "b_mag")}[arch]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_dec": (d_out,), **{key: (d_sae,) for key in vector}}
     if arch == "batchtopk":
         shapes["topk_threshold"] = ()
+    # the header's shapes first: nothing is read before they are known to fit the config
+    known = {**shapes, "log_threshold": (d_sae,)}
+    wrong = [f"{key} {shape} (expected {known[key]})" for key, (shape, _) in safetensors_header(source).items()
+             if key in known and shape != known[key]]
+    if wrong:
+        raise FormatError(f"{source}: wrong tensor shapes: {', '.join(wrong)}")
+    tensors = dict(read_safetensors(source))
+    scale = _pop_scaling_factor(tensors, cfg, source)
+    if "log_threshold" in tensors and "threshold" not in tensors and arch.startswith("jumprelu"):
+        tensors["threshold"] = tensors.pop("log_threshold").double().exp()
     check_tensors(tensors, {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}, source)
     for key, value in tensors.items():
         if not value.is_floating_point():
-            raise ValueError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
+            raise FormatError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
     check_finite(tensors, source)
     t = {key: value.to(torch.float32) for key, value in tensors.items()}
     if scale is not None:
@@ -226,14 +247,18 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu", *,
     if cfg["rescale_acts_by_decoder_norm"] and arch in ("topk", "batchtopk"):
         norms = t["W_dec"].norm(dim=-1)
         if bool((norms == 0).any()):
-            raise ValueError(f"{source}: rescale_acts_by_decoder_norm with an all-zero decoder row cannot be folded")
+            raise FormatError(f"{source}: rescale_acts_by_decoder_norm with an all-zero decoder row cannot be folded")
         t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * norms, t["b_enc"] * norms, t["W_dec"] / norms[:, None]
     _fold_normalization(t, cfg["normalize_activations"], norm_scaling_factor, folder / CONFIG_FILE)
     meta = cfg["metadata"]
-    if meta.get("hook_head_index") is not None:
-        warnings.warn(f"{folder}: hook_head_index={meta['hook_head_index']} is not kept (cfg.site is the raw "
-                      f"hook name {meta.get('hook_name')!r})", stacklevel=2)
     common = {"model": meta.get("model_name"), "site": meta.get("hook_name")}
+    try:
+        check_field_values(JumpReLUConfig, common)
+    except ValueError as error:
+        raise FormatError(f"{folder / CONFIG_FILE}: metadata: {error}") from None
+    if meta.get("hook_head_index") is not None:
+        warnings.warn(f"{folder}: hook_head_index={short(meta['hook_head_index'])} is not kept (cfg.site is the raw "
+                      f"hook name {short(meta.get('hook_name'))})", stacklevel=2)
     if arch.startswith("jumprelu"):
         sae = jumprelu_from_weights(t["W_enc"], t["W_dec"], t["b_enc"], t["b_dec"], t["threshold"].clamp_min(0.0),
                                     apply_b_dec_to_input=cfg["apply_b_dec_to_input"], **common)
@@ -257,11 +282,11 @@ def load_saelens_sparsity(folder: str | Path) -> Tensor | None:
         return None
     tensors = read_safetensors(path)
     if set(tensors) != {"sparsity"}:
-        raise ValueError(f"{path}: expected the single key 'sparsity', got {sorted(tensors)}")
+        raise FormatError(f"{path}: expected the single key 'sparsity', got {sorted(tensors)}")
     sparsity = tensors["sparsity"]
     d_sae = read_saelens_config(folder)["d_sae"] if (folder / CONFIG_FILE).exists() else None
     if sparsity.dim() != 1 or (d_sae is not None and sparsity.shape[0] != d_sae):
-        raise ValueError(f"{path}: sparsity has shape {tuple(sparsity.shape)}, expected ({d_sae},)")
+        raise FormatError(f"{path}: sparsity has shape {tuple(sparsity.shape)}, expected ({d_sae},)")
     return sparsity
 
 
@@ -274,27 +299,27 @@ def _pop_scaling_factor(tensors: dict[str, Tensor], cfg: dict[str, Any], source:
         if torch.allclose(old.float(), torch.ones_like(old.float())):
             old = None
         elif not cfg["finetuning_scaling_factor"]:
-            raise ValueError(f"{source}: a scaling_factor is present but finetuning_scaling_factor is false")
+            raise FormatError(f"{source}: a scaling_factor is present but finetuning_scaling_factor is false")
     scale = old if scale is None else scale
     if scale is not None and (scale.shape != (cfg["d_sae"],) or not bool(torch.isfinite(scale).all())):
-        raise ValueError(f"{source}: the finetuning scaling factor must be a finite ({cfg['d_sae']},) vector")
+        raise FormatError(f"{source}: the finetuning scaling factor must be a finite ({cfg['d_sae']},) vector")
     return scale
 
 
 def _fold_normalization(t: dict[str, Tensor], norm: str, factor: float | None, source: Path) -> None:
     if norm == "none":
         if factor is not None:
-            raise ValueError(f"{source}: norm_scaling_factor given but normalize_activations is 'none'")
+            raise FormatError(f"{source}: norm_scaling_factor given but normalize_activations is 'none'")
         return
     if norm == "covariance_whitening":
-        raise ValueError(f"{source}: normalize_activations='covariance_whitening' needs the whitening statistics "
+        raise FormatError(f"{source}: normalize_activations='covariance_whitening' needs the whitening statistics "
                          "(mean, matrix), which the folder does not store; fold them with SAELens's "
                          "fold_activation_whitening and save again")
     if norm != "expected_average_only_in":
-        raise ValueError(f"{source}: normalize_activations={norm!r} rescales each token by its own norm or "
+        raise FormatError(f"{source}: normalize_activations={short(norm)} rescales each token by its own norm or "
                          "statistics, a non-linear map no fixed weights reproduce; it cannot be loaded")
     if factor is None:
-        raise ValueError(f"{source}: normalize_activations='expected_average_only_in' means the SAE expects "
+        raise FormatError(f"{source}: normalize_activations='expected_average_only_in' means the SAE expects "
                          "activations multiplied by a dataset constant that the folder does not store; pass "
                          "norm_scaling_factor=<s> to fold it in, or 1.0 to use the weights as they are")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
@@ -303,6 +328,7 @@ def _fold_normalization(t: dict[str, Tensor], norm: str, factor: float | None, s
 
 
 def _integer_k(k: Any, source: Path) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k != int(k) or k < 1:
-        raise ValueError(f"{source}: TopK k must be a positive integer, got {k!r}")
+    whole = isinstance(k, int) or (isinstance(k, float) and math.isfinite(k) and k == int(k))
+    if isinstance(k, bool) or not whole or not 1 <= k <= MAX_SIZE:
+        raise FormatError(f"{source}: TopK k must be a positive integer, got {short(k)}")
     return int(k)

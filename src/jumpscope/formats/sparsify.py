@@ -38,9 +38,11 @@ from typing import Any
 
 import torch
 
+from ..errors import FormatError
 from ..sae import registry
-from ..sae.base import SAE
-from ..safeio import check_finite, check_tensors, read_json, read_safetensors, to_json, write_safetensors, write_text
+from ..sae.base import MAX_SIZE, SAE
+from ..safeio import (check_finite, check_header, check_tensors, read_json, read_safetensors, short, to_json,
+                      write_safetensors, write_text)
 from .native import _existing_folder, build_config, load_state
 
 CONFIG_FILE = "cfg.json"
@@ -75,15 +77,15 @@ def read_sparsify_config(folder: str | Path) -> dict[str, Any]:
     path = _existing_folder(folder) / CONFIG_FILE
     raw = read_json(path)
     if not is_sparsify_config(raw):
-        raise ValueError(f"{path} is not a sparsify config: it needs 'd_in' and 'k' (and 'num_latents' or "
-                         f"'expansion_factor') and no 'architecture'; found keys {sorted(raw)}")
+        raise FormatError(f"{path} is not a sparsify config: it needs 'd_in' and 'k' (and 'num_latents' or "
+                         f"'expansion_factor') and no 'architecture'; found keys {short(sorted(raw), 200)}")
     for name, plain in _REFUSED.items():
         if name in raw and raw[name] != plain:
-            raise ValueError(f"{path}: {name}={raw[name]!r} is not supported: it means {_WHY[name]}, which our "
+            raise FormatError(f"{path}: {name}={short(raw[name])} is not supported: it means {_WHY[name]}, which our "
                              f"TopK SAE cannot represent (only {name}={plain!r} loads)")
     unknown = sorted(key for key in set(raw) - _KNOWN if raw[key] not in (None, False, 0, "", [], {}))
     if unknown:
-        raise ValueError(f"{path}: unknown sparsify config field(s) {unknown} with non-default values; they may "
+        raise FormatError(f"{path}: unknown sparsify config field(s) {short(unknown, 200)} with non-default values; they may "
                          "change the forward pass, so the folder is not loaded")
     d_in = _positive_int(raw, "d_in", path)
     k = _positive_int(raw, "k", path)
@@ -95,14 +97,16 @@ def read_sparsify_config(folder: str | Path) -> dict[str, Any]:
     else:
         num_latents = d_in * _positive_int({"expansion_factor": raw.get("expansion_factor", 32)},
                                            "expansion_factor", path)
+    if num_latents > MAX_SIZE:
+        raise FormatError(f"{path}: {num_latents} latents (d_in times expansion_factor) is more than {MAX_SIZE}")
     if k > num_latents:
-        raise ValueError(f"{path}: k={k} exceeds the number of latents {num_latents}")
+        raise FormatError(f"{path}: k={k} exceeds the number of latents {num_latents}")
     flags = {name: raw.get(name, default) for name, default in
              (("transcode", False), ("skip_connection", False), ("normalize_decoder", True),
               ("multi_topk", False))}
     for name, value in flags.items():
         if not isinstance(value, bool):
-            raise ValueError(f"{path}: {name} must be true or false, got {value!r}")
+            raise FormatError(f"{path}: {name} must be true or false, got {short(value)}")
     return {"d_in": d_in, "num_latents": num_latents, "k": k, **flags}
 
 
@@ -115,13 +119,14 @@ def load_sparsify(folder: str | Path, device: str | torch.device = "cpu", *, mod
     cfg = read_sparsify_config(folder)
     source = folder / WEIGHTS_FILE
     d_in, n = cfg["d_in"], cfg["num_latents"]
-    tensors = read_safetensors(source)
     shapes = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,),
               **({"W_skip": (d_in, d_in)} if cfg["skip_connection"] else {})}
+    check_header(source, shapes)  # the header's shapes before any data is read or anything built
+    tensors = read_safetensors(source)
     check_tensors(tensors, {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}, source)
     for key, value in tensors.items():
         if not value.is_floating_point():
-            raise ValueError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
+            raise FormatError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
     check_finite(tensors, source)
     t = {key: value.to(torch.float32) for key, value in tensors.items()}  # bf16/fp16 -> fp32 is exact
     model = model if model is not None else run_model(folder)
@@ -247,7 +252,7 @@ def _hookpoint(folder: Path) -> str | None:
 
 def _positive_int(raw: dict[str, Any], key: str, path: Path | str) -> int:
     value = raw.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+        raise FormatError(f"{path}: {key} must be a positive integer, got {short(value)} (at most {MAX_SIZE})")
     return value
 
