@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import FormatError
-from ..sae.base import SAE, check_field_values
+from ..sae.base import SAE
+from ..sae.validation import check_field_values
 from ..sae.jumprelu import JumpReLUConfig, JumpReLUSAE, jumprelu_from_weights
 from ..safeio import atomic_write
 from .npz_safe import read_npz

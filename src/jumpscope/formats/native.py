@@ -23,7 +23,8 @@ from torch import Tensor
 from .. import __version__
 from ..errors import FormatError
 from ..sae import registry
-from ..sae.base import SAE, SAEConfig, check_field_values
+from ..sae.base import SAE, SAEConfig
+from ..sae.validation import check_field_values
 from ..safeio import (check_finite, check_header, check_tensors, finite_or_none, read_json, read_safetensors, short,
                       to_json, write_safetensors, write_text)
 

@@ -49,7 +49,8 @@ from torch import Tensor
 from .. import __version__
 from ..errors import FormatError
 from ..sae import registry
-from ..sae.base import MAX_SIZE, SAE, check_field_values
+from ..sae.base import SAE
+from ..sae.validation import MAX_SIZE, check_field_values
 from ..sae.jumprelu import JumpReLUConfig, jumprelu_from_weights
 from ..safeio import (check_finite, check_tensors, finite_or_none, read_json, read_safetensors, safetensors_header,
                       short, to_json, write_safetensors, write_text)

@@ -7,7 +7,10 @@ whatever the batch split. Definitions:
 - FVU: E||x - x_hat||^2 / E||x - E[x]||^2 (mean-centred); variance explained = 1 - FVU.
 - MSE: mean over tokens and features of (x - x_hat)^2.
 - cosine: mean over tokens of cos(x, x_hat).
-- dead: latents that never fired on the sample; dense: latents firing on > 10% of tokens.
+- dead: latents that never fired on the sample; dense: latents firing on > 10% of tokens. The
+  dead fraction depends on the sample's size (a rare latent has not fired *yet*), so it is always
+  reported with its number of tokens (:func:`dead_label`), and a sample under
+  ``MIN_DEAD_SAMPLE_TOKENS`` gets a warning (:func:`dead_sample_warning`).
 - density histogram: counts of log10(firing frequency) of live latents in fixed bins.
 """
 
@@ -20,6 +23,12 @@ import torch
 from torch import Tensor
 
 DENSE_FREQUENCY = 0.1
+# A latent of firing density p is expected to fire N * p times in N tokens, so a sample of N tokens
+# tells "dead" from "rare" only for p >= 1 / N. Live SAE latents commonly go down to p = 1e-4 (one
+# token in ten thousand): on fewer than 1 / 1e-4 = 10,000 tokens such a latent is expected to fire
+# less than once, and much of what the sample calls dead is merely rare.
+RARE_DENSITY = 1e-4
+MIN_DEAD_SAMPLE_TOKENS = round(1 / RARE_DENSITY)
 HISTOGRAM_EDGES = [round(-10.0 + 0.25 * i, 2) for i in range(41)]  # log10 frequency, -10 .. 0
 
 
@@ -86,6 +95,21 @@ class StreamingMetrics:
         self.n_tokens = int(state["n_tokens"])
         for name in ("sum_sq_error", "sum_target", "sum_sq_target", "sum_l0", "sum_cosine", "firing_counts"):
             setattr(self, name, state[name].to(self.device).clone())
+
+
+def dead_label(n_tokens: int) -> str:
+    """How a dead fraction is headed wherever it is shown: ``dead on 12,240 tokens``."""
+    return f"dead on {int(n_tokens):,} tokens"
+
+
+def dead_sample_warning(n_tokens: int) -> str | None:
+    """A one-line warning when ``n_tokens`` is too few for the dead fraction to mean much (see
+    ``MIN_DEAD_SAMPLE_TOKENS``), else None."""
+    if n_tokens >= MIN_DEAD_SAMPLE_TOKENS:
+        return None
+    return (f"the dead fraction is measured on only {int(n_tokens):,} tokens: a latent firing on 1 token in "
+            f"{MIN_DEAD_SAMPLE_TOKENS:,} is expected to fire {n_tokens * RARE_DENSITY:.2f} times there, so rare "
+            f"latents count as dead; evaluate on at least {MIN_DEAD_SAMPLE_TOKENS:,} tokens (--eval-tokens)")
 
 
 def batch_fvu(target: Tensor, reconstruction: Tensor) -> float:
