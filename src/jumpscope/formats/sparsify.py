@@ -40,7 +40,8 @@ import torch
 
 from ..errors import FormatError
 from ..sae import registry
-from ..sae.base import MAX_SIZE, SAE
+from ..sae.base import SAE
+from ..sae.validation import MAX_SIZE
 from ..safeio import (check_finite, check_header, check_tensors, read_json, read_safetensors, short, to_json,
                       write_safetensors, write_text)
 from .native import _existing_folder, build_config, load_state
