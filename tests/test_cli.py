@@ -271,3 +271,126 @@ def test_corrupt_file_exits_2_and_debug_raises(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith("jumpscope: error:")
     with pytest.raises((ValueError, OSError)):
         main(["--debug", "info", str(bad)])
+
+
+# -- careless options and unexpected errors: one line each -----------------------------------------
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded although an option was careless")
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch, tmp_path):
+    """The model loaders fail the test if called: careless options must be refused before."""
+    monkeypatch.setattr("jumpscope.models.loading.load_model", _no_model)
+    monkeypatch.setattr("jumpscope.jobs.activations.load_model", _no_model)
+    return ["--model", str(tmp_path / "no_such_model.bin"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+
+
+CARELESS = [
+    ("train", ["--width", "0"], "--width"),
+    ("train", ["--width", "-8"], "--width"),
+    ("train", ["--tokens", "0"], "--tokens"),
+    ("train", ["--eval-tokens", "-1"], "--eval-tokens"),
+    ("train", ["--batch-size", "0"], "--batch-size"),
+    ("train", ["--init-sample-tokens", "0"], "--init-sample-tokens"),
+    ("train", ["--checkpoint-every", "-1"], "--checkpoint-every"),
+    ("train", ["--target-l0", "0"], "--target-l0"),
+    ("train", ["--target-l0", "64", "--width", "64"], "--target-l0"),
+    ("train", ["--arch", "topk", "--k", "65", "--width", "64"], "--k"),
+    ("train", ["--arch", "nope"], "--arch"),
+    ("train", ["--arch", "jsae"], "jumpscope jsae"),
+    ("train", ["--preset", "nope"], "--preset"),
+    ("train", ["--model-batch-size", "0"], "--model-batch-size"),
+    ("train", ["--shuffle-buffer-tokens", "0"], "--shuffle-buffer-tokens"),
+    ("train", ["--cache-shard-rows", "0"], "--cache-shard-rows"),
+    ("train", ["--encoding", "no-such-codec"], "--encoding"),
+    ("train", ["--width", "many"], "--width"),
+    ("sweep", ["--width", "0"], "--width"),
+    ("sweep", ["--tokens", "-5"], "--tokens"),
+    ("sweep", ["--archs", "topk", "--l0", "64", "--width", "64"], "--l0"),
+    ("sweep", ["--archs", "nope"], "--archs"),
+    ("sweep", ["--tokens", "100", "--batch-size", "512"], "--batch-size"),
+    ("suite", ["--width", "0"], "--width"),
+    ("suite", ["--eval-tokens", "0"], "--eval-tokens"),
+    ("suite", ["--layers", "-1"], "--layers"),
+    ("suite", ["--arch", "nope"], "--arch"),
+    ("jsae", ["--k", "0"], "--k"),
+    ("jsae", ["--k", "65", "--width", "64"], "--k"),
+    ("jsae", ["--tokens", "0"], "--tokens"),
+]
+
+
+@pytest.mark.parametrize("command,argv,option", CARELESS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_careless_training_options_are_one_line_before_any_model_loads(no_model_loads, capsys, command, argv,
+                                                                       option) -> None:
+    assert main([command, *no_model_loads, *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("jumpscope: error:"), err
+    assert option in err and "no_such_model" not in err
+
+
+@pytest.mark.parametrize("command,argv,option", [
+    ("eval", ["--eval-tokens", "0"], "--eval-tokens"),
+    ("eval", ["--model-batch-size", "-2"], "--model-batch-size"),
+    ("dashboard", ["--tokens", "0"], "--tokens"),
+    ("dashboard", ["--n-top", "0"], "--n-top"),
+    ("dashboard", ["--logit-lens-tokens", "-1"], "--logit-lens-tokens"),
+    ("steer", ["--prompt", "hi", "--steer", "1:2", "--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_careless_options_of_sae_commands_are_one_line(no_model_loads, tmp_path, capsys, command, argv, option):
+    sae = tmp_path / "no_such_sae"  # the options are refused before the SAE is even read
+    assert main([command, str(sae), *no_model_loads[:2], *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("jumpscope: error:"), err
+    assert option in err and "no_such" not in err
+
+
+@pytest.fixture
+def failing_archs(monkeypatch):
+    from jumpscope.cli import Command
+
+    def install(error: BaseException) -> None:
+        def run(args):
+            raise error
+
+        monkeypatch.setitem(COMMANDS, "archs", Command("archs", "fails", lambda parser: None, run))
+
+    return install
+
+
+@pytest.mark.parametrize("error,status,text", [
+    (RuntimeError("boom\nsecond line"), 1, "jumpscope: error: RuntimeError: boom second line (unexpected; rerun "
+                                           "with --debug"),
+    (KeyError("weights"), 1, "jumpscope: error: KeyError: 'weights' (unexpected; rerun with --debug"),
+    (MemoryError(), 1, "jumpscope: error: out of memory (MemoryError); try a smaller --batch-size"),
+    (RecursionError("too deep"), 1, "jumpscope: error: RecursionError: too deep; rerun with --debug"),
+    (jumpscope.errors.ConfigError("width must be positive"), 2, "jumpscope: error: width must be positive"),
+    (jumpscope.errors.FormatError("x.npz: truncated"), 2, "jumpscope: error: x.npz: truncated"),
+])
+def test_every_error_is_one_line_and_debug_raises_it(failing_archs, capsys, error, status, text) -> None:
+    failing_archs(error)
+    assert main(["archs"]) == status
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(text), err
+    with pytest.raises(type(error)):
+        main(["--debug", "archs"])
+
+
+def test_interrupt_is_one_line_and_status_130(failing_archs, capsys) -> None:
+    failing_archs(KeyboardInterrupt())
+    assert main(["archs"]) == 130
+    assert capsys.readouterr().err == "jumpscope: interrupted\n"
+
+
+def test_library_warnings_are_one_line(monkeypatch, capsys) -> None:
+    import warnings
+
+    from jumpscope.cli import Command
+
+    def run(args):
+        warnings.warn("context_size 4096 is above\nthe tokenizer's limit")
+        return 0
+
+    monkeypatch.setitem(COMMANDS, "archs", Command("archs", "warns", lambda parser: None, run))
+    assert main(["archs"]) == 0
+    assert capsys.readouterr().err == "jumpscope: warning: context_size 4096 is above the tokenizer's limit\n"

@@ -19,6 +19,63 @@ def write(path, text):
     return path
 
 
+# -- encodings -------------------------------------------------------------------------------------
+def test_non_utf8_text_names_the_file_the_byte_and_its_offset(tmp_path):
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes("caf\u00e9 au lait\n\nand more".encode("latin-1"))
+    with pytest.raises(CorpusError) as error:
+        list(open_corpus(str(bad)))
+    message = str(error.value)
+    assert str(bad) in message and "byte 0xe9 at offset 3" in message and "--encoding" in message
+    assert "\n" not in message
+    assert list(open_corpus(str(bad), encoding="latin-1")) == ["caf\u00e9 au lait\n\nand more"]
+    assert list(open_corpus(str(bad), encoding_errors="replace")) == ["caf\ufffd au lait\n\nand more"]
+
+
+def test_decode_error_offsets_are_file_offsets(tmp_path):
+    # a two-byte character straddles the 1 MiB block boundary of the offset search; the bad byte follows
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a" * (2**20 - 1) + "\u00e9".encode() + b"xy\xff tail")
+    with pytest.raises(CorpusError, match=f"byte 0xff at offset {2**20 + 3:,}"):
+        list(open_corpus(str(big)))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"text": "fine"}\n{"text": "na\xefve"}\n')
+    assert rows.read_bytes().index(b"\xef") == 17 + 12  # the second line's 13th byte
+    with pytest.raises(CorpusError, match=r"rows\.jsonl: not valid utf-8 text \(byte 0xef at offset 29\)"):
+        list(open_corpus(str(rows)))
+    assert list(open_corpus(str(rows), encoding="cp1252")) == ["fine", "na\u00efve"]
+
+
+def test_unknown_encoding_options_are_refused(tmp_path):
+    path = write(tmp_path / "a.txt", "text")
+    with pytest.raises(CorpusError, match="unknown encoding 'klingon'"):
+        open_corpus(str(path), encoding="klingon")
+    with pytest.raises(CorpusError, match="encoding_errors must be 'strict' or 'replace'"):
+        open_corpus(str(path), encoding_errors="ignore")
+
+
+def test_cli_names_the_undecodable_file_and_reads_it_with_encoding(tmp_path, capsys):
+    from jumpscope.cli import main
+    from tiny_causal_lm import WORDS, write_tiny_causal_lm
+
+    model = write_tiny_causal_lm(tmp_path / "model")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\n\n".join(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(40)) + " caf\u00e9"
+                                    for i in range(40)).encode("latin-1"))
+    offset = corpus.read_bytes().index(b"\xe9")
+    argv = ["train", "--model", str(model), "--corpus", str(corpus), "--txt-split", "paragraph", "--context-size", "32",
+            "--model-batch-size", "4", "--site", "layers.1.resid_post", "--width", "32", "--target-l0", "4",
+            "--tokens", "512", "--batch-size", "256", "--init-sample-tokens", "256", "--shuffle-buffer-tokens", "512",
+            "--eval-tokens", "128", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"jumpscope: error: {corpus}: not valid utf-8 text "
+                                                         f"(byte 0xe9 at offset {offset:,})"), err
+    assert "--encoding" in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--encoding", "latin-1"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "c"), "--encoding-errors", "replace"]) == 0
+
+
 # -- local files -------------------------------------------------------------------------------
 
 def test_txt_one_document_per_file_by_default(tmp_path):

@@ -1,6 +1,7 @@
 """`jumpscope eval` end to end on a tiny causal LM (llama2.c format, with its tokenizer) and on MiniLM."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -8,8 +9,10 @@ import torch
 import jumpscope
 from jumpscope.cli import main
 from jumpscope.evaluate.downstream import next_token_losses
+from jumpscope.evaluate.report import dense_table, points_table
 from jumpscope.jobs.activations import ActivationConfig, ActivationSource
-from jumpscope.jobs.evaluate import evaluation_windows
+from jumpscope.jobs.evaluate import evaluation_windows, results_table
+from jumpscope.sae.metrics import MIN_DEAD_SAMPLE_TOKENS, dead_sample_warning
 from jumpscope.models.splice import splice
 from jumpscope.jobs.train import TrainJobConfig, run_train
 from tiny_causal_lm import write_corpus, write_tiny_causal_lm
@@ -122,3 +125,26 @@ def test_transcoder_sites_must_be_mlp_inputs(trained, tmp_path, capsys):
     assert main(["train", "--transcoder", "--site", "layers.1.resid_post", "--out", str(tmp_path / "x"),
                  "--model", activations.model, "--corpus", activations.corpus]) == 2
     assert "a transcoder reads an MLP's input: give --site layers.L.mlp_in" in capsys.readouterr().err
+
+
+def test_dead_fraction_names_its_sample_size_and_warns_when_small(trained, tmp_path, caplog):
+    root, activations = trained
+    out = tmp_path / "e.json"
+    with caplog.at_level(logging.WARNING):
+        assert eval_cli(root, activations, str(root / "run" / SITES[0]), "--out", str(out)) == 0
+    n = json.loads(out.read_text())["results"][SITES[0]]["n_tokens"]
+    assert n < MIN_DEAD_SAMPLE_TOKENS and f"| dead on {n:,} tokens |" in out.with_suffix(".md").read_text()
+    warnings = [r.getMessage() for r in caplog.records if "dead fraction" in r.getMessage()]
+    assert len(warnings) == 1 and f"only {n:,} tokens" in warnings[0] and "\n" not in warnings[0]
+    assert "| dead on " in (root / "run" / "summary.md").read_text()  # the training summary too
+
+
+def test_dead_sample_threshold_and_mixed_sample_sizes():
+    assert dead_sample_warning(MIN_DEAD_SAMPLE_TOKENS) is None and dead_sample_warning(MIN_DEAD_SAMPLE_TOKENS - 1)
+    row = {"site": "s", "d_sae": 8, "l0": 1.0, "fvu": 0.5, "dead_fraction": 0.25, "dense_fraction": 0.0}
+    table = results_table({"a": {**row, "n_tokens": 2040}, "b": {**row, "n_tokens": 12240}}, "causal_lm")
+    assert "| dead |" in table and "0.2500 (dead on 2,040 tokens)" in table and "(dead on 12,240 tokens)" in table
+    points = [{"name": f"topk-k_{k}", "arch": "topk", "knob": "k", "value": k, "site": "s",
+               "held_out": {**row, "n_tokens": 12240, "l0": float(k), "delta_lm_loss": 0.1}} for k in (4, 8)]
+    assert "| dead on 12,240 tokens |" in points_table(points, "causal_lm")
+    assert "mean dead on 12,240 tokens |" in dense_table(points)

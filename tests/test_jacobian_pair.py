@@ -109,7 +109,7 @@ def test_jsae_command_trains_measures_and_writes_the_two_saes(tmp_path, capsys):
     assert main(["jsae", *common, "--randomize-model", "--out", str(tmp_path / "control")]) == 0
     control = json.loads((tmp_path / "control" / "summary.json").read_text())
     assert control["job"]["randomize_model"] and control["pairs"]["lambda_1"]["jacobian"] != pairs["lambda_0"]["jacobian"]
-    assert main(["jsae", *common[:-9], "--layer", "9", "--out", str(tmp_path / "x")]) == 2
+    assert main(["jsae", *common[:-7], "--layer", "9", "--out", str(tmp_path / "x")]) == 2
     assert "layer 9 out of range" in capsys.readouterr().err
 
 

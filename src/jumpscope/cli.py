@@ -1,10 +1,10 @@
 """The ``jumpscope`` command line.
 
 Each subcommand is a function ``run(args) -> int`` registered with :func:`command`, together
-with a function that adds its arguments to its parser. Errors a user can cause (a missing or
-corrupt file, an architecture a format cannot represent, an invalid config) print
-``jumpscope: error: <message>`` on stderr and exit with status 2; ``--debug`` shows the
-traceback instead.
+with a function that adds its arguments to its parser. Every error is one line on stderr,
+``jumpscope: error: <message>``: those a user can cause (a careless option, a missing or corrupt
+file, an architecture a format cannot represent) exit with status 2, anything unexpected (a bug)
+with status 1 and a request to report it; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import argparse
 import json
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
 from .config_cli import field_table
+from .errors import JumpscopeError
 
 __all__ = ["main", "build_parser", "command", "COMMANDS"]
 
@@ -164,8 +166,44 @@ def convert(args: argparse.Namespace) -> int:
 
 
 # -- main ------------------------------------------------------------------------------------------
+# Errors a user can cause: the message says what to change. ValueError, TypeError and OSError are
+# kept for the builtins' own messages (a missing file, an unknown option of a library call).
+USER_ERRORS = (JumpscopeError, ValueError, TypeError, OSError)
+REPORT = "rerun with --debug for the traceback, and please report it"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``jumpscope: error: <message>`` and exit status 2 (no usage
+    block), like every other error of the command line. Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"jumpscope: error: {_one_line(message)}\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def error_line(error: BaseException) -> tuple[str, int]:
+    """The one line ``main`` prints for ``error`` and the exit status: 2 for an error a user can
+    cause, 1 for anything else (named by its type, with a request to report it)."""
+    message = _one_line(error)
+    if isinstance(error, USER_ERRORS):
+        return f"jumpscope: error: {message or type(error).__name__}", 2
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":  # torch.cuda's
+        return (f"jumpscope: error: out of memory ({type(error).__name__}{': ' + message if message else ''}); "
+                "try a smaller --batch-size, --model-batch-size or --shuffle-buffer-tokens"), 1
+    if isinstance(error, RecursionError):
+        return f"jumpscope: error: RecursionError: {message}; {REPORT}", 1
+    return f"jumpscope: error: {type(error).__name__}: {message or '(no message)'} (unexpected; {REPORT})", 1
+
+
+def _warning_line(message: Warning | str, category: type, *args: Any, **kwargs: Any) -> None:
+    print(f"jumpscope: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jumpscope", description="Train, evaluate and use JumpReLU sparse autoencoders.")
     parser.add_argument("--version", action="version", version=f"jumpscope {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -178,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 usage or input error) and never
-    raises SystemExit. Without a subcommand it prints the help and returns 0."""
+    """Run the command line; returns the exit status (0 ok, 1 an unexpected error, 2 usage or
+    input error, 130 interrupted) and never raises SystemExit. Every error is one line on stderr;
+    with ``--debug`` it is raised instead. Without a subcommand it prints the help and returns 0."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -187,18 +226,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         try:
-            return int(args.run(args) or 0)
-        except (ValueError, TypeError, OSError) as error:
-            if args.debug:
-                raise
-            message = " ".join(str(error).split()) or type(error).__name__
-            print(f"jumpscope: error: {message}", file=sys.stderr)
-            return 2
+            with warnings.catch_warnings():
+                if not args.debug:  # a library warning is one line too, without the source line
+                    warnings.showwarning = _warning_line
+                return int(args.run(args) or 0)
         except KeyboardInterrupt:
             if args.debug:
                 raise
             print("jumpscope: interrupted", file=sys.stderr)
             return 130
+        except Exception as error:  # noqa: BLE001 - every error becomes one line (--debug: the traceback)
+            if args.debug:
+                raise
+            line, status = error_line(error)
+            print(line, file=sys.stderr)
+            return status
     except SystemExit as exit_:
         code = exit_.code
         if code is None or isinstance(code, int):

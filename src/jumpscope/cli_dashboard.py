@@ -29,12 +29,13 @@ def dashboard(args: argparse.Namespace) -> int:
     from .analysis.examples import ExamplesConfig
     from .jobs.activations import ActivationConfig
     from .jobs.dashboard import DashboardJobConfig, run_dashboard
+    from .sae.metrics import dead_label
 
     job = dataclass_from_args_or_exit(args.parser, DashboardJobConfig, args, sae=args.sae)
     examples = dataclass_from_args_or_exit(args.parser, ExamplesConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
     summary = run_dashboard(job, activations, examples)
-    print(f"{summary['d_sae']:,} latents over {summary['n_tokens']:,} tokens: {summary['dead']:.1%} dead, "
+    print(f"{summary['d_sae']:,} latents: {summary['dead']:.1%} {dead_label(summary['n_tokens'])}, "
           f"{summary['dense_above_0.1']:.1%} dense (> 10% of tokens); "
           f"{summary['seconds']['total']:.0f} s")
     print(f"open {summary['index']} in a browser (file://, no server needed; or: jumpscope serve {job.out})")

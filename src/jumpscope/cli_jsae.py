@@ -24,7 +24,7 @@ def jsae(args: argparse.Namespace) -> int:
 
     job = dataclass_from_args_or_exit(args.parser, JsaeJobConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args)
+    trainer_fields = trainer_fields_from_args(args, job.tokens)
     _, table = run_jsae(job, activations, trainer_fields)
     if not table:  # a torchrun process other than the first: nothing to report
         return 0

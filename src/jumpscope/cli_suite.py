@@ -21,13 +21,9 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
 def suite(args: argparse.Namespace) -> int:
     from .jobs.activations import ActivationConfig
     from .jobs.suite import SuiteConfig, run_suite
-    from .sae import architectures
-
-    if getattr(args, "arch", "jumprelu") not in architectures():
-        args.parser.error(f"unknown --arch {args.arch!r}; choose from {', '.join(architectures())}")
     config = dataclass_from_args_or_exit(args.parser, SuiteConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args)
+    trainer_fields = trainer_fields_from_args(args, config.tokens)
     _, table = run_suite(config, activations, trainer_fields, sae_fields_from_args(args.parser, args, config.arch))
     if not table:  # a torchrun process other than the first: nothing to report
         return 0

@@ -23,7 +23,7 @@ def sweep(args: argparse.Namespace) -> int:
 
     config = dataclass_from_args_or_exit(args.parser, SweepConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args)
+    trainer_fields = trainer_fields_from_args(args, config.tokens)
     sae_fields = sae_fields_from_args(args.parser, args, config.archs)
     _, report = run_sweep(config, activations, trainer_fields, sae_fields)
     if not report:  # a torchrun process other than the first: nothing to report

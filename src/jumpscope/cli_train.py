@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from .cli import command
-from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit, option_name
+from .config_cli import add_dataclass_arguments, config_error_message, dataclass_from_args_or_exit, option_name
 
 SAE_PREFIX = "sae-"
 # Set by the job from the data and the generic options; not options of their own.
@@ -35,12 +35,22 @@ def add_job_arguments(parser: argparse.ArgumentParser, job: type, title: str, *,
         add_sae_arguments(parser)
 
 
-def trainer_fields_from_args(args: argparse.Namespace) -> dict:
-    """The trainer options given on the command line (those the job does not set itself)."""
+def trainer_fields_from_args(args: argparse.Namespace, tokens: int | None = None) -> dict:
+    """The trainer options given on the command line (those the job does not set itself). With
+    the job's ``tokens`` they are checked at once (a TrainerConfig is built), so a careless one is
+    a one-line usage error naming the option before any model loads."""
     from .train import TrainerConfig
 
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
-            if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
+              if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
+    if tokens is not None:
+        try:
+            TrainerConfig(**fields, total_tokens=tokens)
+        except (ValueError, TypeError) as error:
+            message = config_error_message(TrainerConfig, error, options=getattr(args.parser, "_option_string_actions",
+                                                                                 None))
+            args.parser.error(message.replace("total_tokens", "--tokens"))
+    return fields
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,16 +94,11 @@ def sae_fields_from_args(parser: argparse.ArgumentParser, args: argparse.Namespa
 def train(args: argparse.Namespace) -> int:
     from .jobs.activations import ActivationConfig
     from .jobs.train import TrainJobConfig, run_train
-    from .sae import architectures
 
     parser = args.parser
-    if getattr(args, "arch", "jumprelu") not in architectures():
-        parser.error(f"unknown --arch {args.arch!r}; choose from {', '.join(architectures())}")
-    if getattr(args, "arch", None) == "jsae":
-        parser.error("a Jacobian SAE pair trains around an MLP with `jumpscope jsae`, not `jumpscope train`")
     job = dataclass_from_args_or_exit(parser, TrainJobConfig, args, site=tuple(args.site or ()))
     activations = dataclass_from_args_or_exit(parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args)
+    trainer_fields = trainer_fields_from_args(args, job.tokens)
     _, summary = run_train(job, activations, trainer_fields, sae_fields_from_args(parser, args, job.arch))
     if not summary:  # a torchrun process other than the first: nothing to report
         return 0

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..models.harvest import Harvester, unpack_batch
-from ..safeio import read_json, read_safetensors, write_safetensors, write_text
+from ..safeio import read_json, read_safetensors, read_safetensors_metadata, write_safetensors, write_text
 from ..sae.base import SAE
 from .records import PAD_TOKEN, LatentExamples
 
@@ -175,10 +175,12 @@ class ExampleCollector:
             meta={"config": asdict(self.cfg), **(meta or {})})
 
     def save_state(self, folder: Path) -> None:
-        write_safetensors(folder / "state.safetensors", {name: getattr(self, name) for name in STATE})
-        write_text(folder / "state.json", json.dumps({"n_tokens": self.n_tokens, "batches": self.batches,
-                                                      "adds": self.adds,
-                                                      "d_sae": self.d_sae, "config": asdict(self.cfg)}))
+        # The counters travel in the tensors' own header: one atomic write holds everything that
+        # changes, so a kill between two files can never pair new tensors with old counters.
+        counters = {"n_tokens": self.n_tokens, "batches": self.batches, "adds": self.adds}
+        write_text(folder / "state.json", json.dumps({"d_sae": self.d_sae, "config": asdict(self.cfg)}))
+        write_safetensors(folder / "state.safetensors", {name: getattr(self, name) for name in STATE},
+                          metadata={"counters": json.dumps(counters)})
 
     def load_state(self, folder: Path) -> None:
         info = read_json(folder / "state.json")
@@ -190,7 +192,12 @@ class ExampleCollector:
             if name not in tensors or tensors[name].shape != getattr(self, name).shape:
                 raise ValueError(f"{folder / 'state.safetensors'}: {name} is missing or has the wrong shape")
             setattr(self, name, tensors[name])
-        self.n_tokens, self.batches, self.adds = int(info["n_tokens"]), int(info["batches"]), int(info["adds"])
+        try:
+            counters = json.loads(read_safetensors_metadata(folder / "state.safetensors")["counters"])
+            self.n_tokens, self.batches, self.adds = (int(counters[key]) for key in ("n_tokens", "batches", "adds"))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{folder / 'state.safetensors'} has no valid counters ({error}); delete "
+                             f"{folder} to scan again") from None
 
 
 @torch.no_grad()
@@ -219,7 +226,7 @@ def collect_examples(model: Any, sae: SAE, batches: Iterable[Any], cfg: Examples
     harvester = Harvester(model, [sae.cfg.site])
     collector = ExampleCollector(sae.cfg.d_sae, cfg)
     folder = Path(state_dir) if state_dir is not None else None
-    if resume and folder is not None and (folder / "state.json").is_file():
+    if resume and folder is not None and (folder / "state.safetensors").is_file():
         collector.load_state(folder)
     bar = tqdm(total=max_tokens, initial=min(collector.n_tokens, max_tokens or collector.n_tokens), unit="tok",
                desc="max-activating examples", disable=not progress, dynamic_ncols=True)

@@ -160,6 +160,29 @@ def shuffled(chunks: Iterable, capacity_rows: int, batch_size: int, seed: int = 
     return ShuffleBuffer(chunks, capacity_rows, batch_size, seed, drop_last)
 
 
+def counted(stream: Iterable, target_rows: int, desc: str, enabled: bool = True) -> Iterator[Any]:
+    """``stream`` unchanged, with a progress bar on stderr (in tokens, i.e. rows) until
+    ``target_rows`` rows have gone through, e.g. the harvest that fills a shuffle buffer before the
+    first batch can come out. The bar closes at the target; the rest of the stream is not counted."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=int(target_rows), unit="tok", unit_scale=True, desc=desc, disable=not enabled,
+               dynamic_ncols=True)
+    seen = 0
+    try:
+        for item in stream:
+            if seen < target_rows:
+                parts, _ = _split(item)
+                rows = min(_rows(parts), int(target_rows) - seen)
+                seen += rows
+                bar.update(rows)
+                if seen >= target_rows:
+                    bar.close()
+            yield item
+    finally:
+        bar.close()
+
+
 def skip_rows(stream: Iterable, n: int) -> Iterator[Any]:
     """``stream`` without its first ``n`` rows (how a resumed producer or reader finds its place)."""
     n = int(n)

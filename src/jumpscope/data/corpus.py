@@ -15,6 +15,7 @@ One entry point, :func:`open_corpus`, takes a spec string:
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import importlib
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..errors import JumpscopeError
 from .builtin_corpus import _python_version, builtin_entries
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -36,10 +38,10 @@ ACCEPTED = ("accepted corpus specs: 'builtin' (Python stdlib docstrings, needs n
             "folder written by datasets.save_to_disk; or several of these joined by commas (a mixture)")
 
 
-OPTIONS = ("txt_split", "text_field", "encoding", "allow_network", "split", "cache_dir")
+OPTIONS = ("txt_split", "text_field", "encoding", "encoding_errors", "allow_network", "split", "cache_dir")
 
 
-class CorpusError(ValueError):
+class CorpusError(JumpscopeError, ValueError):
     """A corpus spec that cannot be opened, or a document source that cannot be read."""
 
 
@@ -73,7 +75,9 @@ def open_corpus(spec: str, **options: Any) -> Corpus:
 
     ``txt_split``: ``"file"`` (default, one document per .txt file), ``"paragraph"`` (split on blank
     lines) or ``"line"``; ``text_field`` (default ``"text"``) for jsonl / parquet / HF rows;
-    ``encoding`` (default utf-8); ``allow_network`` and ``split`` for HF datasets; ``cache_dir``
+    ``encoding`` (default utf-8) and ``encoding_errors`` (``"strict"``, the default: an undecodable
+    byte is an error naming the file and byte offset; ``"replace"``: read as U+FFFD) for .txt and
+    .jsonl files; ``allow_network`` and ``split`` for HF datasets; ``cache_dir``
     (``False`` for no disk cache) for ``"builtin"``.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -82,6 +86,12 @@ def open_corpus(spec: str, **options: Any) -> Corpus:
         raise TypeError(f"unknown corpus option(s) {unknown}; accepted: {', '.join(OPTIONS)}")
     if options.get("txt_split", "file") not in ("file", "paragraph", "line"):
         raise CorpusError(f"txt_split must be 'file', 'paragraph' or 'line', got {options['txt_split']!r}")
+    if options.get("encoding_errors", "strict") not in ("strict", "replace"):
+        raise CorpusError(f"encoding_errors must be 'strict' or 'replace', got {options['encoding_errors']!r}")
+    try:
+        codecs.lookup(options.get("encoding", "utf-8"))
+    except LookupError:
+        raise CorpusError(f"unknown encoding {options['encoding']!r}; e.g. utf-8, latin-1, cp1252") from None
     if "," in spec and not Path(spec).expanduser().exists():
         parts = [open_corpus(part.strip(), **options) for part in spec.split(",") if part.strip()]
         return Corpus(",".join(part.name for part in parts), lambda: _interleave(parts))
@@ -129,18 +139,55 @@ def _expand(paths: list[str]) -> list[Path]:
 
 def _read_files(files: list[Path], options: dict[str, Any]) -> Iterator[str]:
     field_ = options.get("text_field", "text")
+    encoding, errors = options.get("encoding", "utf-8"), options.get("encoding_errors", "strict")
     for path in files:
         suffix = path.suffix.lower()
-        if suffix == ".txt":
-            yield from _read_txt(path, options.get("txt_split", "file"), options.get("encoding", "utf-8"))
-        elif suffix == ".jsonl":
-            yield from _read_jsonl(path, field_, options.get("encoding", "utf-8"))
-        else:
-            yield from _read_parquet(path, field_)
+        try:
+            if suffix == ".txt":
+                yield from _read_txt(path, options.get("txt_split", "file"), encoding, errors)
+            elif suffix == ".jsonl":
+                yield from _read_jsonl(path, field_, encoding, errors)
+            else:
+                yield from _read_parquet(path, field_)
+        except UnicodeDecodeError as err:
+            raise _decode_error(path, encoding, err) from None
 
 
-def _read_txt(path: Path, split: str, encoding: str) -> Iterator[str]:
-    text = path.read_text(encoding=encoding)
+def _decode_error(path: Path, encoding: str, err: UnicodeDecodeError) -> CorpusError:
+    """The error for an undecodable byte: the file, the byte and its offset in the file, and the
+    options that read it anyway."""
+    offset, byte = _first_bad_byte(path, encoding)
+    where = f"byte 0x{byte:02x} at offset {offset:,}" if offset is not None else err.reason
+    return CorpusError(f"{path}: not valid {encoding} text ({where}); give its encoding with --encoding "
+                       f"(e.g. --encoding latin-1 or cp1252), or --encoding-errors replace to read such bytes as "
+                       f"U+FFFD")
+
+
+def _first_bad_byte(path: Path, encoding: str) -> tuple[int | None, int]:
+    """(offset, value) of the first byte of ``path`` that ``encoding`` cannot decode, found by
+    decoding the file again in blocks (a decode error's own position is relative to whatever
+    block the reader happened to decode)."""
+    decoder = codecs.getincrementaldecoder(encoding)("strict")
+    start = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            pending = decoder.getstate()[0]  # undecoded bytes kept from the previous block
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                data = pending + block
+                return start - len(pending) + err.start, data[err.start]
+            start += len(block)
+        pending = decoder.getstate()[0]
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:  # a sequence cut off by the end of the file
+            return start - len(pending) + err.start, pending[err.start]
+    return None, 0
+
+
+def _read_txt(path: Path, split: str, encoding: str, errors: str = "strict") -> Iterator[str]:
+    text = path.read_text(encoding=encoding, errors=errors)
     if split == "file":
         parts = [text]
     elif split == "paragraph":
@@ -152,8 +199,8 @@ def _read_txt(path: Path, split: str, encoding: str) -> Iterator[str]:
             yield part if split == "file" else part.strip()
 
 
-def _read_jsonl(path: Path, text_field: str, encoding: str) -> Iterator[str]:
-    with open(path, encoding=encoding) as handle:
+def _read_jsonl(path: Path, text_field: str, encoding: str, errors: str = "strict") -> Iterator[str]:
+    with open(path, encoding=encoding, errors=errors) as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
                 continue

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..sae.metrics import dead_label, dead_sample_warning
 from ..safeio import write_text
 from .plots import LABELS, by_arch, frontier_metrics
 
@@ -70,7 +71,7 @@ def points_table(points: Sequence[dict[str, Any]], kind: str) -> str:
     if kind != "causal_lm":
         extra = [("rec. (zero)", "embedding_recovered_zero"), ("rec. (mean)", "embedding_recovered_mean")]
     columns = [("L0", "l0"), ("FVU", "fvu"), (LABELS[measure].split(" (")[0], measure), *extra,
-               ("dead", "dead_fraction"), (">10%", "dense_fraction")]
+               (_dead_title(points), "dead_fraction"), (">10%", "dense_fraction")]
     lines = ["| SAE | setting | " + " | ".join(t for t, _ in columns) + " |", "|" + " --- |" * (len(columns) + 2)]
     for group in by_arch(points).values():
         for p in group:
@@ -80,9 +81,16 @@ def points_table(points: Sequence[dict[str, Any]], kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dead_title(points: Sequence[dict[str, Any]]) -> str:
+    """``dead on N tokens`` (every point is evaluated on the same held-out text), or ``dead``."""
+    sizes = {p["held_out"].get("n_tokens") for p in points}
+    return dead_label(sizes.pop()) if len(sizes) == 1 and None not in sizes else "dead"
+
+
 def dense_table(points: Sequence[dict[str, Any]]) -> str:
     """Mean fraction of >10%-frequency and dead latents per architecture (SPEC 3)."""
-    lines = ["| architecture | mean >10% fraction | max >10% fraction | mean dead fraction |", "| --- | --- | --- | --- |"]
+    lines = [f"| architecture | mean >10% fraction | max >10% fraction | mean {_dead_title(points)} |",
+             "| --- | --- | --- | --- |"]
     for arch, group in by_arch(points).items():
         dense = [p["held_out"]["dense_fraction"] for p in group]
         dead = [p["held_out"]["dead_fraction"] for p in group]
@@ -94,12 +102,14 @@ def render_report(payload: Mapping[str, Any], figures: Mapping[str, str], levels
     points, kind, source, sweep = payload["points"], payload["kind"], payload["source"], payload["sweep"]
     levels = levels or sweep.get("l0") or sorted({round(p["held_out"]["l0"]) for p in points})
     first = points[0]["held_out"]
+    small = dead_sample_warning(first["n_tokens"])
     parts = [f"# Sparsity sweep: {source['model']}, {points[0]['site']}", "",
              f"- corpus: {source['corpus']} (context {source['context_size']}); {sweep['tokens']:,} training "
              f"tokens per SAE; d_sae {first['d_sae']} for every point",
              f"- held-out evaluation: {first['n_tokens']:,} tokens "
              f"({first.get('n_predictions', first.get('n_sequences'))} "
-             f"{'predictions' if kind == 'causal_lm' else 'sequences'}); dead = never fired on them",
+             f"{'predictions' if kind == 'causal_lm' else 'sequences'}); dead = never fired on them"
+             + (f" (warning: {small})" if small else ""),
              f"- wall time: {payload['seconds']['training']:.0f} s training (all points together), "
              f"{payload['seconds']['total']:.0f} s in all", "", "## Every point", "", points_table(points, kind)]
     for metric, _ in frontier_metrics(kind):

@@ -8,14 +8,17 @@ out for evaluation and never trained on (by window, so a single-document corpus 
 
 from __future__ import annotations
 
+import codecs
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
-from ..data.buffer import shuffled, skip_rows
+from ..config_cli import positive
+from ..data.buffer import counted, shuffled, skip_rows
 from ..data.cache import CacheReader, CacheWriter, is_complete
 from ..data.corpus import open_corpus
 from ..data.tokens import batch_windows, pack_tokens
+from ..errors import ConfigError
 from ..models.harvest import harvest
 from ..models.loading import LoadedModel, load_model
 from ..models.sites import parse_site
@@ -39,6 +42,13 @@ class ActivationConfig:
     """How .txt files divide into documents: 'file' (one each), 'paragraph' (blank lines) or 'line'.
     Documents matter for mixtures ('a,b' takes one from each in turn) and for where BOS goes."""
 
+    encoding: str = "utf-8"
+    """Text encoding of .txt and .jsonl corpus files, e.g. utf-8, latin-1, cp1252."""
+
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """What a byte that is not valid in --encoding does: 'strict' stops with an error naming the
+    file and byte offset, 'replace' reads it as U+FFFD and goes on."""
+
     context_size: int | None = None
     """Tokens per context window (BOS or CLS/SEP framing included). None: 128 for encoders,
     else min(1024, the model's maximum positions)."""
@@ -56,6 +66,10 @@ class ActivationConfig:
     """Folder of an on-disk activation cache: written (resumably) on first use, then read back,
     so later runs and sweeps need not run the model again."""
 
+    cache_shard_rows: int = 65_536
+    """Activation rows per cache shard file; a killed cache write resumes after its last whole
+    shard. Must match when resuming a partly written cache."""
+
     eval_every: int = 20
     """Hold out one context window in this many for evaluation."""
 
@@ -66,11 +80,19 @@ class ActivationConfig:
     """Allow downloads from the Hugging Face hub (models and datasets)."""
 
     def __post_init__(self) -> None:
-        for name in ("model_batch_size", "shuffle_buffer_tokens", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        positive(self, "model_batch_size", "shuffle_buffer_tokens", "eval_every", "cache_shard_rows")
         if self.context_size is not None and self.context_size < 2:
-            raise ValueError(f"context_size must be at least 2, got {self.context_size}")
+            raise ConfigError(f"context_size must be at least 2, got {self.context_size}")
+        if self.txt_split not in ("file", "paragraph", "line"):
+            raise ConfigError(f"txt_split must be 'file', 'paragraph' or 'line', got {self.txt_split!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.encoding_errors not in ("strict", "replace"):
+            raise ConfigError(f"encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"unknown encoding {self.encoding!r}; e.g. utf-8, latin-1, cp1252") from None
 
 
 def default_site(loaded: LoadedModel) -> str:
@@ -133,7 +155,8 @@ class ActivationSource:
                 raise ValueError(f"the width of {name!r} is unknown until the model runs; use a named site")
             self.site_dims[name] = site.d
         self.context_size = context_size_for(cfg, self.loaded)
-        self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network, txt_split=cfg.txt_split)
+        self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network, txt_split=cfg.txt_split,
+                                  encoding=cfg.encoding, encoding_errors=cfg.encoding_errors)
 
     def windows(self, evaluation: bool | None = False) -> Iterator[tuple]:
         """Batches of context windows: the training part, the held-out part, or (None) all of them."""
@@ -148,11 +171,16 @@ class ActivationSource:
         """Unshuffled activation chunks, in corpus order."""
         return harvest(self.loaded.model, self.windows(evaluation), self.sites)
 
-    def training_stream(self, total_tokens: int, batch_size: int) -> Iterable:
-        """A replayable shuffled stream for the trainer (from the cache when one is configured)."""
+    def training_stream(self, total_tokens: int, batch_size: int, progress: bool = True) -> Iterable:
+        """A replayable shuffled stream for the trainer (from the cache when one is configured).
+        ``progress`` shows the harvest that fills the shuffle buffer (no step runs until it is full;
+        minutes on a large model) as a bar in tokens on stderr."""
         if self.cfg.cache is None:
-            return _Replay(lambda: shuffled(self.chunks(), self.cfg.shuffle_buffer_tokens, batch_size, self.cfg.seed))
-        self.fill_cache(total_tokens)
+            fill = min(self.cfg.shuffle_buffer_tokens, total_tokens)
+            return _Replay(lambda: shuffled(counted(self.chunks(), fill, "harvesting (filling the shuffle buffer)",
+                                                    enabled=progress),
+                                            self.cfg.shuffle_buffer_tokens, batch_size, self.cfg.seed))
+        self.fill_cache(total_tokens, progress)
         reader = CacheReader(self.cfg.cache)
         return _Replay(lambda: reader.iterate(sites=None, shuffle_shards=True, seed=self.cfg.seed,
                                               buffer_rows=self.cfg.shuffle_buffer_tokens, batch_size=batch_size))
@@ -173,7 +201,7 @@ class ActivationSource:
             raise ValueError(f"the activation cache {reader.folder} was written for another run ("
                              + "; ".join(different) + "); use another --cache folder")
 
-    def fill_cache(self, total_tokens: int) -> None:
+    def fill_cache(self, total_tokens: int, progress: bool = True) -> None:
         """Write at least ``total_tokens`` activations to the cache, resuming a partial one."""
         folder = self.cfg.cache
         if is_complete(folder):
@@ -184,15 +212,19 @@ class ActivationSource:
                             folder, reader.total_tokens, total_tokens)
             return
         manifest = self.manifest()
-        writer = CacheWriter(folder, self.site_dims, metadata=manifest, model=self.loaded.name,
-                             corpus=manifest["corpus"], context_size=self.context_size)
+        writer = CacheWriter(folder, self.site_dims, shard_rows=self.cfg.cache_shard_rows, metadata=manifest,
+                             model=self.loaded.name, corpus=manifest["corpus"], context_size=self.context_size)
         from tqdm.auto import tqdm
 
-        with writer, tqdm(total=total_tokens, initial=writer.tokens_done, unit="tok", desc="caching") as bar:
+        with writer, tqdm(total=total_tokens, initial=writer.tokens_done, unit="tok", desc="harvesting (to the cache)",
+                          unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
+            done = writer.tokens_done  # counted here: a disabled bar counts nothing
             for chunk in skip_rows(self.chunks(), writer.tokens_done):
                 writer.write(chunk)
-                bar.update(next(iter(chunk.values())).shape[0])
-                if bar.n >= total_tokens:
+                rows = next(iter(chunk.values())).shape[0]
+                bar.update(max(0, min(rows, total_tokens - done)))  # the last chunk overshoots
+                done += rows
+                if done >= total_tokens:
                     break
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 from ..analysis import logit_lens, token_strings
 from ..analysis.examples import ExamplesConfig, collect_examples, describe_density
+from ..config_cli import positive
+from ..sae.metrics import dead_sample_warning
 from ..safeio import write_text
 from .activations import ActivationConfig, ActivationSource
 from .evaluate import load_saes, model_of
@@ -54,11 +57,12 @@ class DashboardJobConfig:
     title: str | None = None
     """Title of the site; None: the SAE, its site and the model."""
 
+    progress: bool = True
+    """Show progress bars (the scan, in tokens, and the site) on stderr."""
+
     def __post_init__(self) -> None:
-        if self.tokens <= 0:
-            raise ValueError(f"tokens must be positive, got {self.tokens}")
-        if self.logit_lens_tokens < 0:
-            raise ValueError(f"logit_lens_tokens must be >= 0, got {self.logit_lens_tokens}")
+        positive(self, "tokens")
+        positive(self, "logit_lens_tokens", zero_ok=True)
 
 
 def run_dashboard(job: DashboardJobConfig, activations: ActivationConfig | None = None,
@@ -68,6 +72,7 @@ def run_dashboard(job: DashboardJobConfig, activations: ActivationConfig | None 
     from ..train.trainer import resolve_device
 
     started = time.time()
+    progress = progress and job.progress
     activations = activations or ActivationConfig()
     name, sae = next(iter(load_saes([job.sae], job.site, activations.allow_network).items()))
     if sae.cfg.target_site:
@@ -82,6 +87,8 @@ def run_dashboard(job: DashboardJobConfig, activations: ActivationConfig | None 
         max_tokens=job.tokens, state_dir=out / "state", resume=job.resume, progress=progress,
         meta={"sae": job.sae, "model": source.loaded.name, "corpus": source.manifest()["corpus"]})
     examples.save(out / "examples")
+    if warning := dead_sample_warning(examples.n_tokens):
+        logging.getLogger(__name__).warning(warning.replace("(--eval-tokens)", "(--tokens)"))
     lens = None
     if source.loaded.kind == "causal_lm" and job.logit_lens_tokens:
         lens = logit_lens(sae, source.loaded.model, job.logit_lens_tokens)

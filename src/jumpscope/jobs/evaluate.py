@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -18,14 +19,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..config_cli import positive
+from ..errors import ConfigError
 from ..evaluate.downstream import ABLATIONS, MAIN_MEASURE, spliced_measures
 from ..models.harvest import harvest
 from ..models.splice import check_sae_fits
 from ..sae import SAE
-from ..sae.metrics import StreamingMetrics
+from ..sae.metrics import StreamingMetrics, dead_label, dead_sample_warning
 from ..safeio import write_text
 from .activations import ActivationConfig, ActivationSource
 
+log = logging.getLogger(__name__)
 TOGETHER = "all together"
 
 
@@ -58,12 +62,14 @@ class EvalJobConfig:
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
 
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
     def __post_init__(self) -> None:
-        if self.eval_tokens <= 0:
-            raise ValueError(f"eval_tokens must be positive, got {self.eval_tokens}")
+        positive(self, "eval_tokens")
         unknown = [a for a in self.ablations if a not in ABLATIONS]
         if unknown:
-            raise ValueError(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}")
+            raise ConfigError(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}")
 
 
 def evaluation_windows(source: ActivationSource, eval_tokens: int) -> list:
@@ -114,13 +120,29 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
                          "d_sae": sae.cfg.d_sae, **metrics[name].compute(), **measures[name]}
     if TOGETHER in measures:
         results[TOGETHER] = {"site": ", ".join(replaced), **measures[TOGETHER]}
+    warn_small_dead_sample(results)
     return results
+
+
+def warn_small_dead_sample(results: Mapping[str, Mapping[str, Any]]) -> None:
+    """Log one warning when the held-out sample is too small for the dead fraction to mean much."""
+    sizes = [row["n_tokens"] for row in results.values() if "n_tokens" in row]
+    warning = dead_sample_warning(min(sizes)) if sizes else None
+    if warning:
+        log.warning(warning)
 
 
 def _cell(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def dead_column(results: Mapping[str, Mapping[str, Any]]) -> tuple[str, bool]:
+    """The dead fraction's column title, naming the sample size (``dead on 16,384 tokens``) when
+    every row shares it; else ``dead`` and True: each cell names its own."""
+    sizes = {row["n_tokens"] for row in results.values() if "n_tokens" in row}
+    return (dead_label(sizes.pop()), False) if len(sizes) == 1 else ("dead", True)
 
 
 def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
@@ -131,11 +153,14 @@ def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
     else:
         extra = [("1 - cos(embedding)", "embedding_1_minus_cosine"),
                  ("recovered (zero)", "embedding_recovered_zero"), ("recovered (mean)", "embedding_recovered_mean")]
+    dead_title, per_cell = dead_column(results)
     columns = [("SAE", None), ("site", "site"), ("d_sae", "d_sae"), ("L0", "l0"), ("FVU", "fvu"),
-               ("dead", "dead_fraction"), (">10%", "dense_fraction")] + extra
+               (dead_title, "dead_fraction"), (">10%", "dense_fraction")] + extra
     lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + " --- |" * len(columns)]
     for name, row in results.items():
         cells = [name] + [_cell(row.get(key), 1 if key == "l0" else 4) for _, key in columns[1:]]
+        if per_cell and row.get("dead_fraction") is not None:
+            cells[5] += f" ({dead_label(row['n_tokens'])})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -186,7 +211,8 @@ def run_eval(job: EvalJobConfig, activations: ActivationConfig | None = None) ->
     sites = [site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site]
     source = ActivationSource(activations, sites, device=str(device))
     saes = {name: sae.to(device) for name, sae in saes.items()}
-    results = evaluate_saes(source, saes, job.eval_tokens, ablations=job.ablations, together=job.together)
+    results = evaluate_saes(source, saes, job.eval_tokens, ablations=job.ablations, together=job.together,
+                            progress=job.progress)
     table = results_table(results, source.loaded.kind)
     out = Path(job.out)
     payload = json.dumps({"job": dataclasses.asdict(job), "source": source.manifest(),

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config_cli import positive
+from ..errors import ConfigError
 from ..formats import save as save_format
 from ..jacobian import (JacobianSAE, JacobianSAEConfig, classify_response, jacobian_sparsity, latent_response,
                         mlp_function)
@@ -31,7 +33,7 @@ from ..train import TrainerConfig
 from ..train.trainer import resolve_device
 from .activations import ActivationConfig, ActivationSource, load_source_model
 from .evaluate import evaluate_saes, evaluation_windows, results_table
-from .train import fit_on_source
+from .train import check_sparsity_fits, fit_on_source, trainer_config
 
 
 @dataclass
@@ -74,9 +76,12 @@ class JsaeJobConfig:
 
     def __post_init__(self) -> None:
         if not self.jacobian_coefficients or any(c < 0 for c in self.jacobian_coefficients):
-            raise ValueError("give one or more jacobian_coefficients >= 0")
+            raise ConfigError("give one or more jacobian_coefficients >= 0")
         if not 0 <= self.warmup_fraction <= 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+            raise ConfigError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        positive(self, "k", "width", "tokens", "eval_tokens")
+        positive(self, "layer", zero_ok=True)
+        check_sparsity_fits(self.width, k=self.k)
 
 
 @torch.no_grad()
@@ -165,6 +170,7 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
     started = time.time()
     activations = activations or ActivationConfig()
     device = str(resolve_device(job.device))
+    trainer_config(trainer_fields, job.tokens, Path(job.out) / "training", device)  # fail before the model loads
     loaded = load_source_model(activations, device)
     if job.randomize_model:
         randomize_weights(loaded.model)

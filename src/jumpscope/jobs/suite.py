@@ -26,15 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config_cli import positive
+from ..errors import ConfigError
 from ..evaluate.downstream import MAIN_MEASURE
 from ..formats import save as save_format
 from ..models.sites import parse_site
 from ..sae import SAE, build, config_class
+from ..sae.metrics import dead_label
 from ..safeio import write_text
 from ..train.trainer import resolve_device
 from .activations import ActivationConfig, ActivationSource, load_source_model
 from .evaluate import evaluate_saes
-from .train import fit_on_source, transcoder_target
+from .train import check_arch, check_sparsity_fits, fit_on_source, trainer_config, transcoder_target
 
 RELEASE_NAMES = {"resid_post": "res", "attn_z": "att", "mlp_out": "mlp", "mlp_in": "transcoder"}
 
@@ -80,14 +83,21 @@ class SuiteConfig:
     """Held-out tokens to evaluate every SAE on (with the model in the loop)."""
 
     def __post_init__(self) -> None:
+        check_arch(self.arch, "suite")
         names = {f.name for f in dataclasses.fields(config_class(self.arch))}
-        if not {"target_l0", "k"} & names or self.arch == "jsae":
-            raise ValueError(f"a suite needs an architecture that aims at an L0 (jumprelu, topk, batchtopk), "
-                             f"not {self.arch!r}")
+        if not {"target_l0", "k"} & names:
+            raise ConfigError(f"a suite needs an architecture that aims at an L0 (jumprelu, topk, batchtopk), "
+                              f"not {self.arch!r}")
         if not self.l0 or any(level <= 0 for level in self.l0):
-            raise ValueError("give one or more positive --l0 levels")
+            raise ConfigError("give one or more positive --l0 levels")
         if not self.sites and not self.transcoders:
-            raise ValueError("give at least one site kind (--sites) or --transcoders")
+            raise ConfigError("give at least one site kind (--sites) or --transcoders")
+        unknown = [kind for kind in self.sites if kind not in RELEASE_NAMES]
+        if unknown:
+            raise ConfigError(f"unknown sites {unknown}; choose from {', '.join(RELEASE_NAMES)}")
+        positive(self, "width", "tokens", "eval_tokens", "canonical_l0")
+        positive(self, "layers", zero_ok=True)
+        check_sparsity_fits(self.width, l0=self.l0)
 
 
 def suite_sites(suite: SuiteConfig, model: Any) -> list[tuple[int, str]]:
@@ -146,6 +156,7 @@ def write_release(out: Path, saes: dict[str, SAE], results: dict[str, dict], sui
                      "release": release, "width": sae.cfg.d_sae, "target": sae.cfg.to_dict().get(
                          "target_l0", sae.cfg.to_dict().get("k")), "l0": held["l0"], "fvu": held["fvu"],
                      MAIN_MEASURE[kind]: held[MAIN_MEASURE[kind]], "dead_fraction": held["dead_fraction"],
+                     "n_tokens": held["n_tokens"],
                      "path": str(folder.relative_to(out)), "params_npz": npz})
     for row in rows:
         group = [r for r in rows if (r["layer"], r["release"], r["width"]) == (row["layer"], row["release"], row["width"])]
@@ -161,6 +172,9 @@ def index_table(rows: list[dict[str, Any]], kind: str) -> str:
         lines.append(f"| {r['layer']} | {r['site']} | {r['width']} | {r['target']:g} | {r['l0']:.1f} | "
                      f"{r['fvu']:.4f} | {r[measure]:.4f} | {r['dead_fraction']:.3f} | "
                      f"{'yes' if r['canonical'] else ''} | {r['path']} |")
+    sizes = sorted({r["n_tokens"] for r in rows})  # every SAE sees the same held-out text
+    lines += ["", f"dead: the fraction of latents that never fired, {' / '.join(dead_label(n) for n in sizes)} "
+                  "of held-out text"]
     return "\n".join(lines) + "\n"
 
 
@@ -170,14 +184,15 @@ def run_suite(suite: SuiteConfig, activations: ActivationConfig | None = None,
     """Train, evaluate and lay out the suite; returns the index rows and the Markdown table."""
     started = time.time()
     activations = activations or ActivationConfig()
+    out = Path(suite.out)
     device = str(resolve_device(suite.device))
+    trainer_config(trainer_fields, suite.tokens, out / "training", device)  # fail before the model loads
     loaded = load_source_model(activations, device)
     pairs = suite_sites(suite, loaded.model)
     sites = [f"layers.{layer}.{kind}" for layer, kind in pairs]
     sites += [transcoder_target(site) for site in sites if site.endswith(".mlp_in")]
     source = ActivationSource(activations, sites, device=device, loaded=loaded)
     saes = build_suite(suite, source, pairs, sae_fields or {})
-    out = Path(suite.out)
     trainer, trained = fit_on_source(saes, source, suite.tokens, out / "training", device, trainer_fields,
                                      suite.resume)
     if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the release

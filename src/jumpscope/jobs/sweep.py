@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config_cli import positive
+from ..errors import ConfigError
 from ..evaluate.downstream import MAIN_MEASURE
 from ..evaluate.plots import write_plots
 from ..evaluate.report import write_report
@@ -25,7 +27,7 @@ from ..safeio import write_text
 from ..train.trainer import resolve_device
 from .activations import ActivationConfig, ActivationSource
 from .evaluate import evaluate_saes
-from .train import fit_on_source
+from .train import check_sparsity_fits, fit_on_source, trainer_config
 
 # Architectures that aim at an L0 take the sweep's L0 levels; the others an L1 coefficient.
 L1_ARCHS = ("relu", "gated")
@@ -69,15 +71,17 @@ class SweepConfig:
     def __post_init__(self) -> None:
         unknown = [a for a in self.archs if a not in architectures()]
         if unknown or not self.archs:
-            raise ValueError(f"unknown archs {unknown or '(none given)'}; choose from {', '.join(architectures())}")
+            raise ConfigError(f"unknown archs {unknown or '(none given)'}; choose from {', '.join(architectures())}")
         if "jsae" in self.archs:
-            raise ValueError("a Jacobian SAE pair is trained with `jumpscope jsae`, not swept here")
+            raise ConfigError("a Jacobian SAE pair is trained with `jumpscope jsae`, not swept here")
         if any(level <= 0 for level in self.l0) or any(c < 0 for c in self.l1_coefficients):
-            raise ValueError("l0 levels must be positive and l1_coefficients non-negative")
+            raise ConfigError("l0 levels must be positive and l1_coefficients non-negative")
         if any(a not in L1_ARCHS for a in self.archs) and not self.l0:
-            raise ValueError("give at least one --l0 level")
+            raise ConfigError("give at least one --l0 level")
         if any(a in L1_ARCHS for a in self.archs) and not self.l1_coefficients:
-            raise ValueError("give at least one --l1-coefficients value for relu / gated")
+            raise ConfigError("give at least one --l1-coefficients value for relu / gated")
+        positive(self, "width", "tokens", "eval_tokens")
+        check_sparsity_fits(self.width, l0=self.l0)
 
 
 def _level_name(value: float) -> str:
@@ -118,6 +122,7 @@ def run_sweep(sweep: SweepConfig, activations: ActivationConfig | None = None,
     started = time.time()
     activations = activations or ActivationConfig()
     device = str(resolve_device(sweep.device))
+    trainer_config(trainer_fields, sweep.tokens, sweep.out, device)  # careless options fail before the model loads
     source = ActivationSource(activations, [sweep.site] if sweep.site else [], device=device)
     site, d_in = next(iter(source.site_dims.items()))
     saes = build_sweep(sweep, site, d_in, source.loaded.name, sae_fields)

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config_cli import positive
+from ..errors import ConfigError
 from ..evaluate.downstream import MAIN_MEASURE
-from ..sae import SAE, build, config_class
+from ..sae import SAE, architectures, build, config_class
 from ..safeio import write_text
 from ..train import Trainer, TrainerConfig
 from ..train.trainer import resolve_device
@@ -77,6 +79,52 @@ class TrainJobConfig:
     skip_connection: bool = False
     """Give transcoders a learned linear skip connection (x @ W_skip added to the prediction)."""
 
+    def __post_init__(self) -> None:
+        check_arch(self.arch, "train")
+        positive(self, "width", "tokens", "eval_tokens", "target_l0", "k")
+        positive(self, "l0_coefficient", zero_ok=True)
+        check_sparsity_fits(self.width, target_l0=self.target_l0, k=self.k)
+        cls = config_class(self.arch)
+        if self.preset is not None and self.preset not in cls.presets:
+            raise ConfigError(f"unknown {self.arch} preset {self.preset!r}; known: "
+                              f"{', '.join(sorted(cls.presets)) or 'none'}")
+        sparsity_fields(cls, self)  # a sparsity option the architecture has no use for
+        if self.skip_connection and not self.transcoder:
+            raise ConfigError("--skip-connection is for transcoders (--transcoder)")
+        if self.transcoder:
+            for site in self.site:
+                transcoder_target(site)
+
+
+def check_arch(arch: str, command: str) -> None:
+    """An architecture ``jumpscope {command}`` can train (a Jacobian SAE pair has its own command)."""
+    if arch not in architectures():
+        raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(a for a in architectures() if a != 'jsae')}")
+    if arch == "jsae":
+        raise ConfigError(f"a Jacobian SAE pair trains around an MLP with `jumpscope jsae`, not `jumpscope {command}`")
+
+
+def check_sparsity_fits(width: int | None, *, target_l0: float | None = None, k: int | None = None,
+                        l0: tuple[float, ...] = ()) -> None:
+    """A requested L0 (or k) must be below the number of latents when that is given (with the
+    default 8 x d_in the SAE's own config checks it once d_in is known)."""
+    if width is None:
+        return
+    if target_l0 is not None and target_l0 >= width:
+        raise ConfigError(f"target_l0 ({target_l0:g}) must be smaller than width ({width})")
+    if k is not None and k > width:
+        raise ConfigError(f"k ({k}) cannot exceed width ({width})")
+    if any(level >= width for level in l0):
+        raise ConfigError(f"every l0 level must be smaller than width ({width}), got {max(l0):g}")
+
+
+def trainer_config(trainer_fields: dict[str, Any] | None, tokens: int, out_dir: Path | str | None,
+                   device: str) -> TrainerConfig:
+    """The trainer config of a job; jobs build it before loading the model, so a careless trainer
+    option fails at once."""
+    return TrainerConfig(**{**(trainer_fields or {}), "total_tokens": tokens,
+                            "out_dir": None if out_dir is None else str(out_dir), "device": device})
+
 
 def sparsity_fields(cls: type, job: TrainJobConfig) -> dict[str, Any]:
     """Map the generic sparsity options onto the fields an architecture has."""
@@ -84,25 +132,25 @@ def sparsity_fields(cls: type, job: TrainJobConfig) -> dict[str, Any]:
     k = job.k if job.k is not None else (int(job.target_l0) if job.target_l0 is not None else None)
     if "k" in names:
         if job.l0_coefficient is not None:
-            raise ValueError(f"{cls.architecture} is controlled by --k / --target-l0, not --l0-coefficient")
+            raise ConfigError(f"{cls.architecture} is controlled by --k / --target-l0, not --l0-coefficient")
         return {"k": k if k is not None else DEFAULT_L0}
     if job.k is not None:
-        raise ValueError(f"{cls.architecture} has no k; use --target-l0 or --l0-coefficient")
+        raise ConfigError(f"{cls.architecture} has no k; use --target-l0 or --l0-coefficient")
     coefficient = "l0_coefficient" if "l0_coefficient" in names else "l1_coefficient"
     if job.l0_coefficient is not None:
         return {coefficient: job.l0_coefficient}
     if "target_l0" in names:
         return {"target_l0": job.target_l0 if job.target_l0 is not None else DEFAULT_L0}
     if job.target_l0 is not None:
-        raise ValueError(f"{cls.architecture} cannot aim at an L0 directly: use --l0-coefficient "
-                         "(or jumprelu / topk / batchtopk for a target L0)")
+        raise ConfigError(f"{cls.architecture} cannot aim at an L0 directly: use --l0-coefficient "
+                          "(or jumprelu / topk / batchtopk for a target L0)")
     return {}
 
 
 def transcoder_target(site: str) -> str:
     """The output site a transcoder reading ``site`` predicts (layers.L.mlp_in -> layers.L.mlp_out)."""
     if not site.startswith("layers.") or not site.endswith(".mlp_in"):
-        raise ValueError(f"a transcoder reads an MLP's input: give --site layers.L.mlp_in, not {site!r}")
+        raise ConfigError(f"a transcoder reads an MLP's input: give --site layers.L.mlp_in, not {site!r}")
     return site[: -len("mlp_in")] + "mlp_out"
 
 
@@ -112,8 +160,6 @@ def job_sites(job: TrainJobConfig, loaded: Any) -> tuple[list[str], dict[str, st
 
     inputs = list(job.site) or ([default_site(loaded).replace("resid_post", "mlp_in")] if job.transcoder else [])
     targets = {site: transcoder_target(site) for site in inputs} if job.transcoder else {}
-    if job.skip_connection and not job.transcoder:
-        raise ValueError("--skip-connection is for transcoders (--transcoder)")
     return inputs + [t for t in targets.values() if t not in inputs], targets
 
 
@@ -153,10 +199,10 @@ def fit_on_source(saes: dict[str, SAE], source: ActivationSource, tokens: int, o
                   inputs: dict[str, tuple[str, str]] | None = None) -> tuple[Trainer, dict[str, SAE]]:
     """Train ``saes`` together on ``source``'s stream (one model pass or cache read feeds them all);
     every job goes through here, so checkpoints, resume and torchrun behave the same everywhere."""
-    trainer_cfg = TrainerConfig(**{**(trainer_fields or {}), "total_tokens": tokens, "out_dir": str(out_dir),
-                                   "device": device})
+    trainer_cfg = trainer_config(trainer_fields, tokens, out_dir, device)
     trainer = Trainer(saes, trainer_cfg, inputs=inputs)
-    return trainer, trainer.fit(source.training_stream(tokens, trainer_cfg.batch_size), resume=resume)
+    progress = trainer_cfg.progress and trainer.dist.is_main
+    return trainer, trainer.fit(source.training_stream(tokens, trainer_cfg.batch_size, progress), resume=resume)
 
 
 def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
@@ -166,6 +212,7 @@ def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
     started = time.time()
     activations = activations or ActivationConfig()
     device = str(resolve_device(job.device))
+    trainer_config(trainer_fields, job.tokens, job.out, device)  # careless options fail before the model loads
     loaded = load_source_model(activations, device)
     sites, targets = job_sites(job, loaded)
     source = ActivationSource(activations, sites, device=device, loaded=loaded)

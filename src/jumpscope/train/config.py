@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ..config_cli import positive
+from ..errors import ConfigError
+
 
 @dataclass
 class TrainerConfig:
@@ -57,18 +60,16 @@ class TrainerConfig:
     number of processes), each fed every batch. Ignored in a single process."""
 
     def __post_init__(self) -> None:
-        positive = ("total_tokens", "batch_size", "init_sample_tokens", "log_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        positive(self, "total_tokens", "batch_size", "init_sample_tokens", "log_every", "dead_tokens",
+                 "final_metrics_tokens")
+        positive(self, "checkpoint_every", zero_ok=True)
         if self.total_tokens < self.batch_size:
-            raise ValueError(f"total_tokens ({self.total_tokens}) is smaller than one batch ({self.batch_size})")
+            raise ConfigError(f"total_tokens ({self.total_tokens}) is smaller than one batch "
+                              f"(batch_size {self.batch_size})")
         if self.autocast not in ("none", "bf16"):
-            raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+            raise ConfigError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         if self.distribute not in ("data", "saes"):
-            raise ValueError(f"distribute must be 'data' or 'saes', got {self.distribute!r}")
+            raise ConfigError(f"distribute must be 'data' or 'saes', got {self.distribute!r}")
 
     @property
     def total_steps(self) -> int:

@@ -137,8 +137,9 @@ class Trainer:
             stream = self._initialise(stream)
         reporter = ProgressReporter(self.out_dir / LOG_FILE if self.out_dir and self.dist.is_main else None,
                                     total=cfg.total_steps, start=self.step, enabled=cfg.progress and self.dist.is_main,
-                                    truncate_after=self.step, sites={name: sae.cfg.target_site or sae.cfg.site or name
-                                                                     for name, sae in self.all_saes.items()})
+                                    truncate_after=self.step, dead_window=cfg.dead_window,
+                                    sites={name: sae.cfg.target_site or sae.cfg.site or name
+                                           for name, sae in self.all_saes.items()})
         with reporter:
             for batch in stream:
                 if self.step >= cfg.total_steps:
