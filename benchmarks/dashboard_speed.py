@@ -42,7 +42,7 @@ def train_sae(out: Path, corpus: str, tokens: int) -> Path:
         return folder
     import torch
 
-    from jumpscope.jobs.activations import ActivationConfig
+    from jumpscope.activations import ActivationConfig
     from jumpscope.jobs.train import TrainJobConfig, run_train
 
     torch.set_num_threads(2)

@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from jumpscope.jobs.activations import ActivationConfig  # noqa: E402
+from jumpscope.activations import ActivationConfig  # noqa: E402
 from jumpscope.jobs.jsae import JsaeJobConfig, run_jsae  # noqa: E402
 from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available  # noqa: E402
 

@@ -9,7 +9,7 @@ all-MiniLM-L6-v2 ``layers.3.resid_post`` (d_in 384) over the ten Project Gutenbe
 ../shared/data (checksummed; exit 0 with SKIP where absent), under benchmarks/results/. Both
 sides train on the same shuffled batches (``CacheReader.iterate`` with the same seed; each side
 hashes what it was handed and the digests are compared). Evaluation uses held-out activations
-(``ActivationSource.chunks(evaluation=True)``: the one-in-20 context windows that are never in
+(``ActivationSource.chunks(split="heldout")``: the one-in-20 context windows that are never in
 the training stream), identical for both sides.
 
 Ours: ``build("jumprelu", d_in=384, d_sae=W, target_l0=L)`` with its defaults, trained by
@@ -139,7 +139,7 @@ def prepare_data(args) -> dict:
         and int(_meta(eval_file).get("tokens", 0)) >= args.eval_tokens
     times = {"cache_seconds": 0.0, "eval_seconds": 0.0}
     if not is_complete(cache) or not have_eval:
-        from jumpscope.jobs.activations import ActivationConfig, ActivationSource
+        from jumpscope.activations import ActivationConfig, ActivationSource
 
         source = ActivationSource(ActivationConfig(model=MODEL, corpus=corpus, cache=str(cache), seed=args.seed),
                                   sites=[SITE])
@@ -148,7 +148,7 @@ def prepare_data(args) -> dict:
         times["cache_seconds"] = time.perf_counter() - start
         if not have_eval:
             start, rows, n = time.perf_counter(), [], 0
-            for chunk in source.chunks(evaluation=True):
+            for chunk in source.chunks(split="heldout"):
                 rows.append(chunk[SITE])
                 n += chunk[SITE].shape[0]
                 if n >= args.eval_tokens:

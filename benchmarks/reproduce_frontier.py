@@ -39,7 +39,7 @@ from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available  # noqa: E40
 
 from jumpscope.evaluate.plots import frontier_metrics  # noqa: E402
 from jumpscope.evaluate.report import frontier, frontier_table  # noqa: E402
-from jumpscope.jobs.activations import ActivationConfig  # noqa: E402
+from jumpscope.activations import ActivationConfig  # noqa: E402
 from jumpscope.jobs.sweep import SweepConfig, run_sweep  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -33,7 +33,7 @@ from shared_data import STORIES260K, verified  # noqa: E402
 
 from jumpscope import formats  # noqa: E402
 from jumpscope.analysis import logit_lens, token_strings  # noqa: E402
-from jumpscope.jobs.activations import ActivationConfig, ActivationSource  # noqa: E402
+from jumpscope.activations import ActivationConfig, ActivationSource  # noqa: E402
 from jumpscope.jobs.train import TrainJobConfig, run_train  # noqa: E402
 from jumpscope.models.harvest import harvest  # noqa: E402
 from jumpscope.models.loading import load_model  # noqa: E402
@@ -66,7 +66,7 @@ def mean_norm(loaded, paths: list[Path], site: str) -> float:
     """Mean L2 norm of the site's activations over a few held-out windows (the alphas' unit)."""
     source = ActivationSource(ActivationConfig(model=str(paths[0]), corpus=str(paths[2]), context_size=512,
                                                model_batch_size=4), [site], loaded=loaded)
-    windows = [w for _, w in zip(range(2), source.windows(evaluation=True))]
+    windows = [w for _, w in zip(range(2), source.windows(split="heldout"))]
     with torch.no_grad():
         norms = torch.cat([chunk[site].norm(dim=-1) for chunk in harvest(loaded.model, windows, [site])])
     return float(norms.mean())

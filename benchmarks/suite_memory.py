@@ -26,7 +26,7 @@ SITE = "layers.3.resid_post"
 def child(count: int, width: int, tokens: int, buffer_tokens: int) -> None:
     import torch
 
-    from jumpscope.jobs.activations import ActivationConfig, ActivationSource
+    from jumpscope.activations import ActivationConfig, ActivationSource
     from jumpscope.sae import build
     from jumpscope.train import Trainer, TrainerConfig
 

@@ -15,7 +15,7 @@ import torch
 import jumpscope
 from jumpscope import sae as sae_module
 from jumpscope.cli import COMMANDS, main
-from jumpscope.config_cli import (add_dataclass_arguments, dataclass_from_args, dataclass_from_args_or_exit,
+from jumpscope.cli.dataclass_args import (add_dataclass_arguments, dataclass_from_args, dataclass_from_args_or_exit,
                                   field_docs, field_table)
 from jumpscope.train.config import TrainerConfig
 
@@ -282,7 +282,7 @@ def _no_model(*args, **kwargs):
 def no_model_loads(monkeypatch, tmp_path):
     """The model loaders fail the test if called: careless options must be refused before."""
     monkeypatch.setattr("jumpscope.models.loading.load_model", _no_model)
-    monkeypatch.setattr("jumpscope.jobs.activations.load_model", _no_model)
+    monkeypatch.setattr("jumpscope.activations.source.load_model", _no_model)
     return ["--model", str(tmp_path / "no_such_model.bin"), "--out", str(tmp_path / "out"), "--device", "cpu"]
 
 

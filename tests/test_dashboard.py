@@ -204,7 +204,7 @@ def test_rewrite_with_fewer_latents_removes_stale_pages(tmp_path: Path) -> None:
 
 
 def test_serve_serves_the_folder(site: Path, capsys) -> None:
-    from jumpscope.cli_serve import make_server
+    from jumpscope.cli.serve import make_server
 
     server = make_server(site, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -8,7 +8,7 @@ import torch
 import jumpscope
 from jumpscope.analysis import LatentExamples, LogitLens, logit_lens
 from jumpscope.cli import main
-from jumpscope.jobs.activations import ActivationConfig, ActivationSource
+from jumpscope.activations import ActivationConfig, ActivationSource
 from jumpscope.models.harvest import Harvester, unpack_batch
 from jumpscope.models.loading import load_model
 from jumpscope.sae import build
@@ -52,7 +52,7 @@ def test_dashboard_of_a_causal_lm(setup, capsys):
     source = ActivationSource(ActivationConfig(model=sae.cfg.model, corpus=str(corpus), txt_split="paragraph",
                                                context_size=32, model_batch_size=4), [SITE], loaded=loaded)
     peaks, seen = [], 0
-    for batch in source.windows(evaluation=None):
+    for batch in source.windows(split="all"):
         if seen >= summary["n_tokens"]:
             break
         ids, mask, _ = unpack_batch(batch)

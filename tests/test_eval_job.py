@@ -10,8 +10,8 @@ import jumpscope
 from jumpscope.cli import main
 from jumpscope.evaluate.downstream import next_token_losses
 from jumpscope.evaluate.report import dense_table, points_table
-from jumpscope.jobs.activations import ActivationConfig, ActivationSource
-from jumpscope.jobs.evaluate import evaluation_windows, results_table
+from jumpscope.activations import ActivationConfig, ActivationSource
+from jumpscope.evaluate.heldout import evaluation_windows, results_table
 from jumpscope.sae.metrics import MIN_DEAD_SAMPLE_TOKENS, dead_sample_warning
 from jumpscope.models.splice import splice
 from jumpscope.jobs.train import TrainJobConfig, run_train

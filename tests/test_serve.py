@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from jumpscope.cli_serve import bad_request_path, make_server
+from jumpscope.cli.serve import bad_request_path, make_server
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from jumpscope.sae import build as build_sae
 from jumpscope.steer import (Ablate, Clamp, Steer, generate_ids, generate_with, intervene, side_by_side,
                              display_text)
 from jumpscope.steer.intervene import forward_offset
-from jumpscope.steer.job import parse_interventions
+from jumpscope.jobs.steer import parse_interventions
 from tiny_causal_lm import write_tiny_causal_lm
 from tiny_models import CASES, N_LAYERS, PARAMS, build, ids_for
 
@@ -438,8 +438,8 @@ def test_cli_steer_errors(tmp_path, capsys):
 def test_every_steer_job_field_has_a_docstring():
     import dataclasses
 
-    from jumpscope.config_cli import field_docs
-    from jumpscope.steer.job import SteerJobConfig
+    from jumpscope.cli.dataclass_args import field_docs
+    from jumpscope.jobs.steer import SteerJobConfig
 
     docs = field_docs(SteerJobConfig)
     assert not [f.name for f in dataclasses.fields(SteerJobConfig) if not docs.get(f.name, "").strip()]

@@ -8,7 +8,7 @@ import pytest
 import jumpscope
 from jumpscope.cli import main
 from jumpscope.evaluate.report import frontier, interpolate_at
-from jumpscope.jobs.activations import ActivationConfig
+from jumpscope.activations import ActivationConfig
 from jumpscope.jobs.sweep import SweepConfig, run_sweep, sweep_points
 from tiny_causal_lm import write_corpus, write_tiny_causal_lm
 

@@ -7,7 +7,7 @@ import torch
 
 import jumpscope
 from jumpscope.cli import main
-from jumpscope.jobs.activations import ActivationConfig
+from jumpscope.activations import ActivationConfig
 from jumpscope.jobs.train import TrainJobConfig, run_train
 from jumpscope.models.harvest import Harvester
 from jumpscope.models.loading import load_model
@@ -57,7 +57,7 @@ def test_cache_is_written_once_and_replays_the_same_training(tmp_path, monkeypat
     def no_model(*args, **kwargs):
         raise AssertionError("the model ran although the cache is complete")
 
-    monkeypatch.setattr("jumpscope.jobs.activations.harvest", no_model)
+    monkeypatch.setattr("jumpscope.activations.source.harvest", no_model)
     second, _ = run_train(small_job(tmp_path / "b"), activations(cache=str(cache)), FAST)
     for key, value in first[SITE].state_dict().items():
         assert torch.equal(value, second[SITE].state_dict()[key]), key

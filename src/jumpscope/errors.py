@@ -14,7 +14,9 @@ is allocated.
 
 from __future__ import annotations
 
-__all__ = ["JumpscopeError", "FormatError", "CacheError", "ConfigError"]
+from typing import Any
+
+__all__ = ["JumpscopeError", "FormatError", "CacheError", "ConfigError", "check_positive"]
 
 
 class JumpscopeError(Exception):
@@ -34,3 +36,21 @@ class CacheError(JumpscopeError, ValueError):
 class ConfigError(JumpscopeError, ValueError):
     """A config value or command-line option that is out of range, of the wrong type or
     unknown; raised before any model is loaded or any work is done."""
+
+
+def check_positive(config: Any, *names: str, zero_ok: bool = False) -> None:
+    """Raise :class:`ConfigError` naming the first field of ``config`` among ``names`` that is not
+    > 0 (``zero_ok``: >= 0), e.g. ``width must be positive, got 0``. None passes (an unset
+    optional field means "the default"), and so does each element of a tuple or list field.
+
+    The check every config shares for counts and sizes; it lives here, at the bottom of the
+    package, so configs of any stage can use it without importing the command line."""
+    for name in names:
+        value = getattr(config, name)
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if item is None or isinstance(item, bool):
+                continue
+            if not isinstance(item, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {item!r}")
+            if item < 0 or (item == 0 and not zero_ok) or item != item:  # item != item: NaN
+                raise ConfigError(f"{name} must be {'>= 0' if zero_ok else 'positive'}, got {item}")

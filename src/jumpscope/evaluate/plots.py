@@ -1,7 +1,7 @@
 """PNG plots of a sweep: sparsity-fidelity frontiers and feature-density histograms.
 
 Each point is a dict with ``arch`` and ``held_out`` (the measures of
-:func:`jumpscope.jobs.evaluate.evaluate_saes`). Matplotlib runs headless (the Agg backend).
+:func:`jumpscope.evaluate.heldout.evaluate_saes`). Matplotlib runs headless (the Agg backend).
 """
 
 from __future__ import annotations

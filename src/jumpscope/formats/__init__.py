@@ -9,6 +9,7 @@
 file names) by what cfg.json holds; ``save(sae, path, format=...)`` writes one. ``load`` also
 reads SAEs on the Hugging Face hub (hub.py): ``load("owner/name", "path/in/repo")`` or
 ``load("hf://owner/name/path/in/repo")``, from the local cache unless ``allow_network=True``.
+``load_saes`` (loading.py) loads several for a job, named and placed at a site.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..safeio import read_json, short
 from ..sae.base import SAE
 from . import hub
 from .gemma_scope import load_gemma_scope, read_gemma_scope, save_gemma_scope
+from .loading import load_saes, model_of
 from .native import load_density, load_native, read_config, read_metadata, save_native
 from .saelens import load_saelens, load_saelens_sparsity, read_saelens_config, save_saelens
 from .sparsify import is_sparsify_config, load_sparsify, read_sparsify_config, save_sparsify
@@ -170,4 +172,5 @@ def save(sae: SAE, path: str | Path, format: str = "native", **options: Any) -> 
 
 __all__ = ["FORMATS", "detect_format", "load", "save", "save_native", "load_native", "load_density", "read_metadata",
            "read_config", "save_gemma_scope", "load_gemma_scope", "read_gemma_scope", "save_saelens", "load_saelens",
-           "load_saelens_sparsity", "read_saelens_config", "save_sparsify", "load_sparsify", "read_sparsify_config"]
+           "load_saelens_sparsity", "read_saelens_config", "save_sparsify", "load_sparsify", "read_sparsify_config",
+           "load_saes", "model_of"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -43,6 +44,10 @@ class JacobianSAEConfig(TopKSAEConfig):
 
     output_site: str | None = None
     """The MLP output site the output SAE reads (e.g. layers.3.mlp_out; ``site`` is the mlp_in)."""
+
+    # The pair needs the MLP it sits around, which only its own job attaches.
+    trains_alone: ClassVar[bool] = False
+    own_job_hint: ClassVar[str] = "a Jacobian SAE pair trains around an MLP with `jumpscope jsae`"
 
     def __post_init__(self) -> None:
         super().__post_init__()

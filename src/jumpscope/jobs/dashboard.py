@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..activations import ActivationConfig, ActivationSource
 from ..analysis import logit_lens, token_strings
 from ..analysis.examples import ExamplesConfig, collect_examples, describe_density
-from ..config_cli import positive
+from ..device import resolve_device
+from ..errors import check_positive
+from ..formats.loading import load_saes, model_of
 from ..sae.metrics import dead_sample_warning
 from ..safeio import write_text
-from .activations import ActivationConfig, ActivationSource
-from .evaluate import load_saes, model_of
 
 
 @dataclass
@@ -61,15 +62,14 @@ class DashboardJobConfig:
     """Show progress bars (the scan, in tokens, and the site) on stderr."""
 
     def __post_init__(self) -> None:
-        positive(self, "tokens")
-        positive(self, "logit_lens_tokens", zero_ok=True)
+        check_positive(self, "tokens")
+        check_positive(self, "logit_lens_tokens", zero_ok=True)
 
 
 def run_dashboard(job: DashboardJobConfig, activations: ActivationConfig | None = None,
                   examples_cfg: ExamplesConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Scan, compute the logit lens, write the site; returns a summary (also in ``out/summary.json``)."""
     from ..dashboard import write_dashboard
-    from ..train.trainer import resolve_device
 
     started = time.time()
     progress = progress and job.progress
@@ -83,7 +83,7 @@ def run_dashboard(job: DashboardJobConfig, activations: ActivationConfig | None 
     sae = sae.to(device)
     out = Path(job.out)
     examples = collect_examples(
-        source.loaded.model, sae, source.windows(evaluation=None), examples_cfg or ExamplesConfig(),
+        source.loaded.model, sae, source.windows(split="all"), examples_cfg or ExamplesConfig(),
         max_tokens=job.tokens, state_dir=out / "state", resume=job.resume, progress=progress,
         meta={"sae": job.sae, "model": source.loaded.name, "corpus": source.manifest()["corpus"]})
     examples.save(out / "examples")

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config_cli import positive
-from ..errors import ConfigError
+from ..activations import ActivationConfig, ActivationSource
+from ..errors import ConfigError, check_positive
+from ..evaluate.heldout import evaluate_saes, evaluation_windows, results_table
 from ..formats import save as save_format
 from ..jacobian import (JacobianSAE, JacobianSAEConfig, classify_response, jacobian_sparsity, latent_response,
                         mlp_function)
@@ -30,14 +31,11 @@ from ..models.harvest import harvest
 from ..safeio import write_text
 from ..sae.base import StepContext
 from ..train import TrainerConfig
-from ..train.trainer import resolve_device
-from .activations import ActivationConfig, ActivationSource, load_source_model
-from .evaluate import evaluate_saes, evaluation_windows, results_table
-from .train import check_sparsity_fits, fit_on_source, trainer_config
+from .common import TrainingJobConfig, check_sparsity_fits, start_training_job, train_on_activations
 
 
 @dataclass
-class JsaeJobConfig:
+class JsaeJobConfig(TrainingJobConfig):
     """Which MLP, how sparse, and where the results go."""
 
     layer: int | None = None
@@ -59,28 +57,17 @@ class JsaeJobConfig:
     randomize_model: bool = False
     """Train on a randomly re-initialised copy of the model (the control)."""
 
-    tokens: int = 300_000
-    """Activation vectors to train on."""
-
+    # This job's own defaults; the help text is TrainingJobConfig's.
     out: str = "runs/jsae"
-    """Output folder."""
-
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
-
-    resume: bool = False
-    """Continue the run in --out from its last checkpoint."""
-
     eval_tokens: int = 8_192
-    """Held-out tokens for the Jacobian sparsity and the spliced measures."""
 
     def __post_init__(self) -> None:
         if not self.jacobian_coefficients or any(c < 0 for c in self.jacobian_coefficients):
             raise ConfigError("give one or more jacobian_coefficients >= 0")
         if not 0 <= self.warmup_fraction <= 1:
             raise ConfigError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
-        positive(self, "k", "width", "tokens", "eval_tokens")
-        positive(self, "layer", zero_ok=True)
+        check_positive(self, "k", "width", "tokens", "eval_tokens")
+        check_positive(self, "layer", zero_ok=True)
         check_sparsity_fits(self.width, k=self.k)
 
 
@@ -168,16 +155,15 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
              ) -> tuple[dict[str, Any], str]:
     """Train and measure the pairs; returns the summary and its Markdown report."""
     started = time.time()
-    activations = activations or ActivationConfig()
-    device = str(resolve_device(job.device))
-    trainer_config(trainer_fields, job.tokens, Path(job.out) / "training", device)  # fail before the model loads
-    loaded = load_source_model(activations, device)
+    out = Path(job.out)
+    start = start_training_job(job, activations, trainer_fields, out / "training")
+    loaded = start.loaded
     if job.randomize_model:
         randomize_weights(loaded.model)
     layer = job.layer if job.layer is not None else loaded.model.config.num_hidden_layers // 2
     mlp = mlp_function(loaded.model, layer)  # clear errors: layer out of range, not an MLP, not covered
     sites = (f"layers.{layer}.mlp_in", f"layers.{layer}.mlp_out")
-    source = ActivationSource(activations, sites, device=device, loaded=loaded)
+    source = start.source(sites)
     d_in = source.site_dims[sites[0]]
     if source.site_dims[sites[1]] != d_in:
         raise ValueError(f"the MLP's input ({d_in}) and output ({source.site_dims[sites[1]]}) widths differ")
@@ -190,9 +176,8 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
                                    "jacobian_coefficient": coefficient, "sparsity_warmup_steps": warmup,
                                    **(sae_fields or {})})
         pairs[f"lambda_{coefficient:g}"] = JacobianSAE(cfg).attach_mlp(mlp)
-    out = Path(job.out)
-    trainer, trained = fit_on_source(pairs, source, job.tokens, out / "training", device, trainer_fields,
-                                     job.resume, inputs={name: sites for name in pairs})
+    trainer, trained = train_on_activations(pairs, source, job, out / "training", start.device, trainer_fields,
+                                            inputs={name: sites for name in pairs})
     if not trainer.dist.is_main:  # under torchrun one process measures and writes
         return {}, ""
     split = {}

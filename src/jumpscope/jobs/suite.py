@@ -26,24 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config_cli import positive
-from ..errors import ConfigError
+from ..activations import ActivationConfig, ActivationSource
+from ..errors import ConfigError, check_positive
 from ..evaluate.downstream import MAIN_MEASURE
+from ..evaluate.heldout import evaluate_saes
 from ..formats import save as save_format
 from ..models.sites import parse_site
 from ..sae import SAE, build, config_class
 from ..sae.metrics import dead_label
 from ..safeio import write_text
-from ..train.trainer import resolve_device
-from .activations import ActivationConfig, ActivationSource, load_source_model
-from .evaluate import evaluate_saes
-from .train import check_arch, check_sparsity_fits, fit_on_source, trainer_config, transcoder_target
+from .common import TrainingJobConfig, check_arch, check_sparsity_fits, start_training_job, train_on_activations
+from .train import transcoder_target
 
 RELEASE_NAMES = {"resid_post": "res", "attn_z": "att", "mlp_out": "mlp", "mlp_in": "transcoder"}
 
 
 @dataclass
-class SuiteConfig:
+class SuiteConfig(TrainingJobConfig):
     """What the suite covers and where it goes."""
 
     layers: tuple[int, ...] = ()
@@ -64,23 +63,12 @@ class SuiteConfig:
     width: int | None = None
     """Latents per SAE; None: 8 x the site's width."""
 
-    tokens: int = 300_000
-    """Activation vectors every SAE trains on."""
-
     canonical_l0: float = 100.0
     """The canonical SAE of a (layer, site, width) is the one with L0 nearest this."""
 
+    # This job's own defaults; the help text is TrainingJobConfig's.
     out: str = "runs/suite"
-    """Output folder."""
-
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
-
-    resume: bool = False
-    """Continue the suite in --out from its last checkpoint."""
-
     eval_tokens: int = 8_192
-    """Held-out tokens to evaluate every SAE on (with the model in the loop)."""
 
     def __post_init__(self) -> None:
         check_arch(self.arch, "suite")
@@ -95,8 +83,8 @@ class SuiteConfig:
         unknown = [kind for kind in self.sites if kind not in RELEASE_NAMES]
         if unknown:
             raise ConfigError(f"unknown sites {unknown}; choose from {', '.join(RELEASE_NAMES)}")
-        positive(self, "width", "tokens", "eval_tokens", "canonical_l0")
-        positive(self, "layers", zero_ok=True)
+        check_positive(self, "width", "tokens", "eval_tokens", "canonical_l0")
+        check_positive(self, "layers", zero_ok=True)
         check_sparsity_fits(self.width, l0=self.l0)
 
 
@@ -183,18 +171,14 @@ def run_suite(suite: SuiteConfig, activations: ActivationConfig | None = None,
               ) -> tuple[list[dict[str, Any]], str]:
     """Train, evaluate and lay out the suite; returns the index rows and the Markdown table."""
     started = time.time()
-    activations = activations or ActivationConfig()
     out = Path(suite.out)
-    device = str(resolve_device(suite.device))
-    trainer_config(trainer_fields, suite.tokens, out / "training", device)  # fail before the model loads
-    loaded = load_source_model(activations, device)
-    pairs = suite_sites(suite, loaded.model)
+    start = start_training_job(suite, activations, trainer_fields, out / "training")
+    pairs = suite_sites(suite, start.loaded.model)
     sites = [f"layers.{layer}.{kind}" for layer, kind in pairs]
     sites += [transcoder_target(site) for site in sites if site.endswith(".mlp_in")]
-    source = ActivationSource(activations, sites, device=device, loaded=loaded)
+    source = start.source(sites)
     saes = build_suite(suite, source, pairs, sae_fields or {})
-    trainer, trained = fit_on_source(saes, source, suite.tokens, out / "training", device, trainer_fields,
-                                     suite.resume)
+    trainer, trained = train_on_activations(saes, source, suite, out / "training", start.device, trainer_fields)
     if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the release
         return [], ""
     results = evaluate_saes(source, trained, suite.eval_tokens, progress=trainer.cfg.progress)

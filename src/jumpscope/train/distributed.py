@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..device import launched_by_torchrun, local_device
 from ..sae.base import StepContext
 from ..sae.metrics import StreamingMetrics
 
@@ -154,21 +155,6 @@ def _gloo_group() -> Any:
     if "group" not in _GLOO:
         _GLOO["group"] = dist.new_group(backend="gloo")
     return _GLOO["group"]
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def local_device(device: torch.device) -> torch.device:
-    """Under torchrun, a bare ``cuda`` means this process's GPU (LOCAL_RANK); else ``device``."""
-    if device.type != "cuda" or device.index is not None or not launched_by_torchrun():
-        return device
-    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-    if local_rank >= count:
-        raise ValueError(f"torchrun started process {local_rank} on this node but it has {count} GPU(s): "
-                         f"use --nproc_per_node {count} or fewer (or --device cpu)")
-    return torch.device("cuda", local_rank)
 
 
 def process_group_from_env(device: torch.device | str | None = None) -> SingleProcess:

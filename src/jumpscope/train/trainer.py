@@ -22,28 +22,20 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..device import resolve_device
 from ..sae.base import SAE
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import Batch, check_finite, rebatch
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
-from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, local_device,
-                          process_group_from_env, reduce_metrics, reduced_row, shard_batch, share_saes, step_context)
+from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
+                          reduce_metrics, reduced_row, shard_batch, share_saes, step_context)
 from .optim import lr_factor, make_optimizer, sparsity_factor
 from .progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-    return local_device(device)
 
 
 def name_saes(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
@@ -75,14 +67,15 @@ def estimate_scale(sample: Tensor, convention: str) -> float:
 class Trainer:
     def __init__(self, saes: SAE | Sequence[SAE] | Mapping[str, SAE], cfg: TrainerConfig | None = None,
                  process_group: SingleProcess | None = None,
-                 inputs: Mapping[str, str | tuple[str, str]] | None = None):
+                 inputs: Mapping[str, str | tuple[str, str]] | None = None, device: torch.device | None = None):
         """``inputs`` routes each SAE to the batch entry it reads, as a key or an (input, target)
         pair of keys. By default an SAE reads "input" (and a transcoder "target") of tensor or
         tuple batches, and its own ``cfg.site`` of dict batches. ``process_group`` defaults to
-        the torchrun processes, if any (``process_group_from_env``)."""
+        the torchrun processes, if any (``process_group_from_env``). ``device``: one a job has
+        already resolved; None resolves ``cfg.device`` (e.g. "auto")."""
         self.cfg = cfg or TrainerConfig()
         self.all_saes = name_saes(saes)
-        self.device = resolve_device(self.cfg.device)
+        self.device = device if device is not None else resolve_device(self.cfg.device)
         self.dist = process_group or process_group_from_env(self.device)
         by_sae = self.cfg.distribute == "saes"
         # dp: the processes that share each batch (gradients and statistics are reduced over them)

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import command
-from .cli_train import add_job_arguments, sae_fields_from_args, trainer_fields_from_args
-from .config_cli import dataclass_from_args_or_exit
+from .common import add_training_job_arguments, command, sae_fields_from_args, trainer_fields_from_args
+from .dataclass_args import dataclass_from_args_or_exit
 
 
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
-    from .jobs.suite import SuiteConfig
+    from ..jobs.suite import SuiteConfig
 
-    add_job_arguments(parser, SuiteConfig, "suite")
+    add_training_job_arguments(parser, SuiteConfig, "suite")
 
 
 @command("suite", "Train a Gemma-Scope-style suite: an SAE for every layer and site at several sparsities, "
                   "from one forward pass per batch, in the public release layout with an index.",
          add_suite_arguments)
 def suite(args: argparse.Namespace) -> int:
-    from .jobs.activations import ActivationConfig
-    from .jobs.suite import SuiteConfig, run_suite
+    from ..activations import ActivationConfig
+    from ..jobs.suite import SuiteConfig, run_suite
     config = dataclass_from_args_or_exit(args.parser, SuiteConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
     trainer_fields = trainer_fields_from_args(args, config.tokens)

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import command
-from .cli_train import add_job_arguments, sae_fields_from_args, trainer_fields_from_args
-from .config_cli import dataclass_from_args_or_exit
+from .common import add_training_job_arguments, command, sae_fields_from_args, trainer_fields_from_args
+from .dataclass_args import dataclass_from_args_or_exit
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from .jobs.sweep import SweepConfig
+    from ..jobs.sweep import SweepConfig
 
-    add_job_arguments(parser, SweepConfig, "sweep")
+    add_training_job_arguments(parser, SweepConfig, "sweep")
 
 
 @command("sweep", "Train several sparsity levels of several architectures on one activation stream, evaluate "
                   "each with the model in the loop, and write plots and a report.", add_sweep_arguments)
 def sweep(args: argparse.Namespace) -> int:
-    from .jobs.activations import ActivationConfig
-    from .jobs.sweep import SweepConfig, run_sweep
+    from ..activations import ActivationConfig
+    from ..jobs.sweep import SweepConfig, run_sweep
 
     config = dataclass_from_args_or_exit(args.parser, SweepConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)

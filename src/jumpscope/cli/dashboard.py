@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import command
-from .cli_eval import ACTIVATION_JOB_FIELDS
-from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit
+from .common import ACTIVATION_JOB_FIELDS, command
+from .dataclass_args import add_dataclass_arguments, dataclass_from_args_or_exit
 
 
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
-    from .analysis.examples import ExamplesConfig
-    from .jobs.activations import ActivationConfig
-    from .jobs.dashboard import DashboardJobConfig
+    from ..analysis.examples import ExamplesConfig
+    from ..activations import ActivationConfig
+    from ..jobs.dashboard import DashboardJobConfig
 
     parser.add_argument("sae", metavar="SAE", help="an SAE folder or file (native, SAELens, sparsify, Gemma Scope), "
                         "or hf://owner/name/path (--allow-network to download)")
@@ -26,10 +25,10 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
                       "(index with search, one page per latent, histograms, logit lens) that opens from file://.",
          add_dashboard_arguments)
 def dashboard(args: argparse.Namespace) -> int:
-    from .analysis.examples import ExamplesConfig
-    from .jobs.activations import ActivationConfig
-    from .jobs.dashboard import DashboardJobConfig, run_dashboard
-    from .sae.metrics import dead_label
+    from ..analysis.examples import ExamplesConfig
+    from ..activations import ActivationConfig
+    from ..jobs.dashboard import DashboardJobConfig, run_dashboard
+    from ..sae.metrics import dead_label
 
     job = dataclass_from_args_or_exit(args.parser, DashboardJobConfig, args, sae=args.sae)
     examples = dataclass_from_args_or_exit(args.parser, ExamplesConfig, args)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import command
-from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit
+from .common import command
+from .dataclass_args import add_dataclass_arguments, dataclass_from_args_or_exit
 
 # The eval job names the model itself (default: the SAEs' own), so the activation config's is not an option.
 ACTIVATION_JOB_FIELDS = ("model", "cache", "shuffle_buffer_tokens", "seed")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from .jobs.activations import ActivationConfig
-    from .jobs.evaluate import EvalJobConfig
+    from ..activations import ActivationConfig
+    from ..jobs.evaluate import EvalJobConfig
 
     parser.add_argument("saes", nargs="+", metavar="SAE", help="SAE folders or files (native, SAELens, sparsify, "
                         "Gemma Scope), or hf://owner/name/path (--allow-network to download)")
@@ -26,8 +26,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 @command("eval", "Evaluate SAEs on held-out text: L0, FVU, dead latents, and the model's loss with each "
                  "spliced in (delta LM loss, KL, CE loss recovered).", add_eval_arguments)
 def evaluate(args: argparse.Namespace) -> int:
-    from .jobs.activations import ActivationConfig
-    from .jobs.evaluate import EvalJobConfig, run_eval
+    from ..activations import ActivationConfig
+    from ..jobs.evaluate import EvalJobConfig, run_eval
 
     job = dataclass_from_args_or_exit(args.parser, EvalJobConfig, args, saes=tuple(args.saes))
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import SAE_SOURCES, command
-from .config_cli import add_dataclass_arguments, dataclass_from_args_or_exit, field_docs
+from .common import SAE_SOURCES, command
+from .dataclass_args import add_dataclass_arguments, dataclass_from_args_or_exit, field_docs
 
 # Options that may be repeated (--steer 12:8 --steer 3:-2) as well as given several values at once.
 REPEATABLE = {"prompt": "TEXT", "steer": "LATENT:ALPHA", "clamp": "LATENT:VALUE", "ablate": "LATENT[,LATENT]"}
 
 
 def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
-    from .steer.job import SteerJobConfig
+    from ..jobs.steer import SteerJobConfig
 
     docs = field_docs(SteerJobConfig)
     parser.add_argument("sae", metavar="SAE", help=SAE_SOURCES)
@@ -27,7 +27,7 @@ def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
 @command("steer", "Generate from prompts with and without steering, clamping or ablating SAE latents, and "
                   "print the two continuations side by side.", add_steer_arguments)
 def steer(args: argparse.Namespace) -> int:
-    from .steer.job import SteerJobConfig, run_steer
+    from ..jobs.steer import SteerJobConfig, run_steer
 
     job = dataclass_from_args_or_exit(args.parser, SteerJobConfig, args)
     print(run_steer(job))

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .generate import generate_with
-from .intervene import Positions
-from .interventions import Ablate, Clamp, Intervention, Steer, describe
-from .report import display_text, side_by_side
+from ..device import resolve_device
+from ..formats.loading import load_saes, model_of
+from ..steer.generate import generate_with
+from ..steer.intervene import Positions
+from ..steer.interventions import Ablate, Clamp, Intervention, Steer, describe
+from ..steer.report import display_text, side_by_side
 
 __all__ = ["SteerJobConfig", "parse_interventions", "parse_positions", "run_steer"]
 
@@ -131,8 +133,7 @@ def parse_positions(text: str) -> Positions:
 
 def run_steer(job: SteerJobConfig) -> str:
     """Generate each prompt's continuation without and with the interventions; returns the report."""
-    from ..jobs.evaluate import load_saes, model_of
-    from ..models.loading import load_model, resolve_device
+    from ..models.loading import load_model  # lazy: transformers loads only when steering runs
 
     name, sae = next(iter(load_saes([job.sae], job.site, job.allow_network).items()))
     site = sae.cfg.site

@@ -1,98 +1,30 @@
-"""Text in, activations out: model + corpus + sites -> a replayable stream of activation chunks.
+"""Activations of a model over a corpus: the held-out split, live harvesting and the on-disk cache.
 
-Every job that needs activations (train, and later sweeps, suites, Jacobian SAEs) builds them
-here, live from the model (one forward per batch of windows feeds every site) or from an on-disk
-cache written once and read back as often as needed. One context window in ``eval_every`` is held
+One forward per batch of windows feeds every site. One context window in ``eval_every`` is held
 out for evaluation and never trained on (by window, so a single-document corpus splits too).
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal
 
-from ..config_cli import positive
 from ..data.buffer import counted, shuffled, skip_rows
 from ..data.cache import CacheReader, CacheWriter, is_complete
 from ..data.corpus import open_corpus
 from ..data.tokens import batch_windows, pack_tokens
-from ..errors import ConfigError
 from ..models.harvest import harvest
 from ..models.loading import LoadedModel, load_model
 from ..models.sites import parse_site
+from .config import ActivationConfig
+
+__all__ = ["ActivationSource", "ReplayableStream", "Split", "context_size_for", "default_site", "load_source_model",
+           "max_positions", "split_windows"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ActivationConfig:
-    """Where activations come from."""
-
-    model: str = "minilm"
-    """A model: 'minilm' (the built-in all-MiniLM-L6-v2), a llama2.c .bin, a local transformers
-    folder, or a Hugging Face hub id (with --allow-network unless cached)."""
-
-    corpus: str = "builtin"
-    """Text: 'builtin' (Python standard-library docs), a .txt/.jsonl/.parquet file, a folder or
-    glob of them, or 'hf:NAME[:CONFIG][:SPLIT]' (needs the datasets package)."""
-
-    txt_split: str = "file"
-    """How .txt files divide into documents: 'file' (one each), 'paragraph' (blank lines) or 'line'.
-    Documents matter for mixtures ('a,b' takes one from each in turn) and for where BOS goes."""
-
-    encoding: str = "utf-8"
-    """Text encoding of .txt and .jsonl corpus files, e.g. utf-8, latin-1, cp1252."""
-
-    encoding_errors: Literal["strict", "replace"] = "strict"
-    """What a byte that is not valid in --encoding does: 'strict' stops with an error naming the
-    file and byte offset, 'replace' reads it as U+FFFD and goes on."""
-
-    context_size: int | None = None
-    """Tokens per context window (BOS or CLS/SEP framing included). None: 128 for encoders,
-    else min(1024, the model's maximum positions)."""
-
-    model_batch_size: int = 16
-    """Context windows per model forward pass."""
-
-    dtype: str = "float32"
-    """Model dtype: float32, bfloat16 or float16."""
-
-    shuffle_buffer_tokens: int = 65_536
-    """Activations held in the shuffle buffer (memory is bounded by this, whatever the total)."""
-
-    cache: str | None = None
-    """Folder of an on-disk activation cache: written (resumably) on first use, then read back,
-    so later runs and sweeps need not run the model again."""
-
-    cache_shard_rows: int = 65_536
-    """Activation rows per cache shard file; a killed cache write resumes after its last whole
-    shard. Must match when resuming a partly written cache."""
-
-    eval_every: int = 20
-    """Hold out one context window in this many for evaluation."""
-
-    seed: int = 0
-    """Seed of the shuffle order."""
-
-    allow_network: bool = False
-    """Allow downloads from the Hugging Face hub (models and datasets)."""
-
-    def __post_init__(self) -> None:
-        positive(self, "model_batch_size", "shuffle_buffer_tokens", "eval_every", "cache_shard_rows")
-        if self.context_size is not None and self.context_size < 2:
-            raise ConfigError(f"context_size must be at least 2, got {self.context_size}")
-        if self.txt_split not in ("file", "paragraph", "line"):
-            raise ConfigError(f"txt_split must be 'file', 'paragraph' or 'line', got {self.txt_split!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.encoding_errors not in ("strict", "replace"):
-            raise ConfigError(f"encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}")
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError:
-            raise ConfigError(f"unknown encoding {self.encoding!r}; e.g. utf-8, latin-1, cp1252") from None
+Split = Literal["train", "heldout", "all"]
+"""Which context windows: the training part, the held-out part, or all of them."""
 
 
 def default_site(loaded: LoadedModel) -> str:
@@ -116,10 +48,11 @@ def context_size_for(cfg: ActivationConfig, loaded: LoadedModel) -> int:
     return min(1024, max_positions(loaded) or 1024)
 
 
-def held_out(windows: Iterable, every: int, evaluation: bool) -> Iterator:
-    """The training (or evaluation) part of a stream of windows: one in ``every`` is held out."""
+def split_windows(windows: Iterable, every: int, split: Literal["train", "heldout"]) -> Iterator:
+    """The training (or held-out) part of a stream of windows: one in ``every`` is held out."""
+    heldout = split == "heldout"
     for index, window in enumerate(windows):
-        if (index % every == every - 1) == evaluation:
+        if (index % every == every - 1) == heldout:
             yield window
 
 
@@ -158,18 +91,21 @@ class ActivationSource:
         self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network, txt_split=cfg.txt_split,
                                   encoding=cfg.encoding, encoding_errors=cfg.encoding_errors)
 
-    def windows(self, evaluation: bool | None = False) -> Iterator[tuple]:
-        """Batches of context windows: the training part, the held-out part, or (None) all of them."""
+    def windows(self, split: Split = "train") -> Iterator[tuple]:
+        """Batches of context windows: the training part ('train'), the one-in-``eval_every``
+        held-out part ('heldout'), or all of them ('all')."""
+        if split not in ("train", "heldout", "all"):
+            raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
         packed = pack_tokens(self.loaded.tokenizer, self.corpus, self.context_size,
                              max_positions=max_positions(self.loaded))
-        what = "any" if evaluation is None else "held-out" if evaluation else "training"
-        part = nonempty(packed if evaluation is None else held_out(packed, self.cfg.eval_every, evaluation),
+        what = {"all": "any", "heldout": "held-out", "train": "training"}[split]
+        part = nonempty(packed if split == "all" else split_windows(packed, self.cfg.eval_every, split),
                         self.corpus.name, self.context_size, what)
         return batch_windows(part, self.cfg.model_batch_size)
 
-    def chunks(self, evaluation: bool = False) -> Iterator[dict]:
-        """Unshuffled activation chunks, in corpus order."""
-        return harvest(self.loaded.model, self.windows(evaluation), self.sites)
+    def chunks(self, split: Split = "train") -> Iterator[dict]:
+        """Unshuffled activation chunks of the ``split`` windows (see :meth:`windows`), in corpus order."""
+        return harvest(self.loaded.model, self.windows(split), self.sites)
 
     def training_stream(self, total_tokens: int, batch_size: int, progress: bool = True) -> Iterable:
         """A replayable shuffled stream for the trainer (from the cache when one is configured).
@@ -177,13 +113,14 @@ class ActivationSource:
         minutes on a large model) as a bar in tokens on stderr."""
         if self.cfg.cache is None:
             fill = min(self.cfg.shuffle_buffer_tokens, total_tokens)
-            return _Replay(lambda: shuffled(counted(self.chunks(), fill, "harvesting (filling the shuffle buffer)",
-                                                    enabled=progress),
-                                            self.cfg.shuffle_buffer_tokens, batch_size, self.cfg.seed))
+            return ReplayableStream(lambda: shuffled(
+                counted(self.chunks(), fill, "harvesting (filling the shuffle buffer)", enabled=progress),
+                self.cfg.shuffle_buffer_tokens, batch_size, self.cfg.seed))
         self.fill_cache(total_tokens, progress)
         reader = CacheReader(self.cfg.cache)
-        return _Replay(lambda: reader.iterate(sites=None, shuffle_shards=True, seed=self.cfg.seed,
-                                              buffer_rows=self.cfg.shuffle_buffer_tokens, batch_size=batch_size))
+        return ReplayableStream(lambda: reader.iterate(sites=None, shuffle_shards=True, seed=self.cfg.seed,
+                                                       buffer_rows=self.cfg.shuffle_buffer_tokens,
+                                                       batch_size=batch_size))
 
     def manifest(self) -> dict[str, Any]:
         corpus = self.corpus.name if self.cfg.txt_split == "file" else f"{self.corpus.name} ({self.cfg.txt_split}s)"
@@ -228,7 +165,7 @@ class ActivationSource:
                     break
 
 
-class _Replay:
+class ReplayableStream:
     """An iterable that restarts its stream on every ``iter()`` (the trainer replays on resume)."""
 
     def __init__(self, make: Any):

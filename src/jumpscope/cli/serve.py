@@ -11,7 +11,7 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .cli import command
+from .common import command
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

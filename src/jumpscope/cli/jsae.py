@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import command
-from .cli_train import add_job_arguments, trainer_fields_from_args
-from .config_cli import dataclass_from_args_or_exit
+from .common import add_training_job_arguments, command, trainer_fields_from_args
+from .dataclass_args import dataclass_from_args_or_exit
 
 
 def add_jsae_arguments(parser: argparse.ArgumentParser) -> None:
-    from .jobs.jsae import JsaeJobConfig
+    from ..jobs.jsae import JsaeJobConfig
 
-    add_job_arguments(parser, JsaeJobConfig, "Jacobian SAE", sae_options=False)
+    add_training_job_arguments(parser, JsaeJobConfig, "Jacobian SAE", sae_options=False)
 
 
 @command("jsae", "Train a Jacobian SAE pair around one layer's MLP (TopK SAEs on its input and output, "
                  "penalising the Jacobian between their latents) and measure how sparse its computation is.",
          add_jsae_arguments)
 def jsae(args: argparse.Namespace) -> int:
-    from .jobs.activations import ActivationConfig
-    from .jobs.jsae import JsaeJobConfig, run_jsae
+    from ..activations import ActivationConfig
+    from ..jobs.jsae import JsaeJobConfig, run_jsae
 
     job = dataclass_from_args_or_exit(args.parser, JsaeJobConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)

@@ -1,13 +1,72 @@
-"""``jumpscope train``: options generated from the job, activation, trainer and SAE configs."""
+"""What every command shares: the command registry, the SAE-source and network options, and the
+options of the training jobs (train, sweep, suite, jsae) generated from their configs."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-from .cli import command
-from .config_cli import add_dataclass_arguments, config_error_message, dataclass_from_args_or_exit, option_name
+from .dataclass_args import add_dataclass_arguments, config_error_message, option_name
 
+__all__ = ["Command", "COMMANDS", "command", "SAE_SOURCES", "add_network_argument", "existing_sae_path",
+           "ACTIVATION_JOB_FIELDS", "add_training_job_arguments", "add_sae_arguments", "sae_fields_from_args",
+           "trainer_fields_from_args"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Decorator registering ``run(args) -> int`` as subcommand ``name``; ``help`` is its
+    one-line description, ``configure(parser)`` adds its arguments."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, configure, run)
+        return run
+
+    return register
+
+
+
+SAE_SOURCES = ("an SAE folder or file (native, SAELens, sparsify, Gemma Scope params.npz) or an SAE on the Hugging "
+               "Face hub as hf://owner/name/path (e.g. hf://google/gemma-scope-2b-pt-res/layer_20/width_16k/"
+               "average_l0_71)")
+
+
+def add_network_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-network", action="store_true",
+                        help="download an hf:// SAE that is not in the local Hugging Face cache")
+
+
+
+def existing_sae_path(path: str) -> Path | str:
+    from ..formats import hub
+
+    if hub.is_hub_reference(path):
+        return path
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no SAE at {path}: no such file or folder")
+    return Path(path)
+
+
+
+# The eval and dashboard jobs name the model themselves (default: the SAEs' own), so the activation
+# config's is not an option of theirs.
+ACTIVATION_JOB_FIELDS = ("model", "cache", "shuffle_buffer_tokens", "seed")
+
+
+# -- the training jobs' options ------------------------------------------------------------------------
 SAE_PREFIX = "sae-"
 # Set by the job from the data and the generic options; not options of their own.
 SAE_JOB_FIELDS = ("d_in", "d_sae", "d_out", "site", "target_site", "skip_connection", "model", "target_l0",
@@ -16,17 +75,17 @@ TRAINER_JOB_FIELDS = ("total_tokens", "out_dir", "device")
 
 
 def _sae_config_classes() -> list[type]:
-    from .sae import architectures, config_class
+    from ..sae import architectures, config_class
 
     return [config_class(name) for name in architectures()]
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, job: type, title: str, *, exclude: tuple[str, ...] = (),
+def add_training_job_arguments(parser: argparse.ArgumentParser, job: type, title: str, *, exclude: tuple[str, ...] = (),
                       sae_options: bool = True) -> None:
     """The options of a training job: its own config's, then the activation, trainer and
     (``sae_options``) SAE configs'. Shared by train, sweep, suite and jsae."""
-    from .jobs.activations import ActivationConfig
-    from .train import TrainerConfig
+    from ..activations import ActivationConfig
+    from ..train import TrainerConfig
 
     add_dataclass_arguments(parser.add_argument_group(title), job, exclude=exclude)
     add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
@@ -39,7 +98,7 @@ def trainer_fields_from_args(args: argparse.Namespace, tokens: int | None = None
     """The trainer options given on the command line (those the job does not set itself). With
     the job's ``tokens`` they are checked at once (a TrainerConfig is built), so a careless one is
     a one-line usage error naming the option before any model loads."""
-    from .train import TrainerConfig
+    from ..train import TrainerConfig
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
               if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
@@ -51,15 +110,6 @@ def trainer_fields_from_args(args: argparse.Namespace, tokens: int | None = None
                                                                                  None))
             args.parser.error(message.replace("total_tokens", "--tokens"))
     return fields
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .jobs.train import TrainJobConfig
-
-    parser.add_argument("--site", action="append", default=None, metavar="SITE",
-                        help="a hook site such as layers.3.resid_post (repeatable; one SAE each; default: the "
-                             "middle layer's resid_post)")
-    add_job_arguments(parser, TrainJobConfig, "job", exclude=("site",))
 
 
 def add_sae_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +126,7 @@ def add_sae_arguments(parser: argparse.ArgumentParser) -> None:
 def sae_fields_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                          archs: str | tuple[str, ...]) -> dict:
     """The ``--sae-FIELD`` values given; each must be a field of at least one of ``archs``."""
-    from .sae import config_class
+    from ..sae import config_class
 
     archs = (archs,) if isinstance(archs, str) else archs
     own = {f.name for arch in archs for f in dataclasses.fields(config_class(arch))}
@@ -87,21 +137,3 @@ def sae_fields_from_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(f"{', '.join(option_name(n, SAE_PREFIX) for n in foreign)} not a field of "
                      f"{' or '.join(map(repr, archs))} (see `jumpscope archs {archs[0]}`)")
     return given
-
-
-@command("train", "Train SAEs on a model's activations (default: JumpReLU on MiniLM, built-in corpus).",
-         add_train_arguments)
-def train(args: argparse.Namespace) -> int:
-    from .jobs.activations import ActivationConfig
-    from .jobs.train import TrainJobConfig, run_train
-
-    parser = args.parser
-    job = dataclass_from_args_or_exit(parser, TrainJobConfig, args, site=tuple(args.site or ()))
-    activations = dataclass_from_args_or_exit(parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args, job.tokens)
-    _, summary = run_train(job, activations, trainer_fields, sae_fields_from_args(parser, args, job.arch))
-    if not summary:  # a torchrun process other than the first: nothing to report
-        return 0
-    print(summary)
-    print(f"SAEs, log and summary written to {job.out}")
-    return 0

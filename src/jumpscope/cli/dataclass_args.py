@@ -10,8 +10,7 @@ A config field documents itself with a string literal on the line(s) right after
 :func:`add_dataclass_arguments` turns every field into a ``--kebab-case`` option whose help is
 that docstring, :func:`dataclass_from_args` builds the instance back from the parsed namespace,
 and :func:`dataclass_from_args_or_exit` reports the config's own validation errors as an
-argparse error (one line, exit status 2). :func:`positive` is the check configs share for counts
-and sizes that must be positive. Standard library only.
+argparse error (one line, exit status 2). Standard library only.
 """
 
 from __future__ import annotations
@@ -27,26 +26,8 @@ import types
 import typing
 from typing import Any, Callable, Iterable, Literal, Union
 
-from .errors import ConfigError
-
 __all__ = ["field_docs", "add_dataclass_arguments", "dataclass_from_args", "dataclass_from_args_or_exit",
-           "config_error_message", "field_table", "type_name", "option_name", "positive"]
-
-
-# -- validation ------------------------------------------------------------------------------------
-def positive(config: Any, *names: str, zero_ok: bool = False) -> None:
-    """Raise :class:`ConfigError` naming the first field of ``config`` among ``names`` that is not
-    > 0 (``zero_ok``: >= 0), e.g. ``width must be positive, got 0``. None passes (an unset
-    optional field means "the default"), and so does each element of a tuple or list field."""
-    for name in names:
-        value = getattr(config, name)
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if item is None or isinstance(item, bool):
-                continue
-            if not isinstance(item, (int, float)):
-                raise ConfigError(f"{name} must be a number, got {item!r}")
-            if item < 0 or (item == 0 and not zero_ok) or item != item:  # item != item: NaN
-                raise ConfigError(f"{name} must be {'>= 0' if zero_ok else 'positive'}, got {item}")
+           "config_error_message", "field_table", "type_name", "option_name"]
 
 
 # -- attribute docstrings ------------------------------------------------------------------------

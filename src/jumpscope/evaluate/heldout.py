@@ -1,0 +1,122 @@
+"""Held-out evaluation of SAEs, with the model in the loop.
+
+For each SAE: the core metrics (L0, FVU, MSE, cosine, dead and >10%-frequency fractions, the
+log10 feature-density histogram) on held-out activations, and the model's own measures with the
+SAE spliced in (delta LM loss, KL, CE loss recovered against zero and mean ablation for causal
+LMs; the embedding distance for encoders; see :mod:`jumpscope.evaluate.downstream`). Training,
+sweeps, suites and ``jumpscope eval`` share :func:`evaluate_saes`, so their numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import islice
+from typing import Any, Mapping
+
+import torch
+
+from ..activations import ActivationSource
+from ..models.harvest import harvest
+from ..models.splice import check_sae_fits
+from ..sae import SAE
+from ..sae.metrics import StreamingMetrics, dead_label, dead_sample_warning
+from .downstream import ABLATIONS, spliced_measures
+
+__all__ = ["TOGETHER", "evaluation_windows", "replaced_site", "evaluate_saes", "warn_small_dead_sample",
+           "dead_column", "results_table"]
+
+log = logging.getLogger(__name__)
+TOGETHER = "all together"
+
+
+def evaluation_windows(source: ActivationSource, eval_tokens: int) -> list:
+    """Held-out batches of context windows (never trained on) covering about ``eval_tokens``."""
+    per_batch = source.context_size * source.cfg.model_batch_size
+    windows = list(islice(source.windows(split="heldout"), max(1, -(-eval_tokens // per_batch))))
+    if not windows:
+        raise ValueError("the corpus has no held-out context windows to evaluate on; use a larger corpus")
+    return windows
+
+
+def replaced_site(sae: SAE) -> str:
+    """Where an SAE splices in: its own site, or a transcoder's output site."""
+    return sae.cfg.target_site or sae.cfg.site
+
+
+def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens: int, *,
+                  ablations: tuple[str, ...] = ABLATIONS, together: bool = False,
+                  progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Held-out core metrics and spliced measures per SAE (keyed like ``saes``; each at its
+    ``cfg.site``, a transcoder reading ``cfg.site`` and replacing ``cfg.target_site``)."""
+    model = source.loaded.model
+    for name, sae in saes.items():
+        if not sae.cfg.site:
+            raise ValueError(f"SAE {name!r} records no hook site; give one (--site)")
+        check_sae_fits(sae, replaced_site(sae), model)
+    windows = evaluation_windows(source, eval_tokens)
+    metrics = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output) for name, sae in saes.items()}
+    sites = sorted({site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site})
+    with torch.inference_mode():
+        for chunk in harvest(model, windows, sites):
+            for name, sae in saes.items():
+                x = chunk[sae.cfg.site].to(sae.W_enc.device, sae.W_enc.dtype)
+                target = chunk[replaced_site(sae)].to(x.device, x.dtype)
+                latents = sae.encode(x)
+                metrics[name].update(target, sae.predict(x, latents), latents)
+    groups = {name: {replaced_site(sae): sae} for name, sae in saes.items()}
+    replaced = sorted({replaced_site(sae) for sae in saes.values()})
+    if together and len(saes) > 1:
+        if len(replaced) < len(saes):
+            raise ValueError("--together needs SAEs at different sites; several of these share a site")
+        groups[TOGETHER] = {replaced_site(sae): sae for sae in saes.values()}
+    measures = spliced_measures(model, source.loaded.kind, windows, groups, ablations=ablations, progress=progress)
+    results = {}
+    for name, sae in saes.items():
+        where = sae.cfg.site if not sae.cfg.target_site else f"{sae.cfg.site} -> {sae.cfg.target_site}"
+        results[name] = {"architecture": sae.cfg.architecture, "site": where, "d_in": sae.cfg.d_in,
+                         "d_sae": sae.cfg.d_sae, **metrics[name].compute(), **measures[name]}
+    if TOGETHER in measures:
+        results[TOGETHER] = {"site": ", ".join(replaced), **measures[TOGETHER]}
+    warn_small_dead_sample(results)
+    return results
+
+
+def warn_small_dead_sample(results: Mapping[str, Mapping[str, Any]]) -> None:
+    """Log one warning when the held-out sample is too small for the dead fraction to mean much."""
+    sizes = [row["n_tokens"] for row in results.values() if "n_tokens" in row]
+    warning = dead_sample_warning(min(sizes)) if sizes else None
+    if warning:
+        log.warning(warning)
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def dead_column(results: Mapping[str, Mapping[str, Any]]) -> tuple[str, bool]:
+    """The dead fraction's column title, naming the sample size (``dead on 16,384 tokens``) when
+    every row shares it; else ``dead`` and True: each cell names its own."""
+    sizes = {row["n_tokens"] for row in results.values() if "n_tokens" in row}
+    return (dead_label(sizes.pop()), False) if len(sizes) == 1 else ("dead", True)
+
+
+def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
+    """A Markdown table: one row per SAE (and the together group)."""
+    if kind == "causal_lm":
+        extra = [("delta LM loss", "delta_lm_loss"), ("KL", "kl_div"), ("CE rec. (zero)", "ce_loss_recovered_zero"),
+                 ("CE rec. (mean)", "ce_loss_recovered_mean")]
+    else:
+        extra = [("1 - cos(embedding)", "embedding_1_minus_cosine"),
+                 ("recovered (zero)", "embedding_recovered_zero"), ("recovered (mean)", "embedding_recovered_mean")]
+    dead_title, per_cell = dead_column(results)
+    columns = [("SAE", None), ("site", "site"), ("d_sae", "d_sae"), ("L0", "l0"), ("FVU", "fvu"),
+               (dead_title, "dead_fraction"), (">10%", "dense_fraction")] + extra
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + " --- |" * len(columns)]
+    for name, row in results.items():
+        cells = [name] + [_cell(row.get(key), 1 if key == "l0" else 4) for _, key in columns[1:]]
+        if per_cell and row.get("dead_fraction") is not None:
+            cells[5] += f" ({dead_label(row['n_tokens'])})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
