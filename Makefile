@@ -69,7 +69,7 @@ interop:
 	.venv-saelens/bin/pip install -q $(TORCH)
 	.venv-saelens/bin/pip install -q sae-lens pytest
 	.venv-saelens/bin/pip install -q --no-deps -e .
-	.venv-saelens/bin/python -m pytest -q tests/test_formats_saelens_interop.py
+	.venv-saelens/bin/python -m pytest -q tests/formats/test_saelens_interop.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-saelens build dist src/*.egg-info

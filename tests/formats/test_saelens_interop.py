@@ -9,7 +9,7 @@ import torch
 
 from jumpscope.formats import load_saelens, save_saelens
 
-from test_formats_saelens import CASES, D_IN, D_SAE, SITE, inputs, make
+from test_saelens import CASES, D_IN, D_SAE, SITE, inputs, make
 
 
 def saelens_major(sae_lens) -> int:

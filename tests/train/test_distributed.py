@@ -2,7 +2,7 @@
 the same global batches, only the main process writes, resume is exact, and with
 distribute="saes" every process trains (and writes) its own SAEs.
 
-One torchrun launch (tests/distributed_worker.py) runs every scenario: starting torch and its
+One torchrun launch (tests/helpers/distributed_worker.py) runs every scenario: starting torch and its
 compiler stack in two processes costs more than all of the training.
 """
 
@@ -36,7 +36,7 @@ def launch(tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).with_name("distributed_worker.py")), "--out", str(root / "out"),
+               str(Path(__file__).parents[1] / "helpers" / "distributed_worker.py"), "--out", str(root / "out"),
                "--results", str(root / "results")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode:

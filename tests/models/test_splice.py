@@ -7,7 +7,7 @@ from jumpscope.models.harvest import Harvester
 from jumpscope.models.sites import LAYER_SITE_KINDS, parse_site
 from jumpscope.models.splice import reconstruct, splice
 from jumpscope.sae import build as build_sae
-from jumpscope.sae.jumprelu import jumprelu_from_weights
+from exact_saes import exact_sae, zero_sae
 from tiny_models import build, ids_for
 
 FAMILIES = ["llama", "gemma2", "gpt2", "neox", "bert"]
@@ -17,20 +17,6 @@ def output_of(model, ids):
     with torch.no_grad():
         out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def exact_sae(d):
-    """x = ReLU(x) - ReLU(-x): a JumpReLU SAE (threshold 0) that reconstructs perfectly."""
-    eye = torch.eye(d)
-    return jumprelu_from_weights(torch.cat([eye, -eye], 1), torch.cat([eye, -eye], 0), torch.zeros(2 * d),
-                                 torch.zeros(d), torch.zeros(2 * d))
-
-
-def zero_sae(d):
-    sae = exact_sae(d)
-    with torch.no_grad():
-        sae.W_dec.zero_()
-    return sae
 
 
 @pytest.mark.parametrize("name", FAMILIES)

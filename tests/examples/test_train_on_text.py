@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jumpscope
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_train_on_text_trains_saves_loads_and_encodes(tmp_path):

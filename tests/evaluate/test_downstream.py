@@ -10,7 +10,7 @@ from jumpscope.evaluate.downstream import downstream, site_means, spliced_measur
 from jumpscope.models.sites import parse_site
 from jumpscope.sae import build as build_sae
 from jumpscope.sae.jumprelu import jumprelu_from_weights
-from test_splice import exact_sae, zero_sae
+from exact_saes import exact_sae, zero_sae
 from tiny_models import V, build, ids_for
 
 SITE = "layers.1.resid_post"

@@ -8,40 +8,13 @@ import random
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from jumpscope.models.llama2c import Llama2cTokenizer, load_llama2c, read_llama2c_header
+from llama2c_files import PIECES, make_weights, write_checkpoint, write_tokenizer
 
 CFG = dict(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, seq_len=16)
-
-
-def make_weights(cfg, tied, seed=0):
-    g = np.random.default_rng(seed)
-    d, h, L, V = cfg["dim"], cfg["hidden_dim"], cfg["n_layers"], cfg["vocab_size"]
-    kv = d * cfg["n_kv_heads"] // cfg["n_heads"]
-
-    def r(*s, scale=0.3):
-        return (g.standard_normal(s) * scale).astype(np.float32)
-
-    w = dict(emb=r(V, d, scale=1.0), rms_att=1 + r(L, d, scale=0.2), wq=r(L, d, d), wk=r(L, kv, d),
-             wv=r(L, kv, d), wo=r(L, d, d), rms_ffn=1 + r(L, d, scale=0.2), w1=r(L, h, d), w2=r(L, d, h),
-             w3=r(L, h, d), rms_final=1 + r(d, scale=0.2),
-             rope=r(cfg["seq_len"] * (d // cfg["n_heads"]), scale=5.0))  # unused legacy tables: junk on purpose
-    w["cls"] = w["emb"] if tied else r(V, d)
-    return w
-
-
-def write_checkpoint(path, cfg, w, tied):
-    header = [cfg[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")]
-    header[5] = header[5] if tied else -header[5]
-    with open(path, "wb") as f:
-        f.write(struct.pack("<7i", *header))
-        for k in ("emb", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final", "rope"):
-            f.write(w[k].astype("<f4").tobytes())
-        if not tied:
-            f.write(w["cls"].astype("<f4").tobytes())
 
 
 def reference_forward(w, cfg, tokens):
@@ -140,21 +113,6 @@ def test_bad_files_raise_clear_errors(tmp_path):
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
-PIECES = [(" ", -1.0), ("a", -2.0), ("b", -2.0), ("c", -2.0), ("h", -2.0), ("e", -2.0), ("l", -2.0),
-          ("o", -2.0), (",", -2.0), ("ab", -9.0), ("bc", -3.0), ("aa", -5.0), (" a", -8.0), ("he", -4.0),
-          ("ll", -6.0), (" he", -7.0), ("llo", -6.5), (" hello", -1.5), ("lo", -3.0), ("\u2581", -20.0)]
-
-
-def write_tokenizer(path, pieces=PIECES):
-    toks = [(b"<unk>", 0.0), (b"\n<s>\n", 0.0), (b"\n</s>\n", 0.0)]
-    toks += [(b"<0x%02X>" % i, 0.0) for i in range(256)] + [(p.encode(), s) for p, s in pieces]
-    with open(path, "wb") as f:
-        f.write(struct.pack("<i", max(len(t) for t, _ in toks)))
-        for t, s in toks:
-            f.write(struct.pack("<fi", s, len(t)) + t)
-    return toks
-
-
 def runc_encode(toks, text):
     """Literal transliteration of run.c's encode (no BOS/EOS), quadratic on purpose."""
     lookup = {}
@@ -248,7 +206,7 @@ def test_tokenizer_validation(tmp_path):
 
 
 # --- the real stories260K (slow; skipped where the shared data is absent) ---------------------------
-DATA = Path(os.environ.get("JUMPSCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DATA = Path(os.environ.get("JUMPSCOPE_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 SHA256 = {"stories260k/stories260K.bin": "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696",
           "stories260k/tok512.bin": "037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312",
           "text/tinystories_cased.txt": "727e8b228375be3075114c20729c93ed6e81ae5d8fe7faf7cb54b304f0322d70"}

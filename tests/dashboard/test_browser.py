@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 from browser import Browser, find_chromium
-from test_dashboard import CAT_LATENTS, D_SAE, DEAD, DENSE, HOSTILE, HOSTILE_LATENT, N_SAMPLE, N_TOP, synthetic_inputs
+from test_site import CAT_LATENTS, D_SAE, DEAD, DENSE, HOSTILE, HOSTILE_LATENT, N_SAMPLE, N_TOP, synthetic_inputs
 
 from jumpscope.dashboard import write_dashboard
 

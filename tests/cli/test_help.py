@@ -1,6 +1,6 @@
 """Every command's options and help text, compared with a snapshot taken before the command line
 was reorganised (issue 13): a refactor must not change what users see. When an option changes on
-purpose, regenerate it with ``JUMPSCOPE_UPDATE_HELP=1 pytest tests/test_cli_help.py`` and
+purpose, regenerate it with ``JUMPSCOPE_UPDATE_HELP=1 pytest tests/cli/test_help.py`` and
 review the diff."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from jumpscope.cli import build_parser
 
-SNAPSHOT = Path(__file__).with_name("cli_help.txt")
+SNAPSHOT = Path(__file__).with_name("help_snapshot.txt")
 
 
 def every_help(monkeypatch) -> str:

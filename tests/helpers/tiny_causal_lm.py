@@ -2,7 +2,7 @@
 
 import random
 
-from test_llama2c import PIECES, make_weights, write_checkpoint, write_tokenizer
+from llama2c_files import PIECES, make_weights, write_checkpoint, write_tokenizer
 
 VOCAB = 3 + 256 + len(PIECES)  # unk/BOS/EOS, byte fallback, pieces
 CFG = dict(dim=32, hidden_dim=48, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, seq_len=64)
