@@ -1,7 +1,6 @@
 """Concept search (jumpscope.analysis.concepts): exact AUROC, a planted latent found with AUROC 1,
 and padding and special tokens never counted."""
 
-import random
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from jumpscope.data.tokens import framing
 from jumpscope.models.harvest import Harvester
 from jumpscope.models.loading import load_model
 from jumpscope.sae import build
-from tiny_causal_lm import WORDS, write_tiny_causal_lm
+from planted_concepts import texts, token_detector
+from tiny_causal_lm import write_tiny_causal_lm
 
 PLANTED, D_SAE = 5, 16
 
@@ -19,42 +19,6 @@ PLANTED, D_SAE = 5, 16
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     return load_model(str(write_tiny_causal_lm(tmp_path_factory.mktemp("concepts") / "model")))
-
-
-def texts(n, with_hello, seed):
-    rng, others = random.Random(seed), [w for w in WORDS if "hello" not in w]
-    out = []
-    for _ in range(n):
-        words = [rng.choice(others) for _ in range(rng.randint(3, 14))]
-        if with_hello:
-            words.insert(rng.randrange(len(words) + 1), "hello")
-        out.append(" ".join(words))
-    return out
-
-
-def token_detector(loaded, token_ids, site="embed", d_sae=D_SAE, slots=(PLANTED,), seed=0):
-    """A ReLU SAE at ``site`` whose latent ``slots[k]`` fires only on token ``token_ids[k]``: at
-    ``embed`` a token's activation is its embedding row, so the direction is that row (harvested)
-    and the threshold lies between its projection and every other token's. The other latents are
-    random directions without bias, firing on about half of all tokens, orthogonal to the planted
-    ones (so none of them is a detector of the planted tokens by chance)."""
-    model, d = loaded.model, loaded.model.config.hidden_size
-    vocab = torch.arange(len(loaded.tokenizer))
-    acts = Harvester(model, [site]).activations(vocab[None])[site][0]  # every token once, at embed
-    sae = build("relu", d_in=d, d_sae=d_sae, site=site, model=loaded.name)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        basis = torch.linalg.qr(acts[list(token_ids)].T).Q  # [d, n_planted]
-        random = torch.randn(d, d_sae, generator=g)
-        sae.W_enc.copy_((random - basis @ (basis.T @ random)) / d ** 0.5)
-        for slot, token in zip(slots, token_ids):
-            direction = acts[token] / acts[token].norm()
-            proj = acts @ direction
-            others = torch.cat([proj[:token], proj[token + 1:]]).max()
-            assert proj[token] > others + 1, "precondition: the token's activation stands out"
-            sae.W_enc[:, slot] = direction
-            sae.b_enc[slot] = -(proj[token] + others) / 2
-    return sae.eval()
 
 
 def test_auroc_is_mann_whitney_with_ties_counting_half():
@@ -76,7 +40,7 @@ def test_auroc_is_mann_whitney_with_ties_counting_half():
 
 def test_a_planted_latent_ranks_first_with_auroc_one(loaded):
     hello = loaded.tokenizer.convert_tokens_to_ids("\u2581hello")
-    sae = token_detector(loaded, [hello])
+    sae = token_detector(loaded, [hello], slots=(PLANTED,), d_sae=D_SAE)
     positive, negative = texts(12, True, seed=1), texts(12, False, seed=2)
     result = find_concept(loaded, sae, positive, negative, top=D_SAE, batch_size=5)
     first, rest = result.latents[0], result.latents[1:]
@@ -99,7 +63,7 @@ def test_a_planted_latent_ranks_first_with_auroc_one(loaded):
 def test_padding_and_special_tokens_never_count(loaded):
     frame = framing(loaded.tokenizer)
     bos, pad = frame.first, frame.pad
-    sae = token_detector(loaded, [bos, pad], slots=(0, 1))
+    sae = token_detector(loaded, [bos, pad], slots=(0, 1), d_sae=D_SAE)
     batch = texts(3, False, seed=3) + ["abc"]  # different lengths: the short ones are padded
     scores = score_texts(loaded, loaded.tokenizer, sae, batch, batch_size=4)
     # the latents do fire at BOS and at padding: the scores ignore them
@@ -127,7 +91,7 @@ def test_batched_scores_equal_each_text_alone_over_its_ordinary_tokens(loaded):
 
 
 def test_bad_inputs_are_one_line_errors(loaded):
-    sae = token_detector(loaded, [loaded.tokenizer.convert_tokens_to_ids("\u2581hello")])
+    sae = token_detector(loaded, [loaded.tokenizer.convert_tokens_to_ids("\u2581hello")], slots=(PLANTED,), d_sae=D_SAE)
     with pytest.raises(ValueError, match="at least 2 positive texts, got 1"):
         find_concept(loaded, sae, ["hello"], ["abc", "bc"])
     with pytest.raises(ValueError, match="negative text 2 has no ordinary tokens"):

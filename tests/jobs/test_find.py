@@ -2,33 +2,20 @@
 table and --out; careless inputs are one-line errors with exit status 2."""
 
 import json
-import random
 import re
 
 import pytest
-import torch
 
 import jumpscope
 from jumpscope.cli import main
 from jumpscope.errors import ConfigError
 from jumpscope.jobs.find import FindJobConfig, read_texts, run_find
-from jumpscope.models.harvest import Harvester
 from jumpscope.models.loading import load_model
 from jumpscope.sae import build
-from tiny_causal_lm import WORDS, write_tiny_causal_lm
+from planted_concepts import texts, token_detector
+from tiny_causal_lm import write_tiny_causal_lm
 
 PLANTED, D_SAE = 3, 12
-
-
-def lines(n, with_hello, seed):
-    rng, others = random.Random(seed), [w for w in WORDS if "hello" not in w]
-    out = []
-    for _ in range(n):
-        words = [rng.choice(others) for _ in range(rng.randint(3, 12))]
-        if with_hello:
-            words.insert(rng.randrange(len(words) + 1), "hello")
-        out.append(" ".join(words))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +27,10 @@ def setup(tmp_path_factory):
     model_path = write_tiny_causal_lm(root / "model")
     loaded = load_model(str(model_path))
     hello = loaded.tokenizer.convert_tokens_to_ids("\u2581hello")
-    acts = Harvester(loaded.model, ["embed"]).activations(torch.arange(len(loaded.tokenizer))[None])["embed"][0]
-    d = acts.shape[1]
-    direction = acts[hello] / acts[hello].norm()
-    proj = acts @ direction
-    others = torch.cat([proj[:hello], proj[hello + 1:]]).max()
-    assert proj[hello] > others + 1  # precondition: ' hello' stands out
-    sae = build("relu", d_in=d, d_sae=D_SAE, site="embed", model=str(model_path))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        random_dirs = torch.randn(d, D_SAE, generator=g)
-        sae.W_enc.copy_((random_dirs - direction[:, None] * (direction @ random_dirs)) / d ** 0.5)
-        sae.W_enc[:, PLANTED] = direction
-        sae.b_enc[PLANTED] = -(proj[hello] + others) / 2
+    sae = token_detector(loaded, [hello], slots=(PLANTED,), d_sae=D_SAE)
     jumpscope.save(sae, root / "sae", format="native")
-    (root / "pos.txt").write_text("\n".join(lines(10, True, seed=1)) + "\n\n")  # a blank line is skipped
-    (root / "neg.txt").write_text("\n".join(lines(10, False, seed=2)))
+    (root / "pos.txt").write_text("\n".join(texts(10, True, seed=1, max_words=12)) + "\n\n")  # a blank line is skipped
+    (root / "neg.txt").write_text("\n".join(texts(10, False, seed=2, max_words=12)))
     return root, model_path
 
 

@@ -49,10 +49,7 @@ class JacobianSAEConfig(TopKSAEConfig):
     trains_alone: ClassVar[bool] = False
     own_job_hint: ClassVar[str] = "a Jacobian SAE pair trains around an MLP with `jumpscope jsae`"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.jacobian_coefficient < 0:
-            raise ValueError(f"jacobian_coefficient must be >= 0, got {self.jacobian_coefficient}")
+    nonnegative_fields: ClassVar[tuple[str, ...]] = TopKSAEConfig.nonnegative_fields + ("jacobian_coefficient",)
 
 
 @register("jsae")

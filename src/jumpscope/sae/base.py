@@ -19,6 +19,8 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ..errors import check_positive
+
 
 InputScaling = Literal["unit_mean_sq_norm", "sqrt_d_in_norm", "none"]
 
@@ -99,6 +101,10 @@ class SAEConfig:
     # their own, e.g. one that needs a model part beside its activations; own_job_hint says what does.
     trains_alone: ClassVar[bool] = True
     own_job_hint: ClassVar[str] = ""
+    # Numeric fields that must be > 0, and those that must be >= 0: checked for every
+    # architecture in __post_init__, so an architecture file only declares them.
+    positive_fields: ClassVar[tuple[str, ...]] = ()
+    nonnegative_fields: ClassVar[tuple[str, ...]] = ()
     # Fields that change how the SAE computes, not what it computes (a resumed run may differ).
     runtime_fields: ClassVar[tuple[str, ...]] = ()
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -135,6 +141,8 @@ class SAEConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_out is not None and self.d_out <= 0:
             raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
+        check_positive(self, *self.positive_fields)
+        check_positive(self, *self.nonnegative_fields, zero_ok=True)
         if self.input_scaling not in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none"):
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
         if self.b_dec_init not in ("zeros", "mean"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -47,10 +49,7 @@ class GatedSAEConfig(SAEConfig):
     reconstruction is ~d_sae / (2 d_in) times too large (FVU ~9 at 8x width), which a short run
     spends hundreds of steps undoing. Not in the paper; False restores its plain init."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.l1_coefficient < 0:
-            raise ValueError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
+    nonnegative_fields: ClassVar[tuple[str, ...]] = ("l1_coefficient",)
 
 
 @register("gated")

@@ -138,12 +138,10 @@ class JumpReLUConfig(SAEConfig):
                      normalize_decoder=False),
     }
 
+    positive_fields: ClassVar[tuple[str, ...]] = ("bandwidth", "threshold_init")
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.bandwidth <= 0:
-            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth}")
-        if self.threshold_init <= 0:
-            raise ValueError(f"threshold_init must be > 0, got {self.threshold_init}")
         for name in ("target_l0", "threshold_init_l0"):
             value = getattr(self, name)
             if value is not None and not 0 < value < self.d_sae:

@@ -53,12 +53,8 @@ class ReLUSAEConfig(SAEConfig):
                           decoder_init_norm=0.1),
     }
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.l1_coefficient < 0:
-            raise ValueError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
-        if self.decoder_init_norm <= 0:
-            raise ValueError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm}")
+    positive_fields: ClassVar[tuple[str, ...]] = ("decoder_init_norm",)
+    nonnegative_fields: ClassVar[tuple[str, ...]] = ("l1_coefficient",)
 
 
 @register("relu")

@@ -60,6 +60,8 @@ class TopKSAEConfig(SAEConfig):
     (sparse on CPU when at most 10% of the (token, latent) entries are active and d_sae >= 512, dense
     otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0'."""
 
+    nonnegative_fields: ClassVar[tuple[str, ...]] = ("aux_coefficient",)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         kernels.check_kernel(self.kernel)
@@ -67,8 +69,6 @@ class TopKSAEConfig(SAEConfig):
             raise ValueError(f"k must be an integer in [1, d_sae={self.d_sae}], got {self.k!r}")
         if self.k_aux is not None and (not isinstance(self.k_aux, int) or not 1 <= self.k_aux <= self.d_sae):
             raise ValueError(f"k_aux must be None or an integer in [1, d_sae={self.d_sae}], got {self.k_aux!r}")
-        if self.aux_coefficient < 0:
-            raise ValueError(f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
 
     @property
     def aux_k(self) -> int:
