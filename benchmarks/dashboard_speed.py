@@ -44,12 +44,13 @@ def train_sae(out: Path, corpus: str, tokens: int) -> Path:
 
     from jumpscope.activations import ActivationConfig
     from jumpscope.jobs.train import TrainJobConfig, run_train
+    from jumpscope.train import TrainerConfig
 
     torch.set_num_threads(2)
     job = TrainJobConfig(site=(SITE,), arch="jumprelu", width=16_384, target_l0=32, tokens=tokens, out=str(out),
-                         device="cpu", eval_tokens=4_096)
+                         device="cpu", eval_tokens=4_096, trainer=TrainerConfig(batch_size=1024, progress=True))
     run_train(job, ActivationConfig(model="minilm", corpus=corpus, txt_split="paragraph", context_size=128,
-                                    model_batch_size=32), {"batch_size": 1024, "progress": True})
+                                    model_batch_size=32))
     if not (folder / "cfg.json").is_file():
         raise SystemExit(f"training wrote no SAE at {folder}")
     return folder

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from jumpscope.activations import ActivationConfig  # noqa: E402
 from jumpscope.jobs.jsae import JsaeJobConfig, run_jsae  # noqa: E402
+from jumpscope.train import TrainerConfig  # noqa: E402
 from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -131,8 +132,8 @@ def main(argv=None) -> int:
                 job = JsaeJobConfig(**{**setup["job"], **({"tokens": args.tokens} if args.tokens else {})},
                                     jacobian_coefficients=tuple(args.lambdas),
                                     randomize_model=variant == "random", out=str(out), device="cpu",
-                                    resume=args.resume)
-                run_jsae(job, ActivationConfig(**setup["activations"](paths)), dict(setup["trainer"], progress=True))
+                                    resume=args.resume, trainer=TrainerConfig(**setup["trainer"], progress=True))
+                run_jsae(job, ActivationConfig(**setup["activations"](paths)))
                 print(f"{name} {variant}: {time.time() - started:.0f} s", flush=True)
             runs[variant] = json.loads((out / "summary.json").read_text())
         print(table(name, runs))

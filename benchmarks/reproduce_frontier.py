@@ -41,6 +41,7 @@ from jumpscope.evaluate.plots import frontier_metrics  # noqa: E402
 from jumpscope.evaluate.report import frontier, frontier_table  # noqa: E402
 from jumpscope.activations import ActivationConfig  # noqa: E402
 from jumpscope.jobs.sweep import SweepConfig, run_sweep  # noqa: E402
+from jumpscope.train import TrainerConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Relative tolerance for "matches": JumpReLU within 2% of TopK counts as matching it.
@@ -128,11 +129,11 @@ def main(argv=None) -> int:
         all_points: dict[str, list] = {}
         for suffix, fields, sae_fields in variants:
             out = RESULTS / f"frontier_{name}{suffix}{'_quick' if args.quick else ''}"
-            sweep = SweepConfig(**fields, out=str(out), resume=args.resume, device="cpu")
+            sweep = SweepConfig(**fields, out=str(out), resume=args.resume, device="cpu",
+                                trainer=TrainerConfig(**setup["trainer"], progress=True))
             load0, started = os.getloadavg()[0], time.time()
             if not args.report_only:
-                run_sweep(sweep, ActivationConfig(**setup["activations"](paths)), dict(setup["trainer"], progress=True),
-                          sae_fields)
+                run_sweep(sweep, ActivationConfig(**setup["activations"](paths)), sae_fields)
             payload = json.loads((out / "sweep.json").read_text())
             points, kind = payload["points"], payload["kind"]
             all_points[suffix] = points

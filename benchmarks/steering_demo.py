@@ -38,6 +38,7 @@ from jumpscope.jobs.train import TrainJobConfig, run_train  # noqa: E402
 from jumpscope.models.harvest import harvest  # noqa: E402
 from jumpscope.models.loading import load_model  # noqa: E402
 from jumpscope.steer import Steer, generate_ids, side_by_side  # noqa: E402
+from jumpscope.train import TrainerConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "steering_demo"
 TEXTS = ("text/tinystories_cased.txt", "text/tinystories_lower.txt")
@@ -52,10 +53,10 @@ def trained_sae(paths: list[Path], site: str, tokens: int, k: int, width: int):
     if not (folder / "cfg.json").is_file():
         started = time.time()
         job = TrainJobConfig(site=(site,), arch="topk", width=width, k=k, tokens=tokens, out=str(RESULTS),
-                             device="cpu", eval_tokens=16_384)
+                             device="cpu", eval_tokens=16_384, trainer=TrainerConfig(batch_size=2048, progress=False))
         activations = ActivationConfig(model=str(paths[0]), corpus=f"{paths[2]},{paths[3]}", context_size=512,
                                        model_batch_size=8)
-        _, table = run_train(job, activations, dict(batch_size=2048, progress=False))
+        _, table = run_train(job, activations)
         print(f"trained in {time.time() - started:.0f} s:\n{table}")
     else:
         print(f"reusing {folder}")

@@ -1,12 +1,12 @@
 """Shuffle buffer: a deterministic permutation of its input, rows aligned across sites, bounded
-memory whatever the stream length; skip_rows, select and pairs adapters."""
+memory whatever the stream length; the progress count of a stream."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from jumpscope.data.buffer import ShuffleBuffer, pairs, select, shuffled, skip_rows
+from jumpscope.data.buffer import ShuffleBuffer, counted, shuffled
 from jumpscope.train.batches import rebatch
 
 
@@ -68,7 +68,7 @@ def test_resume_replays_the_same_order():
     """A resumed trainer replays the stream and skips the rows it already trained on."""
     widths = {"a": 3, "b": 5}
     full = list(rebatch(shuffled(chunks_of(SIZES), 100, 16, seed=3), 32, widths))
-    resumed = list(rebatch(shuffled(chunks_of(SIZES), 100, 16, seed=3), 32, widths, skip_rows=10 * 32))
+    resumed = list(rebatch(shuffled(chunks_of(SIZES), 100, 16, seed=3), 32, widths, start_row=10 * 32))
     assert len(full) == 31 and len(resumed) == 21
     assert all(torch.equal(x[k], y[k]) for x, y in zip(full[10:], resumed) for k in widths)
 
@@ -149,29 +149,8 @@ def test_clear_errors():
     assert list(shuffled([], 8, 2)) == []
 
 
-def test_skip_rows():
-    chunks = chunks_of([5, 0, 7, 3])
-    for n in (0, 1, 5, 6, 12, 15, 20):
-        tail = list(skip_rows(chunks, n))
-        expected = torch.arange(min(n, 15), 15, dtype=torch.float32)
-        assert torch.equal(ids_of(tail) if tail else torch.zeros(0), expected)
-        assert all(list(c) == ["a", "b"] and torch.equal(c["b"][:, 0], -c["a"][:, 0]) for c in tail)
-    assert torch.equal(torch.cat(list(skip_rows([c["a"] for c in chunks], 6)))[:, 0],
-                       torch.arange(6, 15, dtype=torch.float32))
-    with pytest.raises(ValueError, match="negative"):
-        list(skip_rows(chunks, -1))
 
-
-def test_select_and_pairs_feed_the_trainer_batches():
-    stream = shuffled(chunks_of(SIZES), 100, 16, seed=2)
-    inputs = list(select(stream, "b"))
-    assert all(torch.is_tensor(x) and x.shape[1] == 5 for x in inputs)
-    assert len(list(rebatch(inputs, 50, {"input": 5}))) == 20
-    both = list(pairs(stream, "a", "b"))
-    assert all(torch.equal(b, -a[:, :1].repeat(1, 5)) for a, b in both)
-    batches = list(rebatch(both, 50, {"input": 3, "target": 5}))
-    assert len(batches) == 20 and all(b["input"].shape == (50, 3) and b["target"].shape == (50, 5) for b in batches)
-    with pytest.raises(KeyError, match="'c' is not in the activations"):
-        list(select(stream, "c"))
-    with pytest.raises(TypeError, match="dict chunks"):
-        list(pairs([torch.zeros(2, 2)], "a", "b"))
+def test_counted_passes_the_stream_through_unchanged():
+    chunks = chunks_of([5, 0, 7])
+    out = list(counted(iter(chunks), target_rows=6, desc="test", enabled=False))
+    assert len(out) == 3 and all(a is b for a, b in zip(out, chunks))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from jumpscope.data.buffer import skip_rows
+from jumpscope.data.batch import skip_rows
 from jumpscope.data.cache import MANIFEST, CacheReader, CacheWriter, is_complete
 from jumpscope.train.batches import rebatch
 

@@ -12,7 +12,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
-from jumpscope.data.tokens import TokenWindow, batch_windows, framing, pack_tokens
+from jumpscope.data.tokens import TokenWindow, batch_windows, encode_prompt, framing, pack_tokens
+from tiny_tokenizers import smollm2_like
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -191,3 +192,41 @@ def test_batch_windows(gpt_like):
     assert len(full) == n // 4 and all(len(b) == 3 and b[2].shape == (4, 8) for b in full)
     with pytest.raises(ValueError):
         list(batch_windows(windows, 0))
+
+
+# -- real tokenizers' document framing ---------------------------------------------------------------
+def test_smollm2_like_windows_start_with_the_document_token_not_the_chat_marker():
+    tok = smollm2_like()
+    assert tok("w1")["input_ids"] == tok.convert_tokens_to_ids(["w1"])  # it adds no BOS of its own
+    frame = framing(tok)
+    assert (frame.first, frame.last, frame.separator) == (0, None, 0)
+    assert frame.special_ids == (0, 1, 2)
+    windows = list(pack_tokens(tok, ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"], 5))
+    w = dict(zip(WORDS, tok.convert_tokens_to_ids(WORDS)))
+    assert [x.input_ids.tolist() for x in windows] == [[0, w["w1"], w["w2"], w["w3"], 0],
+                                                       [0, w["w4"], w["w5"], 0, w["w6"]]]
+    assert windows[1].train_mask.tolist() == [False, True, True, False, True]
+    assert encode_prompt(tok, "w1 w2") == [0, w["w1"], w["w2"]]
+    assert framing(tok, add_bos=False).first is None and framing(tok, add_bos=False).separator == 0
+
+
+def test_no_bos_tokenizers_use_their_document_token_or_eos():
+    eos_only = word_level({"eos_token": "<eos>"})
+    frame = framing(eos_only)
+    assert frame.first == frame.separator == eos_only.eos_token_id
+    gpt2_like = word_level({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
+    assert framing(gpt2_like).first == framing(gpt2_like).separator == gpt2_like.eos_token_id
+
+
+def test_bos_tokenizers_keep_bos_framing(tmp_path, gpt_like):
+    from jumpscope.models.llama2c import Llama2cTokenizer
+    from llama2c_files import write_tokenizer
+
+    write_tokenizer(tmp_path / "tok.bin")
+    llama = Llama2cTokenizer(str(tmp_path / "tok.bin"))
+    frame = framing(llama)
+    assert (frame.first, frame.separator) == (llama.bos_token_id, llama.eos_token_id) == (1, 2)
+    assert encode_prompt(llama, "hello") == llama.encode("hello")  # <s> first, as the tokenizer adds it
+    assert next(pack_tokens(llama, ["hello world"] * 4, 6)).input_ids[0].item() == 1
+    # a declared BOS the tokenizer does not add, with no <|endoftext|>: still BOS first
+    assert (framing(gpt_like).first, framing(gpt_like).separator) == (gpt_like.bos_token_id, gpt_like.eos_token_id)

@@ -123,7 +123,7 @@ def run(scenario: str, out: Path, results: Path, rank: int, crash_after: int) ->
     trained = trainer.fit(stream(), resume=kind == "resume")
     save_file(flat_state(trained), str(results / f"{scenario}.rank{rank}.safetensors"))
     (results / f"{scenario}.rank{rank}.json").write_text(json.dumps(
-        {"world_size": trainer.dist.world_size, "trained_here": sorted(trainer.saes),
+        {"world_size": trainer.processes.world_size, "trained_here": sorted(trainer.saes),
          "summary": trainer.final_summary()}))
 
 

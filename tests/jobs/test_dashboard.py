@@ -107,3 +107,30 @@ def test_token_strings_read_like_text(setup):
     ids = minilm("sparsified autoencoders happened")["input_ids"][1:-1]
     assert any(piece.startswith("##") for piece in minilm.convert_ids_to_tokens(ids))  # continuations covered
     assert "".join(words[i] for i in ids) == " " + " ".join(minilm.decode(ids).split())
+
+
+def test_dashboard_scans_the_corpus_the_sae_was_trained_on(setup, capsys):
+    from jumpscope.jobs.dashboard import DashboardJobConfig, corpus_spec, run_dashboard
+
+    root, corpus, loaded, sae = setup
+    run = root / "run"
+    jumpscope.save(sae, run / SITE, format="native")
+    recorded = f"files:{corpus.absolute()} (paragraphs)"  # as ActivationSource.manifest names it
+    (run / "summary.json").write_text(json.dumps({"source": {"corpus": recorded}}))
+    small = ActivationConfig(context_size=32, model_batch_size=4)
+    job = DashboardJobConfig(sae=str(run / SITE), tokens=300, out=str(root / "site_recorded"), device="cpu",
+                             progress=False)
+    summary = run_dashboard(job, small, corpus_given=False)
+    assert summary["source"]["corpus"] == recorded
+    assert "training corpus" in capsys.readouterr().err
+    # the layer of the SAE goes to the pages for the logit-lens note
+    assert LatentExamples.load(root / "site_recorded" / "examples").meta["layer"] == 1
+    # --corpus given wins; an SAE with no record falls back to the built-in corpus, with a note
+    assert run_dashboard(job, small, corpus_given=True)["source"]["corpus"].startswith("builtin:")
+    no_record = DashboardJobConfig(sae=str(root / "sae"), tokens=100, out=str(root / "site_builtin"), device="cpu",
+                                   progress=False)
+    assert run_dashboard(no_record, small, corpus_given=False)["source"]["corpus"].startswith("builtin:")
+    assert "records no training corpus" in capsys.readouterr().err
+    assert corpus_spec("builtin:python-3.11.7") == ("builtin", "file")
+    assert corpus_spec("files:/a/b.txt,hf:wikitext:wikitext-2-raw-v1:train (lines)") == (
+        "/a/b.txt,hf:wikitext:wikitext-2-raw-v1:train", "line")

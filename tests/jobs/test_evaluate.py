@@ -15,9 +15,10 @@ from jumpscope.evaluate.heldout import evaluation_windows, results_table
 from jumpscope.sae.metrics import MIN_DEAD_SAMPLE_TOKENS, dead_sample_warning
 from jumpscope.models.splice import splice
 from jumpscope.jobs.train import TrainJobConfig, run_train
+from jumpscope.train import TrainerConfig
 from tiny_causal_lm import write_corpus, write_tiny_causal_lm
 
-FAST = dict(batch_size=256, progress=False, init_sample_tokens=512, log_every=100, checkpoint_every=100)
+FAST = TrainerConfig(batch_size=256, progress=False, init_sample_tokens=512, log_every=100, checkpoint_every=100)
 SITES = ("layers.1.resid_post", "layers.2.mlp_out")
 
 
@@ -27,10 +28,10 @@ def trained(tmp_path_factory):
     model = write_tiny_causal_lm(root / "model")
     corpus = write_corpus(root / "corpus.txt")
     job = TrainJobConfig(site=SITES, width=64, target_l0=4, tokens=256 * 8, out=str(root / "run"), device="cpu",
-                         eval_tokens=512)
+                         eval_tokens=512, trainer=FAST)
     activations = ActivationConfig(model=str(model), corpus=str(corpus), txt_split="paragraph", context_size=32,
                                    model_batch_size=4, shuffle_buffer_tokens=1024)
-    run_train(job, activations, FAST)
+    run_train(job, activations)
     return root, activations
 
 
@@ -148,3 +149,33 @@ def test_dead_sample_threshold_and_mixed_sample_sizes():
                "held_out": {**row, "n_tokens": 12240, "l0": float(k), "delta_lm_loss": 0.1}} for k in (4, 8)]
     assert "| dead on 12,240 tokens |" in points_table(points, "causal_lm")
     assert "mean dead on 12,240 tokens |" in dense_table(points)
+
+
+def test_a_second_eval_on_the_same_text_reuses_the_clean_and_ablation_passes(trained, tmp_path, monkeypatch):
+    from jumpscope.evaluate.passcache import PassCache
+
+    root, activations = trained
+    saes = [str(root / "run" / s) for s in SITES]
+    assert len(list((root / "run" / "eval_cache").glob("*.safetensors"))) == 5  # training kept its own
+    assert eval_cli(root, activations, *saes, "--out", str(tmp_path / "a.json")) == 0
+    cached = sorted(p.name for p in (tmp_path / "eval_cache").iterdir())
+    assert len(cached) == 1 + 2 * len(SITES)  # one clean pass, two ablations per site
+
+    def refuse(*args):
+        raise AssertionError("recomputed a cached pass")
+
+    monkeypatch.setattr(PassCache, "save_clean", refuse)
+    monkeypatch.setattr(PassCache, "save_total", refuse)
+    assert eval_cli(root, activations, *saes, "--ablations", "zero,mean", "--out", str(tmp_path / "b.json")) == 0
+    first, again = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in "ab")
+    assert again == first and sorted(p.name for p in (tmp_path / "eval_cache").iterdir()) == cached
+
+
+def test_eval_without_ablations_says_ce_recovered_was_not_computed(trained, tmp_path):
+    root, activations = trained
+    out = tmp_path / "none.json"
+    assert eval_cli(root, activations, str(root / "run" / SITES[0]), "--ablations", "none", "--no-eval-cache",
+                    "--out", str(out)) == 0
+    row = json.loads(out.read_text())["results"][SITES[0]]
+    assert "ce_loss_recovered" not in row and row["kl_div"] >= 0
+    assert "not computed" in out.with_suffix(".md").read_text() and not (tmp_path / "eval_cache").exists()

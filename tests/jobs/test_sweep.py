@@ -10,9 +10,10 @@ from jumpscope.cli import main
 from jumpscope.evaluate.report import frontier, interpolate_at
 from jumpscope.activations import ActivationConfig
 from jumpscope.jobs.sweep import SweepConfig, run_sweep, sweep_points
+from jumpscope.train import TrainerConfig
 from tiny_causal_lm import write_corpus, write_tiny_causal_lm
 
-FAST = dict(batch_size=256, progress=False, init_sample_tokens=512, log_every=100, checkpoint_every=100)
+FAST = TrainerConfig(batch_size=256, progress=False, init_sample_tokens=512, log_every=100, checkpoint_every=100)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,8 +48,8 @@ def swept(tmp_path_factory):
                                    context_size=32, model_batch_size=4, shuffle_buffer_tokens=1024)
     sweep = SweepConfig(site="layers.1.resid_post", archs=("jumprelu", "topk", "relu"), l0=(2, 6),
                         l1_coefficients=(0.5, 4.0), width=48, tokens=256 * 8, out=str(root / "run"), device="cpu",
-                        eval_tokens=512)
-    points, report = run_sweep(sweep, activations, FAST)
+                        eval_tokens=512, trainer=FAST)
+    points, report = run_sweep(sweep, activations)
     return root / "run", points, report
 
 

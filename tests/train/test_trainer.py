@@ -183,7 +183,7 @@ def test_bad_inputs_are_clear_errors():
 def test_rebatch_is_independent_of_incoming_chunking():
     data = torch.randn(1000, 3)
     chunks = [data[:7], data[7:300], data[300:301], data[301:]]
-    batches = [b["input"] for b in rebatch(chunks, 64, {"input": 3}, skip_rows=100)]
+    batches = [b["input"] for b in rebatch(chunks, 64, {"input": 3}, start_row=100)]
     assert len(batches) == (1000 - 100) // 64
     assert torch.equal(torch.cat(batches), data[100:100 + 64 * len(batches)])
 

@@ -55,6 +55,12 @@ class ActivationConfig:
     """Activation rows per cache shard file; a killed cache write resumes after its last whole
     shard. Must match when resuming a partly written cache."""
 
+    outlier_norm_factor: float = 10.0
+    """Drop a training activation whose norm is above this many times the median norm of its
+    batch of windows (attention-sink positions of Llama-family residual streams reach 100x; on
+    SmolLM2's layer 15 ordinary tokens stay under 2x); 0: keep every one. The summary's source
+    records how many were dropped. Held-out evaluation keeps every token."""
+
     eval_every: int = 20
     """Hold out one context window in this many for evaluation."""
 
@@ -68,6 +74,11 @@ class ActivationConfig:
         check_positive(self, "model_batch_size", "shuffle_buffer_tokens", "eval_every", "cache_shard_rows")
         if self.context_size is not None and self.context_size < 2:
             raise ConfigError(f"context_size must be at least 2, got {self.context_size}")
+        if not self.outlier_norm_factor >= 0 or self.outlier_norm_factor == float("inf"):
+            raise ConfigError(f"outlier_norm_factor must be finite and >= 0 (0: off), got {self.outlier_norm_factor}")
+        if 0 < self.outlier_norm_factor <= 1:
+            raise ConfigError(f"outlier_norm_factor must be above 1 (times the median norm) or 0 (off), "
+                              f"got {self.outlier_norm_factor}")
         if self.txt_split not in ("file", "paragraph", "line"):
             raise ConfigError(f"txt_split must be 'file', 'paragraph' or 'line', got {self.txt_split!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -2,14 +2,21 @@
 
 One forward per batch of windows feeds every site. One context window in ``eval_every`` is held
 out for evaluation and never trained on (by window, so a single-document corpus splits too).
+Training activations far above their batch's median norm (``outlier_norm_factor``; attention-sink
+positions with massive activations) are dropped and counted (:func:`drop_outliers`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any, Iterable, Iterator, Literal
 
-from ..data.buffer import counted, shuffled, skip_rows
+import torch
+from torch import Tensor
+
+from ..data.batch import skip_rows
+from ..data.buffer import counted, shuffled
 from ..data.cache import CacheReader, CacheWriter, is_complete
 from ..data.corpus import open_corpus
 from ..data.tokens import batch_windows, pack_tokens
@@ -18,8 +25,8 @@ from ..models.loading import LoadedModel, load_model
 from ..models.sites import parse_site
 from .config import ActivationConfig
 
-__all__ = ["ActivationSource", "ReplayableStream", "Split", "context_size_for", "default_site", "load_source_model",
-           "max_positions", "split_windows"]
+__all__ = ["ActivationSource", "ReplayableStream", "Split", "context_size_for", "default_site", "drop_outliers",
+           "load_source_model", "max_positions", "split_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,25 @@ def nonempty(windows: Iterator, corpus: str, context_size: int, what: str) -> It
     yield from windows
 
 
+def drop_outliers(chunks: Iterable[dict[str, Tensor]], factor: float, counts: Counter) -> Iterator[dict[str, Tensor]]:
+    """``chunks`` without the rows whose norm is above ``factor`` x the chunk's median row norm at
+    any site (the sites' rows stay aligned); ``counts`` gains 'rows' seen and 'dropped'."""
+    for chunk in chunks:
+        keep = None
+        for x in chunk.values():
+            norms = x.float().norm(dim=-1)
+            fine = norms <= factor * norms.median() if norms.numel() else torch.ones(0, dtype=torch.bool)
+            keep = fine if keep is None else keep & fine
+        rows = 0 if keep is None else keep.numel()
+        dropped = 0 if keep is None else rows - int(keep.sum())
+        counts["rows"] += rows
+        counts["dropped"] += dropped
+        if dropped == 0:
+            yield chunk
+        elif dropped < rows:
+            yield {site: x[keep.to(x.device)] for site, x in chunk.items()}
+
+
 def load_source_model(cfg: ActivationConfig, device: str = "cpu") -> LoadedModel:
     """The model ``cfg`` names, loaded as the activation source will use it."""
     return load_model(cfg.model, dtype=cfg.dtype, device=device, allow_network=cfg.allow_network)
@@ -90,6 +116,8 @@ class ActivationSource:
         self.context_size = context_size_for(cfg, self.loaded)
         self.corpus = open_corpus(cfg.corpus, allow_network=cfg.allow_network, txt_split=cfg.txt_split,
                                   encoding=cfg.encoding, encoding_errors=cfg.encoding_errors)
+        self.outliers: Counter = Counter()
+        """Training rows harvested by this source ('rows') and dropped as norm outliers ('dropped')."""
 
     def windows(self, split: Split = "train") -> Iterator[tuple]:
         """Batches of context windows: the training part ('train'), the one-in-``eval_every``
@@ -104,8 +132,12 @@ class ActivationSource:
         return batch_windows(part, self.cfg.model_batch_size)
 
     def chunks(self, split: Split = "train") -> Iterator[dict]:
-        """Unshuffled activation chunks of the ``split`` windows (see :meth:`windows`), in corpus order."""
-        return harvest(self.loaded.model, self.windows(split), self.sites)
+        """Unshuffled activation chunks of the ``split`` windows (see :meth:`windows`), in corpus order;
+        the 'train' split without norm outliers (``cfg.outlier_norm_factor``)."""
+        chunks = harvest(self.loaded.model, self.windows(split), self.sites)
+        if split != "train" or not self.cfg.outlier_norm_factor:
+            return chunks
+        return drop_outliers(chunks, self.cfg.outlier_norm_factor, self.outliers)
 
     def training_stream(self, total_tokens: int, batch_size: int, progress: bool = True) -> Iterable:
         """A replayable shuffled stream for the trainer (from the cache when one is configured).
@@ -125,13 +157,17 @@ class ActivationSource:
     def manifest(self) -> dict[str, Any]:
         corpus = self.corpus.name if self.cfg.txt_split == "file" else f"{self.corpus.name} ({self.cfg.txt_split}s)"
         return {"model": self.loaded.name, "corpus": corpus, "context_size": self.context_size,
-                "sites": self.site_dims, "dtype": self.cfg.dtype, "eval_every": self.cfg.eval_every}
+                "sites": self.site_dims, "dtype": self.cfg.dtype, "eval_every": self.cfg.eval_every,
+                "outlier_norm_factor": self.cfg.outlier_norm_factor,
+                "outliers_dropped": self.outliers["dropped"], "rows_harvested": self.outliers["rows"]}
 
     def check_cache(self, reader: CacheReader) -> None:
         """Refuse a cache written from another model, corpus, context size or set of sites."""
         ours = self.manifest()
         theirs = {"model": reader.manifest.get("model"), "corpus": reader.manifest.get("corpus"),
                   "context_size": reader.manifest.get("context_size"), "sites": reader.sites}
+        if "outlier_norm_factor" in reader.manifest:  # caches written before the option existed kept every row
+            theirs["outlier_norm_factor"] = reader.manifest["outlier_norm_factor"]
         different = [f"{key}: cache has {theirs[key]!r}, this run wants {ours[key]!r}" for key in theirs
                      if theirs[key] != ours[key]]
         if different:
@@ -148,7 +184,8 @@ class ActivationSource:
                 log.warning("cache %s holds %d tokens, fewer than the %d asked for: the run will be shorter",
                             folder, reader.total_tokens, total_tokens)
             return
-        manifest = self.manifest()
+        manifest = {key: value for key, value in self.manifest().items()
+                    if key not in ("outliers_dropped", "rows_harvested")}  # counts of this process, not the cache's
         writer = CacheWriter(folder, self.site_dims, shard_rows=self.cfg.cache_shard_rows, metadata=manifest,
                              model=self.loaded.name, corpus=manifest["corpus"], context_size=self.context_size)
         from tqdm.auto import tqdm

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .dataclass_args import add_dataclass_arguments, config_error_message, option_name
+from .dataclass_args import (add_dataclass_arguments, add_nested_arguments, config_error_message, dataclass_from_args,
+                             option_name)
 
 __all__ = ["Command", "COMMANDS", "command", "SAE_SOURCES", "add_network_argument", "existing_sae_path",
-           "ACTIVATION_JOB_FIELDS", "add_training_job_arguments", "add_sae_arguments", "sae_fields_from_args",
-           "trainer_fields_from_args"]
+           "ACTIVATION_JOB_FIELDS", "add_training_job_arguments", "training_job_from_args", "add_sae_arguments",
+           "sae_fields_from_args"]
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,6 @@ ACTIVATION_JOB_FIELDS = ("model", "cache", "shuffle_buffer_tokens", "seed")
 
 # -- the training jobs' options ------------------------------------------------------------------------
 SAE_PREFIX = "sae-"
-# Set by the job from the data and the generic options; not options of their own.
-SAE_JOB_FIELDS = ("d_in", "d_sae", "d_out", "site", "target_site", "skip_connection", "model", "target_l0",
-                  "l0_coefficient", "l1_coefficient", "k")
-TRAINER_JOB_FIELDS = ("total_tokens", "out_dir", "device")
 
 
 def _sae_config_classes() -> list[type]:
@@ -82,41 +79,37 @@ def _sae_config_classes() -> list[type]:
 
 def add_training_job_arguments(parser: argparse.ArgumentParser, job: type, title: str, *, exclude: tuple[str, ...] = (),
                       sae_options: bool = True) -> None:
-    """The options of a training job: its own config's, then the activation, trainer and
-    (``sae_options``) SAE configs'. Shared by train, sweep, suite and jsae."""
+    """The options of a training job: its own config's, then the activation config's, its nested
+    trainer config's (in their own group) and (``sae_options``) the SAE configs'. Shared by train,
+    sweep, suite and jsae."""
     from ..activations import ActivationConfig
-    from ..train import TrainerConfig
 
-    add_dataclass_arguments(parser.add_argument_group(title), job, exclude=exclude)
+    add_dataclass_arguments(parser.add_argument_group(title), job, exclude=(*exclude, "trainer"))
     add_dataclass_arguments(parser.add_argument_group("activations"), ActivationConfig)
-    add_dataclass_arguments(parser.add_argument_group("trainer"), TrainerConfig, exclude=TRAINER_JOB_FIELDS)
+    add_nested_arguments(parser.add_argument_group("trainer"), job, "trainer")
     if sae_options:
         add_sae_arguments(parser)
 
 
-def trainer_fields_from_args(args: argparse.Namespace, tokens: int | None = None) -> dict:
-    """The trainer options given on the command line (those the job does not set itself). With
-    the job's ``tokens`` they are checked at once (a TrainerConfig is built), so a careless one is
-    a one-line usage error naming the option before any model loads."""
-    from ..train import TrainerConfig
-
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainerConfig)
-              if f.name not in TRAINER_JOB_FIELDS and hasattr(args, f.name)}
-    if tokens is not None:
-        try:
-            TrainerConfig(**fields, total_tokens=tokens)
-        except (ValueError, TypeError) as error:
-            message = config_error_message(TrainerConfig, error, options=getattr(args.parser, "_option_string_actions",
-                                                                                 None))
-            args.parser.error(message.replace("total_tokens", "--tokens"))
-    return fields
+def training_job_from_args(parser: argparse.ArgumentParser, job: type, args: argparse.Namespace, **overrides):
+    """The training job's config, its nested trainer config included, from the options. The
+    trainer is checked with the job's --tokens as its total_tokens, so a careless trainer option
+    is a one-line usage error naming the option before any model loads."""
+    tokens = getattr(args, "tokens", next(f.default for f in dataclasses.fields(job) if f.name == "tokens"))
+    try:
+        return dataclass_from_args(job, args, trainer={"total_tokens": tokens}, **overrides)
+    except (ValueError, TypeError) as error:
+        message = config_error_message(job, error, options=getattr(parser, "_option_string_actions", None))
+        parser.error(message.replace("total_tokens", "--tokens"))
 
 
 def add_sae_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--sae-FIELD`` for every field of any architecture's config not set by the job itself."""
+    """``--sae-FIELD`` for every field of any architecture's config not set by the job itself
+    (its ``job_fields``)."""
     group = parser.add_argument_group("SAE options (any architecture's config field; see `jumpscope archs NAME`)")
-    seen = set(SAE_JOB_FIELDS)
-    for cls in _sae_config_classes():
+    classes = _sae_config_classes()
+    seen = {name for cls in classes for name in cls.job_fields}
+    for cls in classes:
         fields = [f.name for f in dataclasses.fields(cls) if f.name not in seen]
         seen.update(fields)
         add_dataclass_arguments(group, cls, prefix=SAE_PREFIX,

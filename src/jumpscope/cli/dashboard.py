@@ -18,7 +18,7 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser.add_argument_group("dashboard"), DashboardJobConfig, exclude=("sae",))
     add_dataclass_arguments(parser.add_argument_group("examples"), ExamplesConfig)
     add_dataclass_arguments(parser.add_argument_group("text and model"), ActivationConfig,
-                            exclude=(*ACTIVATION_JOB_FIELDS, "eval_every"))  # every window is scanned
+                            exclude=(*ACTIVATION_JOB_FIELDS, "eval_every", "outlier_norm_factor"))  # every window
 
 
 @command("dashboard", "Find every latent's top-activating examples over a corpus and write a static site "
@@ -33,7 +33,8 @@ def dashboard(args: argparse.Namespace) -> int:
     job = dataclass_from_args_or_exit(args.parser, DashboardJobConfig, args, sae=args.sae)
     examples = dataclass_from_args_or_exit(args.parser, ExamplesConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    summary = run_dashboard(job, activations, examples)
+    # without --corpus the job scans the SAE's own training corpus
+    summary = run_dashboard(job, activations, examples, corpus_given=hasattr(args, "corpus"))
     print(f"{summary['d_sae']:,} latents: {summary['dead']:.1%} {dead_label(summary['n_tokens'])}, "
           f"{summary['dense_above_0.1']:.1%} dense (> 10% of tokens); "
           f"{summary['seconds']['total']:.0f} s")

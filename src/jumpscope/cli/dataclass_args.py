@@ -11,6 +11,12 @@ A config field documents itself with a string literal on the line(s) right after
 that docstring, :func:`dataclass_from_args` builds the instance back from the parsed namespace,
 and :func:`dataclass_from_args_or_exit` reports the config's own validation errors as an
 argparse error (one line, exit status 2). Standard library only.
+
+A field whose type is itself a dataclass is *nested*: its fields become options of their own
+(no extra prefix), in place or, with :func:`add_nested_arguments`, in a group of their own, and
+are rebuilt into its instance. The fields the outer config fills itself are listed in the field's
+metadata, ``dataclasses.field(default_factory=Inner, metadata={"exclude": ("name", ...)})``, and
+are no options.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ import types
 import typing
 from typing import Any, Callable, Iterable, Literal, Union
 
-__all__ = ["field_docs", "add_dataclass_arguments", "dataclass_from_args", "dataclass_from_args_or_exit",
-           "config_error_message", "field_table", "type_name", "option_name"]
+__all__ = ["field_docs", "add_dataclass_arguments", "add_nested_arguments", "dataclass_from_args",
+           "dataclass_from_args_or_exit", "config_error_message", "field_table", "type_name", "option_name"]
 
 
 # -- attribute docstrings ------------------------------------------------------------------------
@@ -184,14 +190,41 @@ def _field_default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def _nested(cls: type) -> dict[str, tuple[dataclasses.Field, type]]:
+    """``{name: (field, its dataclass type)}`` of the nested (dataclass-typed) init fields of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)
+            if f.init and isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])}
+
+
+def add_nested_arguments(parser: argparse.ArgumentParser | Any, cls: type, name: str, *, prefix: str = "") -> None:
+    """The options of nested field ``name`` of ``cls``: one per field of its dataclass except those
+    its metadata ``exclude`` names (the outer config fills them), same names as the inner class's
+    own options would have. Their defaults are those of the field's default instance."""
+    try:
+        f, inner = _nested(cls)[name]
+    except KeyError:
+        raise ValueError(f"{cls.__name__}.{name} is not a nested dataclass field") from None
+    default = _field_default(f)
+    if default is dataclasses.MISSING:  # its options are optional, like every option of a nested config
+        raise TypeError(f"nested field {cls.__name__}.{name} needs a default")
+    excluded = set(f.metadata.get("exclude", ()))
+    # The default instance may differ from the class's defaults: show and use its values.
+    defaults = {g.name: getattr(default, g.name) for g in dataclasses.fields(inner)
+                if g.init and g.name not in excluded and getattr(default, g.name) != _field_default(g)}
+    add_dataclass_arguments(parser, inner, prefix=prefix, exclude=excluded, defaults=defaults)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
                             exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> None:
     """Add one ``--kebab-case`` option per init field of dataclass ``cls`` to a parser or group.
 
     Help is the field's docstring plus its default. Types: int, float, str, bool
     (``--flag/--no-flag``), ``X | None`` (the word ``none`` gives None), ``Literal`` (choices),
-    tuples/lists of int/float/str (several values). Fields of other types are skipped when they
-    have a default; a required field of such a type must be listed in ``exclude``. Options not
+    tuples/lists of int/float/str (several values). A nested dataclass field adds its own fields'
+    options in its place (see :func:`add_nested_arguments`; exclude it and call that to put them
+    elsewhere). Fields of other types are skipped when they have a default; a required field of
+    such a type must be listed in ``exclude``. Options not
     given on the command line are absent from the namespace, so the dataclass's own defaults (or
     ``defaults``, which override them, e.g. an architecture's) apply. ``prefix`` (e.g.
     ``"trainer-"``) goes in front of every option name and, with '_' for '-', every dest.
@@ -200,9 +233,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
     unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"defaults for unknown {cls.__name__} fields: {unknown}")
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    hints, docs, nested = typing.get_type_hints(cls), field_docs(cls), _nested(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.name in excluded:
+            continue
+        if f.name in nested:
+            add_nested_arguments(parser, cls, f.name, prefix=prefix)
             continue
         spec = _argument_spec(hints[f.name])
         default = defaults.get(f.name, _field_default(f))
@@ -220,19 +256,43 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
         action.help = text.strip().replace("%", "%%")  # set after: BooleanOptionalAction edits help
 
 
-def dataclass_from_args(cls: type, namespace: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> Any:
-    """``cls(**fields)`` from the options present in ``namespace`` (see
-    :func:`add_dataclass_arguments`), with ``overrides`` taking precedence."""
-    hints, values = typing.get_type_hints(cls), {}
+def _values_from_args(cls: type, namespace: argparse.Namespace, prefix: str,
+                      exclude: Iterable[str] = ()) -> dict[str, Any]:
+    hints, values, excluded = typing.get_type_hints(cls), {}, set(exclude)
     for f in dataclasses.fields(cls):
         dest = _dest(f.name, prefix)
-        if f.init and hasattr(namespace, dest):
+        if f.init and f.name not in excluded and hasattr(namespace, dest):
             value = getattr(namespace, dest)
             if isinstance(value, list) and typing.get_origin(_unwrap_optional(hints[f.name])[0]) is tuple:
                 value = tuple(value)
             values[f.name] = value
-    values.update(overrides)
-    return cls(**values)
+    return values
+
+
+def dataclass_from_args(cls: type, namespace: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> Any:
+    """``cls(**fields)`` from the options present in ``namespace`` (see
+    :func:`add_dataclass_arguments`), with ``overrides`` taking precedence. A nested field is its
+    default instance with the options of its fields given replaced; its override may be an
+    instance, or a dict of its fields (e.g. those the outer config fills) to set on top."""
+    nested = _nested(cls)
+    values = _values_from_args(cls, namespace, prefix, exclude=nested)
+    built = {}
+    try:
+        for name, (f, inner) in nested.items():
+            extra = overrides.pop(name, {})
+            if not isinstance(extra, dict):
+                built[name] = extra
+                continue
+            given = {**_values_from_args(inner, namespace, prefix, exclude=f.metadata.get("exclude", ())), **extra}
+            if given:
+                default = _field_default(f)
+                built[name] = inner(**given) if default is dataclasses.MISSING else \
+                    dataclasses.replace(default, **given)
+    except (ValueError, TypeError):
+        if all(_field_default(f) is not dataclasses.MISSING for f, _ in nested.values()):
+            cls(**{**values, **overrides})  # the outer config's own errors first: its options come first
+        raise
+    return cls(**{**values, **built, **overrides})
 
 
 def config_error_message(cls: type, error: BaseException, *, prefix: str = "",
@@ -241,8 +301,12 @@ def config_error_message(cls: type, error: BaseException, *, prefix: str = "",
     when given), e.g. ``bandwidth must be > 0, got -1.0 (option --bandwidth)``."""
     message = " ".join(str(error).split()) or type(error).__name__
     known = None if options is None else set(options)
-    named = [option_name(f.name, prefix) for f in dataclasses.fields(cls)
-             if re.search(rf"\b{re.escape(f.name)}\b", message)]
+    nested = _nested(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in nested]
+    for f, inner in nested.values():  # a nested config's errors name its fields' options
+        names += [g.name for g in dataclasses.fields(inner) if g.name not in f.metadata.get("exclude", ())]
+    named = [option_name(name, prefix) for name in dict.fromkeys(names)
+             if re.search(rf"\b{re.escape(name)}\b", message)]
     named = [o for o in named if known is None or o in known]
     if named:
         message += f" (option{'s' if len(named) > 1 else ''} {', '.join(named)})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_training_job_arguments, command, trainer_fields_from_args
+from .common import add_training_job_arguments, command, training_job_from_args
 from .dataclass_args import dataclass_from_args_or_exit
 
 
@@ -21,10 +21,9 @@ def jsae(args: argparse.Namespace) -> int:
     from ..activations import ActivationConfig
     from ..jobs.jsae import JsaeJobConfig, run_jsae
 
-    job = dataclass_from_args_or_exit(args.parser, JsaeJobConfig, args)
+    job = training_job_from_args(args.parser, JsaeJobConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args, job.tokens)
-    _, table = run_jsae(job, activations, trainer_fields)
+    _, table = run_jsae(job, activations)
     if not table:  # a torchrun process other than the first: nothing to report
         return 0
     print(table)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_training_job_arguments, command, sae_fields_from_args, trainer_fields_from_args
+from .common import add_training_job_arguments, command, sae_fields_from_args, training_job_from_args
 from .dataclass_args import dataclass_from_args_or_exit
 
 
@@ -20,10 +20,9 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
 def suite(args: argparse.Namespace) -> int:
     from ..activations import ActivationConfig
     from ..jobs.suite import SuiteConfig, run_suite
-    config = dataclass_from_args_or_exit(args.parser, SuiteConfig, args)
+    config = training_job_from_args(args.parser, SuiteConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args, config.tokens)
-    _, table = run_suite(config, activations, trainer_fields, sae_fields_from_args(args.parser, args, config.arch))
+    _, table = run_suite(config, activations, sae_fields_from_args(args.parser, args, config.arch))
     if not table:  # a torchrun process other than the first: nothing to report
         return 0
     print(table)

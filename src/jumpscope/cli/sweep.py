@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_training_job_arguments, command, sae_fields_from_args, trainer_fields_from_args
+from .common import add_training_job_arguments, command, sae_fields_from_args, training_job_from_args
 from .dataclass_args import dataclass_from_args_or_exit
 
 
@@ -20,11 +20,10 @@ def sweep(args: argparse.Namespace) -> int:
     from ..activations import ActivationConfig
     from ..jobs.sweep import SweepConfig, run_sweep
 
-    config = dataclass_from_args_or_exit(args.parser, SweepConfig, args)
+    config = training_job_from_args(args.parser, SweepConfig, args)
     activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args, config.tokens)
     sae_fields = sae_fields_from_args(args.parser, args, config.archs)
-    _, report = run_sweep(config, activations, trainer_fields, sae_fields)
+    _, report = run_sweep(config, activations, sae_fields)
     if not report:  # a torchrun process other than the first: nothing to report
         return 0
     print(report)

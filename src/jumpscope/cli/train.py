@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_training_job_arguments, command, sae_fields_from_args, trainer_fields_from_args
+from .common import add_training_job_arguments, command, sae_fields_from_args, training_job_from_args
 from .dataclass_args import dataclass_from_args_or_exit
 
 
@@ -24,10 +24,9 @@ def train(args: argparse.Namespace) -> int:
     from ..jobs.train import TrainJobConfig, run_train
 
     parser = args.parser
-    job = dataclass_from_args_or_exit(parser, TrainJobConfig, args, site=tuple(args.site or ()))
+    job = training_job_from_args(parser, TrainJobConfig, args, site=tuple(args.site or ()))
     activations = dataclass_from_args_or_exit(parser, ActivationConfig, args)
-    trainer_fields = trainer_fields_from_args(args, job.tokens)
-    _, summary = run_train(job, activations, trainer_fields, sae_fields_from_args(parser, args, job.arch))
+    _, summary = run_train(job, activations, sae_fields_from_args(parser, args, job.arch))
     if not summary:  # a torchrun process other than the first: nothing to report
         return 0
     print(summary)

@@ -52,7 +52,7 @@ def builtin_entries(cache_dir: str | Path | None | bool = None, *, refresh: bool
     if cache_dir is not False:
         root = Path(cache_dir) if cache_dir else Path(os.environ.get("JUMPSCOPE_CACHE_DIR") or Path(
             os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jumpscope")
-        file = root / f"builtin-corpus-py{_python_version()}-{key}.json"
+        file = root / f"builtin-corpus-py{python_version()}-{key}.json"
         if not refresh and file.is_file():
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 data = json.loads(file.read_text(encoding="utf-8"))
@@ -71,7 +71,8 @@ def builtin_entries(cache_dir: str | Path | None | bool = None, *, refresh: bool
     return entries
 
 
-def _python_version() -> str:
+def python_version() -> str:
+    """The running Python's X.Y.Z: the builtin corpus differs between versions, so it names it."""
     return ".".join(map(str, sys.version_info[:3]))
 
 

@@ -13,7 +13,7 @@ Every shard holds ``shard_rows`` rows except possibly the last. Shards and the m
 written atomically (temp file, fsync, rename) and the manifest is rewritten after each shard, so a
 crash leaves a valid *incomplete* cache. Reopening a :class:`CacheWriter` with the same settings
 continues after the last complete shard: the producer skips ``writer.tokens_done`` rows of its
-input (:func:`jumpscope.data.buffer.skip_rows`) and the result is byte-identical to an
+input (:func:`jumpscope.data.batch.skip_rows`) and the result is byte-identical to an
 uninterrupted write. :class:`CacheReader` checks the manifest and each shard's sha256 as it reads.
 """
 
@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..errors import CacheError
 from ..safeio import atomic_write, check_regular_file, read_json, read_safetensors, short, to_json, write_text
-from .buffer import ShuffleBuffer, skip_rows
+from .batch import skip_rows
+from .buffer import ShuffleBuffer
 
 FORMAT = "jumpscope-activation-cache"
 FORMAT_VERSION = 1

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import JumpscopeError
-from .builtin_corpus import _python_version, builtin_entries
+from .builtin_corpus import builtin_entries, python_version
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = ("accepted corpus specs: 'builtin' (Python stdlib docstrings, needs nothing); a path to a "
@@ -97,7 +97,7 @@ def open_corpus(spec: str, **options: Any) -> Corpus:
         return Corpus(",".join(part.name for part in parts), lambda: _interleave(parts))
     if spec == "builtin":
         entries = builtin_entries(cache_dir=options.get("cache_dir"))
-        return Corpus(f"builtin:python-{_python_version()}", lambda: (text for _, text in entries))
+        return Corpus(f"builtin:python-{python_version()}", lambda: (text for _, text in entries))
     if spec.startswith("hf:"):
         return _hf_corpus(spec, **options)
     path = Path(spec).expanduser()

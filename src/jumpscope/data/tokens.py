@@ -7,14 +7,21 @@ The framing rule (:func:`framing`), so that each window looks the way the model 
 
 * **encoder-style** (the tokenizer has a CLS token, and no BOS or a BOS equal to CLS: BERT,
   RoBERTa, ...): ``[CLS] body [SEP]``, the SEP only when the tokenizer has one;
-* **decoder-style** (it has a BOS: GPT-2, Llama, Gemma, ...): ``[BOS] body``;
+* **decoder-style with BOS** (the tokenizer puts its BOS in front of text itself: Llama, Gemma,
+  llama2.c; or it declares a BOS and has no ``<|endoftext|>`` token): ``[BOS] body``, documents
+  joined by EOS;
+* **decoder-style without BOS** (no BOS, or a declared BOS it never adds, which is then a chat-turn
+  marker: SmolLM2-Instruct declares ``<|im_start|>``): every document starts after the *document
+  token* the model was pretrained with, ``<|endoftext|>`` when the vocabulary has it (SmolLM2,
+  GPT-2, Qwen), else EOS: ``[DOC] body``, documents joined by DOC;
 * neither: ``body`` alone. ``add_bos=False`` also gives ``body`` alone, whatever the tokenizer.
 
-The separator between documents is EOS, else SEP (BERT has no EOS), else nothing. A long document
-simply continues into the next window; empty documents are skipped.
+Otherwise the separator is EOS, else SEP (BERT has no EOS), else nothing. A long document simply
+continues into the next window; empty documents are skipped. :func:`encode_prompt` frames a
+prompt (steering, concept texts) with the same first token, so they look like training windows.
 
 ``train_mask`` is False at framing, separator and pad positions, and at any content position that
-holds one of the tokenizer's BOS/EOS/PAD/CLS/SEP ids (a document quoting ``<|endoftext|>`` is
+holds one of the tokenizer's BOS/EOS/PAD/CLS/SEP/document ids (a document quoting ``<|endoftext|>`` is
 tokenized into that special token): those activations are not SAE training data.
 
 The final partial window is dropped by default: every window then holds exactly ``context_size``
@@ -46,7 +53,7 @@ class Framing:
     separator: int | None
     pad: int
     special_ids: tuple[int, ...]
-    """Ids never trained on: the tokenizer's BOS, EOS, PAD, CLS and SEP that exist."""
+    """Ids never trained on: the tokenizer's BOS, EOS, PAD, CLS, SEP and document token that exist."""
 
 
 @dataclass(frozen=True)
@@ -63,18 +70,61 @@ def _token_id(tokenizer: Any, name: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+# Spellings of the token that separates pretraining documents in tokenizers without a BOS of their own.
+DOCUMENT_TOKENS = ("<|endoftext|>",)
+
+
+def _prepends_bos(tokenizer: Any, bos: int) -> bool:
+    """Whether the tokenizer itself puts BOS in front of text (Llama's ``<s>``); SmolLM2-Instruct
+    declares ``<|im_start|>`` as BOS but never adds it: there it marks a chat turn."""
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # a tokenizer that cannot be probed keeps its declared BOS
+        return True
+    return bool(ids) and ids[0] == bos
+
+
+def document_token(tokenizer: Any) -> int | None:
+    """The id of a ``<|endoftext|>``-style document token in the vocabulary, or None."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    try:
+        vocab = vocab() if callable(vocab) else {}
+    except Exception:
+        vocab = {}
+    return next((vocab[t] for t in DOCUMENT_TOKENS if isinstance(vocab.get(t), int)), None)
+
+
 def framing(tokenizer: Any, add_bos: bool = True) -> Framing:
-    """The framing of windows for ``tokenizer`` (see the module docstring for the rule)."""
+    """The framing of windows for ``tokenizer`` (see the module docstring for the rule). Every path
+    that feeds text to the model (training and held-out windows, dashboards, concepts, steering
+    prompts) takes its framing from here."""
     bos, eos, pad, cls, sep = (_token_id(tokenizer, n) for n in ("bos", "eos", "pad", "cls", "sep"))
-    first = last = None
-    if add_bos and cls is not None and (bos is None or bos == cls):
-        first, last = cls, sep
-    elif add_bos and bos is not None:
-        first = bos
+    first = last = doc = None
     separator = eos if eos is not None else sep
+    if cls is not None and (bos is None or bos == cls):
+        first, last = cls, sep
+    elif bos is not None and _prepends_bos(tokenizer, bos):
+        first = bos
+    else:
+        doc = document_token(tokenizer)
+        doc = eos if doc is None and bos is None else doc
+        if doc is None:
+            first = bos  # a declared BOS it does not add, and no document token: still the best start
+        else:
+            first = separator = doc
+    if not add_bos:
+        first = last = None
     pad_id = pad if pad is not None else eos if eos is not None else 0
-    special = tuple(sorted({i for i in (bos, eos, pad, cls, sep) if i is not None}))
+    special = tuple(sorted({i for i in (bos, eos, pad, cls, sep, doc) if i is not None}))
     return Framing(first, last, separator, pad_id, special)
+
+
+def encode_prompt(tokenizer: Any, text: str, add_bos: bool = True) -> list[int]:
+    """Token ids of ``text`` framed as a window starts (the framing's first token, then the text):
+    a prompt then begins the way every training window does."""
+    frame = framing(tokenizer, add_bos)
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([frame.first] if frame.first is not None else []) + list(body)
 
 
 def pack_tokens(tokenizer: Any, documents: Iterable[str], context_size: int, *, add_bos: bool = True,

@@ -19,20 +19,25 @@ recipe), with the same recovered fractions against the ablations.
 Splicing happens only at ``train_mask`` positions unless ``splice_special=True``: SAEs are never
 trained on BOS / CLS / SEP / padding, whose activations (a BOS attention sink, typically) are
 outliers, so those keep their clean values. Every pass runs once per batch: the clean pass and
-each ablation once for all groups that share the sites.
+each ablation once for all groups that share the sites, and with a :class:`.passcache.PassCache`
+not at all when an earlier evaluation of the same text kept them. Losses and KL are computed a
+chunk of positions at a time (:mod:`.readout`), so memory does not grow with the vocabulary.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..models.harvest import harvest, unpack_batch
 from ..models.hookpoints import unwrap
 from ..models.splice import replace_sites, splice
 from ..sae.base import SAE
+from .passcache import CleanPass, PassCache, tensors_digest
+from .readout import chunked_sums, head_reproduces_logits, scored_mask, scored_values
 
 ABLATIONS = ("zero", "mean")
 
@@ -48,15 +53,24 @@ def check_lm_head(model: Any) -> None:
                          "need a causal LM (for an encoder the downstream measure is the embedding distance)")
 
 
+def parse_ablations(values: Sequence[str]) -> tuple[str, ...]:
+    """``("zero,mean",)``, ``("zero", "mean")`` or ``("none",)`` -> the ablations to measure against."""
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [name for name in names if name not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)} (comma-separated) or none")
+    return tuple(dict.fromkeys(names))
+
+
 def next_token_logprobs(model: Any, input_ids: Tensor, train_mask: Tensor,
                         attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Log-probabilities ``[n, vocab]`` (float32) and targets ``[n]`` at the scored predictions."""
+    """Log-probabilities ``[n, vocab]`` (float32) and targets ``[n]`` at the scored predictions
+    (all at once: for a few sequences; evaluation uses :func:`.readout.chunked_sums`)."""
     check_lm_head(model)
-    module = unwrap(model)
-    device = _device(module)
-    logits = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-    scored = (train_mask[:, :-1] & train_mask[:, 1:] & attention_mask[:, 1:]).to(device)
-    return logits[:, :-1][scored].float().log_softmax(-1), input_ids[:, 1:].to(device)[scored]
+    values, targets = scored_values(model, input_ids, train_mask, attention_mask, via_head=False)
+    return values.float().log_softmax(-1), targets
 
 
 def next_token_losses(model: Any, input_ids: Tensor, train_mask: Tensor, attention_mask: Tensor) -> Tensor:
@@ -104,73 +118,133 @@ def _recovered(ablated: float, spliced: float, clean: float) -> float | None:
     return None if gap == 0 else (ablated - spliced) / gap
 
 
+class _Passes:
+    """One batch list's forward passes: the clean one, and any pass with hooks in place, scored
+    against it; ``tick`` advances the progress bar once per forward."""
+
+    def __init__(self, model: Any, causal: bool, batches: list, splice_special: bool, chunk: int | None,
+                 tick: Callable[[], None]):
+        self.model, self.causal, self.batches, self.chunk, self.tick = model, causal, batches, chunk, tick
+        self.unpacked = []
+        for batch in batches:
+            ids, train, attention = unpack_batch(batch)
+            attention = torch.ones_like(train) if attention is None else attention
+            self.unpacked.append((ids, train, attention, None if splice_special else train & attention))
+        ids, _, attention, _ = self.unpacked[0]
+        self.via_head = causal and head_reproduces_logits(model, ids, attention, chunk)
+
+    def per_batch(self) -> list[int]:
+        if self.causal:
+            return [int(scored_mask(train, attention).sum()) for _, train, attention, _ in self.unpacked]
+        return [ids.shape[0] for ids, *_ in self.unpacked]
+
+    def outputs(self, i: int) -> tuple[Tensor, Tensor | None]:
+        """``(values, targets)`` of batch ``i`` under whatever hooks are in place."""
+        ids, train, attention, _ = self.unpacked[i]
+        self.tick()
+        if self.causal:
+            return scored_values(self.model, ids, train, attention, self.via_head)
+        return sentence_embeddings(self.model, ids, attention), None
+
+    def score(self, values: Tensor, targets: Tensor | None, clean: CleanPass | None, i: int,
+              kl: bool = True) -> tuple[float, float]:
+        """``(summed measure, summed KL if asked for)`` of one batch's outputs against the clean pass."""
+        if self.causal:
+            reference = clean.values[i].to(values.device) if clean is not None and kl else None
+            return chunked_sums(self.model, values, targets, reference, via_head=self.via_head, chunk=self.chunk)
+        return (1.0 - (clean.values[i].to(values.device) * values).sum(-1)).double().sum().item(), 0.0
+
+    def clean(self) -> CleanPass:
+        values, targets, total = [], [], 0.0
+        for i in range(len(self.batches)):
+            out, target = self.outputs(i)
+            values.append(out)
+            targets.append(target)
+            if self.causal:
+                total += self.score(out, target, None, i)[0]
+        return CleanPass(values, targets if self.causal else None, total)
+
+    def total(self, hooks: Callable[[Tensor | None], Any], clean: CleanPass, kl: bool = True) -> tuple[float, float]:
+        """Summed measure and KL (0 unless ``kl``) over every batch with ``hooks(positions)`` in place."""
+        measure = divergence = 0.0
+        for i, (*_, positions) in enumerate(self.unpacked):
+            with hooks(positions):
+                out, _ = self.outputs(i)
+            targets = clean.targets[i] if clean.targets is not None else None
+            got = self.score(out, targets, clean, i, kl)
+            measure, divergence = measure + got[0], divergence + got[1]
+        return measure, divergence
+
+
 @torch.inference_mode()
 def spliced_measures(model: Any, kind: str, batches: Iterable[Any], groups: Mapping[str, Mapping[str, SAE]], *,
                      ablations: Sequence[str] = ABLATIONS, means: Mapping[str, Tensor] | None = None,
-                     splice_special: bool = False, progress: bool = False) -> dict[str, dict[str, Any]]:
+                     splice_special: bool = False, progress: bool = False, cache: PassCache | None = None,
+                     chunk: int | None = None) -> dict[str, dict[str, Any]]:
     """The model's own measures for each group of SAEs spliced in together (``{name: {site: sae}}``).
 
     ``kind`` is ``"causal_lm"`` or ``"encoder"``. ``means`` (per site) default to the mean
     activations over ``batches`` (one extra pass) when a mean ablation is asked for. ``progress``
-    shows a bar over the batches.
+    shows a bar over the forward passes. ``cache`` keeps the clean and ablation passes (which do
+    not depend on the SAEs) for later calls on the same text. ``chunk``: positions per
+    log-softmax (default: a memory budget, see :mod:`.readout`).
     """
     from tqdm.auto import tqdm
 
     causal = kind == "causal_lm"
     if causal:
         check_lm_head(model)
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:  # before any pass runs
+        raise ValueError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
     batches = list(batches)
+    if not batches:
+        raise ValueError("no scored tokens or sequences in the evaluation batches")
     site_sets = {name: tuple(sorted(saes)) for name, saes in groups.items()}
-    if "mean" in ablations and means is None:
-        means = site_means(model, batches, sorted({s for sites in site_sets.values() for s in sites}))
-    ablated = {(sites, a): 0.0 for sites in set(site_sets.values()) for a in ablations}
-    spliced = {name: 0.0 for name in groups}
-    kl = {name: 0.0 for name in groups}
-    clean_total = count = 0.0
-    passes = len(set(site_sets.values())) * len(ablations) + len(groups) + 1
-    for batch in tqdm(batches, desc=f"evaluating ({passes} passes per batch)", unit="batch", disable=not progress):
-        ids, train, attention = unpack_batch(batch)
-        attention = torch.ones_like(train) if attention is None else attention
-        positions = None if splice_special else train & attention
-        if causal:
-            clean_lp, targets = next_token_logprobs(model, ids, train, attention)
-            clean_p = clean_lp.exp()
-
-            def run() -> tuple[float, Tensor]:
-                logprobs, _ = next_token_logprobs(model, ids, train, attention)
-                return -logprobs.gather(1, targets[:, None]).double().sum().item(), logprobs
-
-            clean_total += -clean_lp.gather(1, targets[:, None]).double().sum().item()
-            count += targets.numel()
-        else:
-            clean_emb = sentence_embeddings(model, ids, attention)
-
-            def run() -> tuple[float, Tensor]:
-                embedding = sentence_embeddings(model, ids, attention)
-                return (1.0 - (clean_emb * embedding).sum(-1)).double().sum().item(), embedding
-
-            count += ids.shape[0]
-        for sites, ablation in ablated:
-            with replace_sites(model, {s: _ablation(ablation, means or {}, s) for s in sites}, positions=positions):
-                ablated[sites, ablation] += run()[0]
-        for name, saes in groups.items():
-            with splice(model, saes, positions=positions):
-                total, out = run()
-            spliced[name] += total
-            if causal:
-                kl[name] += (clean_p * (clean_lp - out)).sum().double().item()
+    passes = _Passes(model, causal, batches, splice_special, chunk, lambda: bar.update(1))
+    module = unwrap(model)
+    width = module.get_output_embeddings().weight.shape[1] if passes.via_head else None
+    dtype = next(module.parameters()).dtype if causal else torch.float32
+    clean_key = {"via_head": passes.via_head}
+    cacheable = cache is not None and (passes.via_head or not causal)  # never cache n x vocab logits
+    clean = cache.clean(clean_key, passes.per_batch(), width, dtype) if cacheable else None
+    todo = {(sites, a) for sites in set(site_sets.values()) for a in ablations}
+    settings = {key: {"sites": list(key[0]), "ablation": key[1], "splice_special": splice_special,
+                      "means": "evaluation text" if means is None else tensors_digest({s: means[s] for s in key[0]})}
+                for key in todo}
+    ablated = {key: cache.total(settings[key]) if cache is not None else None for key in todo}
+    todo = {key for key, total in ablated.items() if total is None}
+    bar = tqdm(total=len(batches) * ((clean is None) + len(todo) + len(groups)), desc="evaluating", unit="pass",
+               disable=not progress)
+    if clean is None:
+        clean = passes.clean()
+        if cacheable:
+            cache.save_clean(clean_key, clean)
+    if means is None and any(a == "mean" for _, a in todo):
+        means = site_means(model, batches, sorted({s for sites, a in todo if a == "mean" for s in sites}))
+    for sites, a in sorted(todo):
+        hooks = {s: _ablation(a, means or {}, s) for s in sites}
+        ablated[sites, a] = passes.total(lambda positions: replace_sites(model, hooks, positions=positions), clean,
+                                         kl=False)[0]
+        if cache is not None:
+            cache.save_total(settings[sites, a], ablated[sites, a])
+    spliced, kl = {}, {}
+    for name, saes in groups.items():
+        spliced[name], kl[name] = passes.total(lambda positions: splice(model, saes, positions=positions), clean)
+    bar.close()
+    count = clean.count
     if count == 0:
         raise ValueError("no scored tokens or sequences in the evaluation batches")
     results = {}
     for name in groups:
         sites = site_sets[name]
         if causal:
-            clean, ce = clean_total / count, spliced[name] / count
-            row: dict[str, Any] = {"ce_clean": clean, "ce_spliced": ce, "delta_lm_loss": ce - clean,
+            clean_ce, ce = clean.total / count, spliced[name] / count
+            row: dict[str, Any] = {"ce_clean": clean_ce, "ce_spliced": ce, "delta_lm_loss": ce - clean_ce,
                                    "kl_div": kl[name] / count, "n_predictions": int(count)}
             for a in ablations:
                 row[f"ce_{a}_ablated"] = ablated[sites, a] / count
-                row[f"ce_loss_recovered_{a}"] = _recovered(ablated[sites, a] / count, ce, clean)
+                row[f"ce_loss_recovered_{a}"] = _recovered(ablated[sites, a] / count, ce, clean_ce)
             if "zero" in ablations:
                 row["ce_loss_recovered"] = row["ce_loss_recovered_zero"]
         else:

@@ -10,8 +10,8 @@ sweeps, suites and ``jumpscope eval`` share :func:`evaluate_saes`, so their numb
 from __future__ import annotations
 
 import logging
-from itertools import islice
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -20,7 +20,8 @@ from ..models.harvest import harvest
 from ..models.splice import check_sae_fits
 from ..sae import SAE
 from ..sae.metrics import StreamingMetrics, dead_label, dead_sample_warning
-from .downstream import ABLATIONS, spliced_measures
+from .downstream import ABLATIONS, parse_ablations, spliced_measures
+from .passcache import PassCache, text_digest
 
 __all__ = ["TOGETHER", "evaluation_windows", "replaced_site", "evaluate_saes", "warn_small_dead_sample",
            "dead_column", "results_table"]
@@ -30,12 +31,25 @@ TOGETHER = "all together"
 
 
 def evaluation_windows(source: ActivationSource, eval_tokens: int) -> list:
-    """Held-out batches of context windows (never trained on) covering about ``eval_tokens``."""
-    per_batch = source.context_size * source.cfg.model_batch_size
-    windows = list(islice(source.windows(split="heldout"), max(1, -(-eval_tokens // per_batch))))
-    if not windows:
+    """Held-out batches of context windows (never trained on): ``eval_tokens`` rounded up to whole
+    windows (a partial window would change what its tokens see; at most one window more), the
+    last batch cut to the windows needed. Logs one line when that is not exactly ``eval_tokens``."""
+    wanted = max(1, -(-eval_tokens // source.context_size))
+    batches, have = [], 0
+    for batch in source.windows(split="heldout"):
+        take = min(len(batch[0]), wanted - have)
+        batches.append(tuple(part[:take] for part in batch))
+        have += take
+        if have == wanted:
+            break
+    if not batches:
         raise ValueError("the corpus has no held-out context windows to evaluate on; use a larger corpus")
-    return windows
+    tokens = have * source.context_size
+    if tokens != eval_tokens:
+        why = "the corpus has no more held-out text" if have < wanted else "whole context windows"
+        log.warning("evaluating on %s held-out tokens (%d window%s of %d), not --eval-tokens %s: %s",
+                    f"{tokens:,}", have, "s" * (have != 1), source.context_size, f"{eval_tokens:,}", why)
+    return batches
 
 
 def replaced_site(sae: SAE) -> str:
@@ -44,10 +58,13 @@ def replaced_site(sae: SAE) -> str:
 
 
 def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens: int, *,
-                  ablations: tuple[str, ...] = ABLATIONS, together: bool = False,
-                  progress: bool = True) -> dict[str, dict[str, Any]]:
+                  ablations: Sequence[str] = ABLATIONS, together: bool = False, progress: bool = True,
+                  cache_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Held-out core metrics and spliced measures per SAE (keyed like ``saes``; each at its
-    ``cfg.site``, a transcoder reading ``cfg.site`` and replacing ``cfg.target_site``)."""
+    ``cfg.site``, a transcoder reading ``cfg.site`` and replacing ``cfg.target_site``).
+    ``ablations``: as :func:`.downstream.parse_ablations` takes them. ``cache_dir`` keeps the
+    clean and ablation passes for later evaluations of the same text (see :mod:`.passcache`)."""
+    ablations = parse_ablations(ablations)
     model = source.loaded.model
     for name, sae in saes.items():
         if not sae.cfg.site:
@@ -69,7 +86,11 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
         if len(replaced) < len(saes):
             raise ValueError("--together needs SAEs at different sites; several of these share a site")
         groups[TOGETHER] = {replaced_site(sae): sae for sae in saes.values()}
-    measures = spliced_measures(model, source.loaded.kind, windows, groups, ablations=ablations, progress=progress)
+    cache = None
+    if cache_dir is not None:
+        cache = PassCache(cache_dir, source.loaded.name, model, source.loaded.kind, text_digest(windows))
+    measures = spliced_measures(model, source.loaded.kind, windows, groups, ablations=ablations, progress=progress,
+                                cache=cache)
     results = {}
     for name, sae in saes.items():
         where = sae.cfg.site if not sae.cfg.target_site else f"{sae.cfg.site} -> {sae.cfg.target_site}"
@@ -110,6 +131,9 @@ def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
     else:
         extra = [("1 - cos(embedding)", "embedding_1_minus_cosine"),
                  ("recovered (zero)", "embedding_recovered_zero"), ("recovered (mean)", "embedding_recovered_mean")]
+    # a measure no row has (an ablation not asked for) gets no column, and a note under the table
+    missing = [title for title, key in extra if "recovered" in key and not any(key in row for row in results.values())]
+    extra = [(title, key) for title, key in extra if title not in missing]
     dead_title, per_cell = dead_column(results)
     columns = [("SAE", None), ("site", "site"), ("d_sae", "d_sae"), ("L0", "l0"), ("FVU", "fvu"),
                (dead_title, "dead_fraction"), (">10%", "dense_fraction")] + extra
@@ -119,4 +143,5 @@ def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
         if per_cell and row.get("dead_fraction") is not None:
             cells[5] += f" ({dead_label(row['n_tokens'])})"
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    note = f"\n{', '.join(missing)}: not computed (--ablations)\n" if missing else ""
+    return "\n".join(lines) + "\n" + note

@@ -48,7 +48,7 @@ def save_native(sae: SAE, folder: str | Path, *, density: dict[str, Any] | None 
     name = sae.architecture
     registry.get_class(name)  # an unregistered class cannot be loaded back
     if density is not None:
-        counts, n_tokens = _check_density(density, sae.cfg.d_sae, "density")
+        counts, n_tokens = check_density(density, sae.cfg.d_sae, "density")
     document = {"format_version": FORMAT_VERSION, "architecture": name, "config": sae.cfg.to_dict(),
                 "jumpscope_version": __version__, "metadata": finite_or_none(dict(metadata or {}))}
     text = to_json(document, folder / CONFIG_FILE)
@@ -64,7 +64,7 @@ def save_native(sae: SAE, folder: str | Path, *, density: dict[str, Any] | None 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
     """The validated ``cfg.json`` of a native folder (architecture known, config a dict)."""
-    folder = _existing_folder(folder)
+    folder = existing_sae_folder(folder)
     path = folder / CONFIG_FILE
     document = read_json(path)
     version = document.get("format_version")
@@ -129,7 +129,7 @@ def load_state(sae: SAE, tensors: dict[str, Tensor], source: str | Path) -> SAE:
 def load_native(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     """The SAE saved in ``folder``, on ``device``, with bit-identical tensors, in eval mode
     (inference: a BatchTopK SAE then encodes with its threshold; call ``.train()`` to train on)."""
-    folder = _existing_folder(folder)
+    folder = existing_sae_folder(folder)
     document = read_config(folder)
     cfg = build_config(document["architecture"], document["config"], folder / CONFIG_FILE)
     if not (folder / WEIGHTS_FILE).exists():
@@ -141,7 +141,7 @@ def load_native(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 def load_density(folder: str | Path) -> dict[str, Any] | None:
     """``{"firing_counts": int64 (d_sae,), "n_tokens": int}``, or None when none was saved."""
-    folder = _existing_folder(folder)
+    folder = existing_sae_folder(folder)
     path = folder / DENSITY_FILE
     if not path.exists():
         return None
@@ -155,13 +155,15 @@ def load_density(folder: str | Path) -> dict[str, Any] | None:
     n_tokens = tensors["n_tokens"]
     if n_tokens.dtype != torch.int64 or n_tokens.numel() != 1:
         raise FormatError(f"{path}: n_tokens must be one int64, got {n_tokens.dtype} {tuple(n_tokens.shape)}")
-    counts, total = _check_density({"firing_counts": tensors["firing_counts"], "n_tokens": int(n_tokens.item())},
-                                   d_sae, path, FormatError)
+    counts, total = check_density({"firing_counts": tensors["firing_counts"], "n_tokens": int(n_tokens.item())},
+                                  d_sae, path, FormatError)
     return {"firing_counts": counts, "n_tokens": total}
 
 
-def _check_density(density: dict[str, Any], d_sae: int | None, source: Any,
-                   error: type[Exception] = ValueError) -> tuple[Tensor, int]:
+def check_density(density: dict[str, Any], d_sae: int | None, source: Any,
+                  error: type[Exception] = ValueError) -> tuple[Tensor, int]:
+    """``density``'s (firing_counts on the CPU, n_tokens), once valid for ``d_sae`` latents; every
+    format's density goes through here (``error`` is raised naming ``source`` otherwise)."""
     if not isinstance(density, dict) or set(density) != {"firing_counts", "n_tokens"}:
         keys = sorted(density) if isinstance(density, dict) else type(density).__name__
         raise error(f"{source}: density needs exactly 'firing_counts' and 'n_tokens', got {keys}")
@@ -177,7 +179,8 @@ def _check_density(density: dict[str, Any], d_sae: int | None, source: Any,
     return counts.detach().cpu(), n_tokens
 
 
-def _existing_folder(folder: str | Path) -> Path:
+def existing_sae_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path, once it is known to be an existing folder (every format's SAE is one)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"SAE folder {folder} does not exist")

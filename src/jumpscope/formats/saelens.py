@@ -54,7 +54,7 @@ from ..sae.validation import MAX_SIZE, check_field_values
 from ..sae.jumprelu import JumpReLUConfig, jumprelu_from_weights
 from ..safeio import (check_finite, check_tensors, finite_or_none, read_json, read_safetensors, safetensors_header,
                       short, to_json, write_safetensors, write_text)
-from .native import _check_density, _existing_folder, build_config, load_state
+from .native import build_config, check_density, existing_sae_folder, load_state
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -104,7 +104,7 @@ def save_saelens(sae: SAE, folder: str | Path, *, density: dict[str, Any] | None
     text = to_json(document, folder / CONFIG_FILE)
     sparsity = None
     if density is not None:
-        counts, n_tokens = _check_density(density, cfg.d_sae, "density")
+        counts, n_tokens = check_density(density, cfg.d_sae, "density")
         if n_tokens == 0:
             raise ValueError("density: n_tokens is 0, no firing frequency can be computed")
         sparsity = torch.log10(counts.double() / n_tokens + 1e-10).float()
@@ -165,7 +165,7 @@ def read_saelens_config(folder: str | Path) -> dict[str, Any]:
     """A SAELens cfg.json (any layout) in one normalised form: architecture, d_in, d_sae, d_out,
     apply_b_dec_to_input, normalize_activations, activation_fn, k, rescale_acts_by_decoder_norm,
     finetuning_scaling_factor, reshape_activations, metadata (flat and nested fields merged)."""
-    path = _existing_folder(folder) / CONFIG_FILE
+    path = existing_sae_folder(folder) / CONFIG_FILE
     raw = {_RENAMES.get(key, key): value for key, value in read_json(path).items()}
     meta = {key: raw[key] for key in _METADATA_KEYS if key in raw}
     if isinstance(raw.get("metadata"), dict):
@@ -211,7 +211,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu", *,
     ``norm_scaling_factor``: the dataset constant of a ``normalize_activations=
     "expected_average_only_in"`` SAE (not stored in the folder); it is folded so the SAE takes
     raw activations. Pass 1.0 to take the weights as they are (what ``load_from_disk`` does)."""
-    folder = _existing_folder(folder)
+    folder = existing_sae_folder(folder)
     cfg = read_saelens_config(folder)
     source = folder / WEIGHTS_FILE
     arch, d_in, d_sae, d_out = cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["d_out"]
@@ -277,7 +277,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu", *,
 
 def load_saelens_sparsity(folder: str | Path) -> Tensor | None:
     """The ``sparsity`` tensor (log10 feature density, (d_sae,)) or None when absent."""
-    folder = _existing_folder(folder)
+    folder = existing_sae_folder(folder)
     path = folder / SPARSITY_FILE
     if not path.exists():
         return None

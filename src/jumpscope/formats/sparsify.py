@@ -44,7 +44,7 @@ from ..sae.base import SAE
 from ..sae.validation import MAX_SIZE
 from ..safeio import (check_finite, check_header, check_tensors, read_json, read_safetensors, short, to_json,
                       write_safetensors, write_text)
-from .native import _existing_folder, build_config, load_state
+from .native import build_config, existing_sae_folder, load_state
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -75,7 +75,7 @@ def read_sparsify_config(folder: str | Path) -> dict[str, Any]:
     """The validated ``cfg.json`` of a sparsify folder as ``{"d_in", "num_latents", "k",
     "transcode", "skip_connection", "normalize_decoder", "multi_topk"}``; a field we cannot
     represent is a ValueError naming it."""
-    path = _existing_folder(folder) / CONFIG_FILE
+    path = existing_sae_folder(folder) / CONFIG_FILE
     raw = read_json(path)
     if not is_sparsify_config(raw):
         raise FormatError(f"{path} is not a sparsify config: it needs 'd_in' and 'k' (and 'num_latents' or "
@@ -116,7 +116,7 @@ def load_sparsify(folder: str | Path, device: str | torch.device = "cpu", *, mod
     """Our ``topk`` SAE (eval mode, float32, on ``device``) computing what the sparsify coder in
     ``folder`` computes. ``model``, ``site`` and (transcoders) ``target_site`` default to what
     the folder names tell (:func:`run_model`, :func:`sparsify_sites`)."""
-    folder = _existing_folder(folder)
+    folder = existing_sae_folder(folder)
     cfg = read_sparsify_config(folder)
     source = folder / WEIGHTS_FILE
     d_in, n = cfg["d_in"], cfg["num_latents"]

@@ -10,7 +10,6 @@ pair on a randomly re-initialised copy of the model: the paper's control.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -30,8 +29,7 @@ from ..jacobian import (JacobianSAE, JacobianSAEConfig, classify_response, jacob
 from ..models.harvest import harvest
 from ..safeio import write_text
 from ..sae.base import StepContext
-from ..train import TrainerConfig
-from .common import TrainingJobConfig, check_sparsity_fits, start_training_job, train_on_activations
+from .common import TrainingJobConfig, check_sparsity_fits, job_record, start_training_job, train_on_activations
 
 
 @dataclass
@@ -151,12 +149,11 @@ def sweep_plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
-             trainer_fields: dict[str, Any] | None = None, sae_fields: dict[str, Any] | None = None
-             ) -> tuple[dict[str, Any], str]:
+             sae_fields: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """Train and measure the pairs; returns the summary and its Markdown report."""
     started = time.time()
     out = Path(job.out)
-    start = start_training_job(job, activations, trainer_fields, out / "training")
+    start = start_training_job(job, activations, out / "training")
     loaded = start.loaded
     if job.randomize_model:
         randomize_weights(loaded.model)
@@ -167,8 +164,7 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
     d_in = source.site_dims[sites[0]]
     if source.site_dims[sites[1]] != d_in:
         raise ValueError(f"the MLP's input ({d_in}) and output ({source.site_dims[sites[1]]}) widths differ")
-    trainer_fields = dict(trainer_fields or {})
-    warmup = math.ceil(job.warmup_fraction * job.tokens / trainer_fields.get("batch_size", TrainerConfig.batch_size))
+    warmup = math.ceil(job.warmup_fraction * job.tokens / job.trainer.batch_size)
     pairs = {}
     for coefficient in job.jacobian_coefficients:
         cfg = JacobianSAEConfig(**{"d_in": d_in, "d_sae": job.width or 8 * d_in, "k": job.k, "site": sites[0],
@@ -176,9 +172,8 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
                                    "jacobian_coefficient": coefficient, "sparsity_warmup_steps": warmup,
                                    **(sae_fields or {})})
         pairs[f"lambda_{coefficient:g}"] = JacobianSAE(cfg).attach_mlp(mlp)
-    trainer, trained = train_on_activations(pairs, source, job, out / "training", start.device, trainer_fields,
-                                            inputs={name: sites for name in pairs})
-    if not trainer.dist.is_main:  # under torchrun one process measures and writes
+    trainer, trained = train_on_activations(pairs, source, job, start, inputs={name: sites for name in pairs})
+    if not trainer.processes.is_main:  # under torchrun one process measures and writes
         return {}, ""
     split = {}
     for name, pair in trained.items():
@@ -186,7 +181,8 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
         for side, sae in zip(("input", "output"), pair.split()):
             save_format(sae, out / name / side, format="native")
             split[f"{name}/{side}"] = sae
-    results = evaluate_saes(source, split, job.eval_tokens, progress=trainer.cfg.progress)
+    results = evaluate_saes(source, split, job.eval_tokens, ablations=job.ablations, progress=trainer.cfg.progress,
+                            cache_dir=out / "eval_cache")
     held_out = held_out_mlp_inputs(source, sites[0], job.eval_tokens)
     rows = {}
     for name, pair in trained.items():
@@ -199,7 +195,7 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
              f"{' (randomised model)' if job.randomize_model else ''}")
     if len(rows) > 1:
         sweep_plot(rows, out / "lambda_sweep.png", f"Jacobian SAE lambda sweep: {title}")
-    summary = {"job": dataclasses.asdict(job), "source": source.manifest(), "layer": layer, "mlp": mlp.kind,
+    summary = {"job": job_record(job), "source": source.manifest(), "layer": layer, "mlp": mlp.kind,
                "activation": mlp.activation, "pairs": rows, "training_window": trainer.final_summary(),
                "seconds": time.time() - started}
     lines = [f"# Jacobian SAE pairs: {title}", "", f"k {job.k}, d_sae {next(iter(pairs.values())).cfg.d_sae}, "

@@ -35,7 +35,8 @@ from ..models.sites import parse_site
 from ..sae import SAE, build, config_class
 from ..sae.metrics import dead_label
 from ..safeio import write_text
-from .common import TrainingJobConfig, check_arch, check_sparsity_fits, start_training_job, train_on_activations
+from .common import (TrainingJobConfig, check_arch, check_sparsity_fits, job_record, start_training_job,
+                     train_on_activations)
 from .train import transcoder_target
 
 RELEASE_NAMES = {"resid_post": "res", "attn_z": "att", "mlp_out": "mlp", "mlp_in": "transcoder"}
@@ -167,25 +168,25 @@ def index_table(rows: list[dict[str, Any]], kind: str) -> str:
 
 
 def run_suite(suite: SuiteConfig, activations: ActivationConfig | None = None,
-              trainer_fields: dict[str, Any] | None = None, sae_fields: dict[str, Any] | None = None
-              ) -> tuple[list[dict[str, Any]], str]:
+              sae_fields: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Train, evaluate and lay out the suite; returns the index rows and the Markdown table."""
     started = time.time()
     out = Path(suite.out)
-    start = start_training_job(suite, activations, trainer_fields, out / "training")
+    start = start_training_job(suite, activations, out / "training")
     pairs = suite_sites(suite, start.loaded.model)
     sites = [f"layers.{layer}.{kind}" for layer, kind in pairs]
     sites += [transcoder_target(site) for site in sites if site.endswith(".mlp_in")]
     source = start.source(sites)
     saes = build_suite(suite, source, pairs, sae_fields or {})
-    trainer, trained = train_on_activations(saes, source, suite, out / "training", start.device, trainer_fields)
-    if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the release
+    trainer, trained = train_on_activations(saes, source, suite, start)
+    if not trainer.processes.is_main:  # under torchrun one process evaluates and writes the release
         return [], ""
-    results = evaluate_saes(source, trained, suite.eval_tokens, progress=trainer.cfg.progress)
+    results = evaluate_saes(source, trained, suite.eval_tokens, ablations=suite.ablations, progress=trainer.cfg.progress,
+                            cache_dir=out / "eval_cache")
     kind = source.loaded.kind
     rows = write_release(out, trained, results, suite, kind)
     table = index_table(rows, kind)
-    write_text(out / "index.json", json.dumps({"suite": dataclasses.asdict(suite), "source": source.manifest(),
+    write_text(out / "index.json", json.dumps({"suite": job_record(suite), "source": source.manifest(),
                                                "seconds": time.time() - started, "saes": rows}, indent=2))
     write_text(out / "index.md", f"# SAE suite: {source.loaded.name}\n\n{table}")
     return rows, table

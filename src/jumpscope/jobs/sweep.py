@@ -25,7 +25,7 @@ from ..evaluate.plots import write_plots
 from ..evaluate.report import write_report
 from ..sae import SAE, architectures, build, config_class
 from ..safeio import write_text
-from .common import TrainingJobConfig, check_sparsity_fits, start_training_job, train_on_activations
+from .common import TrainingJobConfig, check_sparsity_fits, job_record, start_training_job, train_on_activations
 
 # Architectures that aim at an L0 take the sweep's L0 levels; the others an L1 coefficient.
 L1_ARCHS = ("relu", "gated")
@@ -103,25 +103,25 @@ def build_sweep(sweep: SweepConfig, site: str, d_in: int, model_name: str,
 
 
 def run_sweep(sweep: SweepConfig, activations: ActivationConfig | None = None,
-              trainer_fields: dict[str, Any] | None = None, sae_fields: dict[str, Any] | None = None
-              ) -> tuple[list[dict[str, Any]], str]:
+              sae_fields: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Train, evaluate, plot and report the sweep; returns the points and the report's text."""
     started = time.time()
     out = Path(sweep.out)
-    start = start_training_job(sweep, activations, trainer_fields, out)
+    start = start_training_job(sweep, activations, out)
     source = start.source([sweep.site] if sweep.site else [])
     site, d_in = next(iter(source.site_dims.items()))
     saes = build_sweep(sweep, site, d_in, source.loaded.name, sae_fields)
-    trainer, trained = train_on_activations(saes, source, sweep, out, start.device, trainer_fields)
+    trainer, trained = train_on_activations(saes, source, sweep, start)
     trained_seconds = time.time() - started
-    if not trainer.dist.is_main:  # under torchrun one process evaluates, plots and reports
+    if not trainer.processes.is_main:  # under torchrun one process evaluates, plots and reports
         return [], ""
-    results = evaluate_saes(source, trained, sweep.eval_tokens, progress=trainer.cfg.progress)
+    results = evaluate_saes(source, trained, sweep.eval_tokens, ablations=sweep.ablations, progress=trainer.cfg.progress,
+                            cache_dir=out / "eval_cache")
     training = trainer.final_summary()
     points = [{**point, "site": site, "held_out": results[point["name"]],
                "training_window": training.get(point["name"], {})} for point in sweep_points(sweep)]
     kind = source.loaded.kind
-    payload = {"sweep": dataclasses.asdict(sweep), "source": source.manifest(), "kind": kind,
+    payload = {"sweep": job_record(sweep), "source": source.manifest(), "kind": kind,
                "main_measure": MAIN_MEASURE[kind], "seconds": {"training": trained_seconds,
                                                               "total": time.time() - started},
                "points": points}

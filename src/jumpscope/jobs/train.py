@@ -21,7 +21,8 @@ from ..evaluate.downstream import MAIN_MEASURE
 from ..evaluate.heldout import evaluate_saes, results_table
 from ..sae import SAE, build, config_class
 from ..safeio import write_text
-from .common import TrainingJobConfig, check_arch, check_sparsity_fits, start_training_job, train_on_activations
+from .common import (TrainingJobConfig, check_arch, check_sparsity_fits, job_record, start_training_job,
+                     train_on_activations)
 
 log = logging.getLogger(__name__)
 DEFAULT_L0 = 32
@@ -138,24 +139,24 @@ def write_summary(out: Path, job: TrainJobConfig, source: ActivationSource, resu
             f"tokens, held-out evaluation on {next(iter(results.values()))['n_tokens']:,} tokens, {seconds:.0f} s\n\n"
             + results_table(results, source.loaded.kind))
     write_text(out / "summary.md", text)
-    write_text(out / "summary.json", json.dumps({"job": dataclasses.asdict(job), "source": source.manifest(),
+    write_text(out / "summary.json", json.dumps({"job": job_record(job), "source": source.manifest(),
                                                  "main_measure": MAIN_MEASURE[source.loaded.kind], "seconds": seconds,
                                                  "held_out": results, "training_window": training}, indent=2))
     return text
 
 
 def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
-              trainer_fields: dict[str, Any] | None = None, sae_fields: dict[str, Any] | None = None
-              ) -> tuple[dict[str, SAE], str]:
+              sae_fields: dict[str, Any] | None = None) -> tuple[dict[str, SAE], str]:
     """Run the whole job; returns the trained SAEs (keyed by site) and the summary table."""
     started = time.time()
     out = Path(job.out)
-    start = start_training_job(job, activations, trainer_fields, out)
+    start = start_training_job(job, activations, out)
     sites, targets = job_sites(job, start.loaded)
     source = start.source(sites)
     saes = build_saes(job, source, sae_fields or {}, targets)
-    trainer, trained = train_on_activations(saes, source, job, out, start.device, trainer_fields)
-    if not trainer.dist.is_main:  # under torchrun one process evaluates and writes the summary
+    trainer, trained = train_on_activations(saes, source, job, start)
+    if not trainer.processes.is_main:  # under torchrun one process evaluates and writes the summary
         return trained, ""
-    results = evaluate_saes(source, trained, job.eval_tokens, progress=trainer.cfg.progress)
+    results = evaluate_saes(source, trained, job.eval_tokens, ablations=job.ablations, progress=trainer.cfg.progress,
+                            cache_dir=out / "eval_cache")
     return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started)

@@ -107,6 +107,10 @@ class SAEConfig:
     nonnegative_fields: ClassVar[tuple[str, ...]] = ()
     # Fields that change how the SAE computes, not what it computes (a resumed run may differ).
     runtime_fields: ClassVar[tuple[str, ...]] = ()
+    # Fields a training job sets itself from the data and its generic options (--width, --site,
+    # --target-l0, ...), so they are not --sae-FIELD options; an architecture adds its sparsity fields.
+    job_fields: ClassVar[tuple[str, ...]] = ("d_in", "d_sae", "d_out", "site", "target_site", "skip_connection",
+                                             "model")
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod

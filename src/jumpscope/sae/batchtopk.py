@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .jumprelu import JumpReLUSAE, jumprelu_from_weights
+from .jumprelu import JumpReLUSAE
 from .registry import register
 from .topk import TopKSAE, TopKSAEConfig
 

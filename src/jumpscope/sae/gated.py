@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
-from .jumprelu import JumpReLUSAE, jumprelu_from_weights
+from .jumprelu import JumpReLUSAE
 from .registry import register
 
 
@@ -50,6 +50,7 @@ class GatedSAEConfig(SAEConfig):
     spends hundreds of steps undoing. Not in the paper; False restores its plain init."""
 
     nonnegative_fields: ClassVar[tuple[str, ...]] = ("l1_coefficient",)
+    job_fields: ClassVar[tuple[str, ...]] = SAEConfig.job_fields + ("l1_coefficient",)
 
 
 @register("gated")

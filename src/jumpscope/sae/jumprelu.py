@@ -76,6 +76,7 @@ class JumpReLUConfig(SAEConfig):
     million tokens; ``JumpReLUConfig.preset("paper", ...)`` gives the paper's recipe."""
 
     runtime_fields: ClassVar[tuple[str, ...]] = ("kernel",)
+    job_fields: ClassVar[tuple[str, ...]] = SAEConfig.job_fields + ("target_l0", "l0_coefficient")
 
     bandwidth: float = 0.001
     """Width eps of the rectangle kernel in the pseudo-derivatives (on the scaled inputs)."""

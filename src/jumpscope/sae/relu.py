@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
-from .jumprelu import JumpReLUSAE, jumprelu_from_weights
+from .jumprelu import JumpReLUSAE
 from .registry import register
 
 
@@ -55,6 +55,7 @@ class ReLUSAEConfig(SAEConfig):
 
     positive_fields: ClassVar[tuple[str, ...]] = ("decoder_init_norm",)
     nonnegative_fields: ClassVar[tuple[str, ...]] = ("l1_coefficient",)
+    job_fields: ClassVar[tuple[str, ...]] = SAEConfig.job_fields + ("l1_coefficient",)
 
 
 @register("relu")

@@ -27,6 +27,7 @@ class TopKSAEConfig(SAEConfig):
     """TopK SAE. The sparsity is set by k; there is no sparsity coefficient."""
 
     runtime_fields: ClassVar[tuple[str, ...]] = ("kernel",)
+    job_fields: ClassVar[tuple[str, ...]] = SAEConfig.job_fields + ("k",)
 
     k: int = 32
     """Active latents per token (the L0), in [1, d_sae]."""

@@ -6,14 +6,18 @@
         model.generate(...)
     text = generate_with(model, tokenizer, "Once upon a time", {site: (sae, [Steer(12, 8.0)])})
 
-See :mod:`.interventions` for what each intervention does and :mod:`.intervene` for positions.
+See :mod:`.interventions` for what each intervention does, :mod:`.intervene` for positions and
+:mod:`.measure` for measuring steering (concept rate, fluency cost, random-direction control).
 """
 
 from .generate import generate_ids, generate_with
 from .intervene import Positions, SiteInterventions, intervene
-from .interventions import Ablate, Clamp, Intervention, Steer, check_interventions, describe, site_transform
-from .report import display_text, side_by_side
+from .interventions import (Ablate, Clamp, Intervention, Steer, SteerDirection, check_interventions, describe,
+                            random_control, site_transform)
+from .measure import Condition, ConceptRate, compare_generations, concept_rate, continuation_loss
+from .report import display_text, measures_table, side_by_side
 
-__all__ = ["Ablate", "Clamp", "Intervention", "Positions", "SiteInterventions", "Steer", "check_interventions",
-           "describe", "display_text", "generate_ids", "generate_with", "intervene", "side_by_side",
-           "site_transform"]
+__all__ = ["Ablate", "Clamp", "Condition", "ConceptRate", "Intervention", "Positions", "SiteInterventions", "Steer",
+           "SteerDirection", "check_interventions", "compare_generations", "concept_rate", "continuation_loss",
+           "describe", "display_text", "generate_ids", "generate_with", "intervene", "measures_table",
+           "random_control", "side_by_side", "site_transform"]

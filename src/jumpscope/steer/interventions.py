@@ -5,7 +5,10 @@ SAE's error term kept (:func:`jumpscope.models.splice.reconstruct` with ``keep_e
 
 - :class:`Steer` ``(latent, alpha)``: ``f[latent] += alpha``, i.e. ``x + alpha * W_dec[latent]``;
 - :class:`Clamp` ``(latent, value)``: ``f[latent] = value``, i.e. ``x + (value - f[latent]) * W_dec[latent]``;
-- :class:`Ablate` ``(latents)``: ``f[i] = 0``, i.e. ``x - sum_i f[i] * W_dec[i]``.
+- :class:`Ablate` ``(latents)``: ``f[i] = 0``, i.e. ``x - sum_i f[i] * W_dec[i]``;
+- :class:`SteerDirection` ``(vector, alpha)``: ``x + alpha * vector`` for any direction, not a
+  latent's (e.g. :func:`random_control`, the control for a Steer). It adds to the output whatever
+  the order, since it edits no latent.
 
 Because every architecture decodes as ``f @ W_dec + b_dec`` (plus a skip term that does not depend
 on ``f``), the output changes only along the edited latents' decoder rows; everything the SAE
@@ -26,7 +29,7 @@ from torch import Tensor
 from ..models.splice import LatentEdit, Transform, reconstruct
 from ..sae.base import SAE
 
-__all__ = ["Steer", "Clamp", "Ablate", "Intervention", "check_interventions", "latent_edit", "steering_vector",
+__all__ = ["Steer", "Clamp", "Ablate", "SteerDirection", "Intervention", "random_control", "check_interventions", "latent_edit", "steering_vector",
            "site_transform", "describe"]
 
 
@@ -97,7 +100,41 @@ class Ablate:
         object.__setattr__(self, "latents", latents)
 
 
-Intervention = Union[Steer, Clamp, Ablate]
+@dataclass(frozen=True, eq=False)
+class SteerDirection:
+    """Add ``alpha * vector`` to the activation: steering along a direction that is no latent's."""
+
+    vector: Tensor
+    """[d_in] direction added (any norm; it is used as given, not normalised)."""
+
+    alpha: float
+    """How much of it (negative steers away)."""
+
+    label: str = "direction"
+    """Name shown by :func:`describe`, e.g. 'random control of 12'."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, Tensor) or self.vector.dim() != 1 or not self.vector.numel():
+            raise TypeError(f"SteerDirection: vector must be a 1-d tensor [d_in], got {self.vector!r}")
+        if not bool(torch.isfinite(self.vector).all()):
+            raise ValueError("SteerDirection: vector has non-finite values")
+        object.__setattr__(self, "vector", self.vector.detach().float())
+        object.__setattr__(self, "alpha", _check_finite(self.alpha, f"SteerDirection({self.label}) alpha"))
+
+
+Intervention = Union[Steer, Clamp, Ablate, SteerDirection]
+
+
+def random_control(sae: SAE, steer: Steer, seed: int = 0) -> SteerDirection:
+    """The random-direction control of ``steer``: a direction drawn uniformly on the sphere (seeded,
+    on the CPU so any device gives the same one), scaled to the norm of ``W_dec[steer.latent]``,
+    with the same alpha; so both add a vector of the same length and differ only in direction.
+    Decoder rows are unit norm only for SAEs trained with normalize_decoder, hence the scaling."""
+    check_interventions(sae, [steer])
+    row = sae.W_dec.detach()[steer.latent].float()
+    draw = torch.randn(row.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    vector = (draw / draw.norm() * row.norm().cpu()).to(row.device)
+    return SteerDirection(vector, steer.alpha, f"random control of {steer.latent} (seed {seed})")
 
 
 def _indices(edit: Intervention) -> tuple[int, ...]:
@@ -114,8 +151,13 @@ def check_interventions(sae: SAE, edits: Sequence[Intervention], where: str = ""
                          "read from one site and written to another, so steering does not apply; use an SAE that "
                          "reconstructs the site it reads")
     for edit in edits:
+        if isinstance(edit, SteerDirection):
+            if edit.vector.shape[0] != sae.cfg.d_in:
+                raise ValueError(f"SteerDirection({edit.label}){at}: vector has {edit.vector.shape[0]} values but "
+                                 f"the site is {sae.cfg.d_in} wide")
+            continue
         if not isinstance(edit, (Steer, Clamp, Ablate)):
-            raise TypeError(f"unknown intervention{at}: {edit!r} (use Steer, Clamp or Ablate)")
+            raise TypeError(f"unknown intervention{at}: {edit!r} (use Steer, Clamp, Ablate or SteerDirection)")
         for latent in _indices(edit):
             if latent >= sae.cfg.d_sae:
                 raise ValueError(f"{edit}{at}: latent {latent} is out of range for an SAE with "
@@ -132,19 +174,23 @@ def latent_edit(edits: Sequence[Intervention]) -> LatentEdit:
                 out[..., change.latent] += change.alpha
             elif isinstance(change, Clamp):
                 out[..., change.latent] = change.value
-            else:
+            elif isinstance(change, Ablate):
                 out[..., list(change.latents)] = 0.0
         return out
 
     return edit
 
 
-def steering_vector(sae: SAE, edits: Sequence[Steer]) -> Tensor:
-    """``sum alpha * W_dec[latent]`` ([d_in], float32) of steering-only edits."""
+def steering_vector(sae: SAE, edits: Sequence[Intervention]) -> Tensor:
+    """``sum alpha * W_dec[latent]`` plus ``sum alpha * vector`` ([d_in], float32) of the Steer and
+    SteerDirection edits (others are skipped)."""
     W_dec = sae.W_dec.detach()
     vector = torch.zeros(W_dec.shape[1], dtype=torch.float32, device=W_dec.device)
     for change in edits:
-        vector += change.alpha * W_dec[change.latent].float()
+        if isinstance(change, Steer):
+            vector += change.alpha * W_dec[change.latent].float()
+        elif isinstance(change, SteerDirection):
+            vector += change.alpha * change.vector.to(vector.device)
     return vector
 
 
@@ -152,17 +198,20 @@ def site_transform(sae: SAE, edits: Sequence[Intervention]) -> Transform:
     """``x -> x'``: the activation with ``edits`` applied through ``sae`` (any leading shape).
     Steering alone adds a fixed vector; otherwise the SAE encodes once and all edits apply."""
     check_interventions(sae, edits)
-    if all(isinstance(change, Steer) for change in edits):
-        vector = steering_vector(sae, edits)  # type: ignore[arg-type]
+    if all(isinstance(change, (Steer, SteerDirection)) for change in edits):
+        vector = steering_vector(sae, edits)
 
         def add(x: Tensor) -> Tensor:
             return x + vector.to(x.device, x.dtype)
 
         return add
-    edit = latent_edit(edits)
+    edit = latent_edit([change for change in edits if not isinstance(change, SteerDirection)])
+    directions = [change for change in edits if isinstance(change, SteerDirection)]
+    added = steering_vector(sae, directions) if directions else None
 
     def edited(x: Tensor) -> Tensor:
-        return reconstruct(sae, x, keep_error=True, edit=edit)
+        out = reconstruct(sae, x, keep_error=True, edit=edit)
+        return out if added is None else out + added.to(out.device, out.dtype)
 
     return edited
 
@@ -175,6 +224,8 @@ def describe(edits: Sequence[Intervention]) -> str:
             parts.append(f"steer {change.latent} by {change.alpha:+g}")
         elif isinstance(change, Clamp):
             parts.append(f"clamp {change.latent} to {change.value:g}")
+        elif isinstance(change, SteerDirection):
+            parts.append(f"steer {change.label} by {change.alpha:+g}")
         else:
             parts.append("ablate " + ", ".join(map(str, change.latents)))
     return "; ".join(parts) or "none"

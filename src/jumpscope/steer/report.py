@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from itertools import zip_longest
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-__all__ = ["display_text", "side_by_side"]
+__all__ = ["display_text", "measures_table", "side_by_side"]
 
 SEPARATOR = " | "
 
@@ -35,3 +36,19 @@ def side_by_side(columns: Sequence[tuple[str, str]], width: int = 100) -> str:
 
     rule = "-+-".join("-" * column_width for _ in columns)
     return "\n".join(rows(wrapped) + [rule] + rows(bodies))
+
+
+def measures_table(conditions: Mapping[str, Mapping[str, Any]], baseline: str = "unsteered") -> str:
+    """A Markdown table of :meth:`jumpscope.steer.measure.Condition.to_dict` results: per condition
+    the generations showing the concept, concept words per generated token, the loss under the
+    plain model and the fluency cost (loss minus the ``baseline`` condition's)."""
+    base = conditions[baseline]["loss"] if baseline in conditions else math.nan
+    lines = ["| condition | interventions | generations with concept | concept words / token | loss (nats) "
+             "| fluency cost |", "|---|---|---|---|---|---|"]
+    for name, result in conditions.items():
+        rate = result["concept"]
+        per_token = rate["per_token"]
+        lines.append(f"| {name} | {result['description']} | {rate['with_concept']}/{rate['texts']} "
+                     f"({rate['fraction']:.2f}) | {'-' if per_token is None else f'{per_token:.3f}'} "
+                     f"| {result['loss']:.3f} | {result['loss'] - base:+.3f} |")
+    return "\n".join(lines)

@@ -1,9 +1,9 @@
-"""Turn any iterable of activation batches into fixed-size, validated training batches.
+"""Turn any iterable of activation items into fixed-size, validated training batches.
 
-An item is a tensor ``[b, d]`` (key "input"), a tuple ``(inputs, targets)`` (keys "input",
-"target": transcoders), or a dict ``{site: tensor [b, d_site]}`` with aligned rows (several
-sites from one model pass). Items of any ``b`` are re-chunked to exactly ``batch_size`` rows;
-the first ``skip_rows`` rows are dropped (how a resumed run finds its place in the same data).
+Items (tensors, ``(input, target)`` pairs, ``{site: tensor}`` dicts) become canonical batches
+through :func:`jumpscope.data.batch.as_batch`, the same coercion the shuffle buffer and the cache
+use; items of any row count are re-chunked to exactly ``batch_size`` rows, after the first
+``start_row`` rows are skipped (how a resumed run finds its place in the same data).
 """
 
 from __future__ import annotations
@@ -11,32 +11,8 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Mapping
 
 import torch
-from torch import Tensor
 
-Batch = dict[str, Tensor]
-
-
-def as_batch(item: Tensor | tuple | list | Mapping) -> Batch:
-    """Normalise one item to a dict of 2-D floating tensors with equal row counts."""
-    if torch.is_tensor(item):
-        parts = {"input": item}
-    elif isinstance(item, Mapping):
-        parts = dict(item)
-    elif isinstance(item, (tuple, list)) and len(item) == 2:
-        parts = {"input": item[0], "target": item[1]}
-    else:
-        raise TypeError(f"activation batches must be tensors, (input, target) pairs or dicts of tensors, "
-                        f"got {type(item).__name__}")
-    for key, part in parts.items():
-        if not torch.is_tensor(part):
-            raise TypeError(f"activation batch entry {key!r} is a {type(part).__name__}, not a tensor")
-        if part.dim() != 2:
-            raise ValueError(f"activation batch entry {key!r} must be 2-D [batch, d], got shape {tuple(part.shape)}")
-        if not part.is_floating_point():
-            raise TypeError(f"activation batch entry {key!r} must be floating point, got {part.dtype}")
-    if len({part.shape[0] for part in parts.values()}) != 1:
-        raise ValueError(f"batch entries have different row counts: { {k: tuple(v.shape) for k, v in parts.items()} }")
-    return parts
+from ..data.batch import Batch, as_batch, rows_of, skip_rows
 
 
 def check_widths(batch: Batch, widths: Mapping[str, int]) -> None:
@@ -49,22 +25,18 @@ def check_widths(batch: Batch, widths: Mapping[str, int]) -> None:
                              f"the SAE reading it expects {width}")
 
 
-def rebatch(items: Iterable, batch_size: int, widths: Mapping[str, int], skip_rows: int = 0) -> Iterator[Batch]:
-    """Yield dicts of ``batch_size``-row tensors holding the keys of ``widths``."""
+def rebatch(items: Iterable, batch_size: int, widths: Mapping[str, int], start_row: int = 0) -> Iterator[Batch]:
+    """Yield dicts of ``batch_size``-row tensors holding the keys of ``widths``, from row ``start_row`` on."""
+    def selected() -> Iterator[Batch]:  # every item is checked, skipped ones too
+        for item in items:
+            batch = as_batch(item)
+            check_widths(batch, widths)
+            yield {key: batch[key] for key in widths}
+
     pending: list[Batch] = []
     pending_rows = 0
-    for item in items:
-        batch = as_batch(item)
-        check_widths(batch, widths)
-        batch = {key: batch[key] for key in widths}
-        rows = next(iter(batch.values())).shape[0]
-        if skip_rows:
-            drop = min(skip_rows, rows)
-            batch = {key: value[drop:] for key, value in batch.items()}
-            skip_rows -= drop
-            rows -= drop
-            if rows == 0:
-                continue
+    for batch in skip_rows(selected(), start_row):
+        rows = rows_of(batch)
         pending.append(batch)
         pending_rows += rows
         while pending_rows >= batch_size:

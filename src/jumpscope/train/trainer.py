@@ -22,10 +22,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..data.batch import INPUT, TARGET, Batch
 from ..device import resolve_device
 from ..sae.base import SAE
 from ..sae.metrics import StreamingMetrics, batch_fvu
-from .batches import Batch, check_finite, rebatch
+from .batches import check_finite, rebatch
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
@@ -76,16 +77,17 @@ class Trainer:
         self.cfg = cfg or TrainerConfig()
         self.all_saes = name_saes(saes)
         self.device = device if device is not None else resolve_device(self.cfg.device)
-        self.dist = process_group or process_group_from_env(self.device)
+        # processes: every torchrun process (one SingleProcess without torchrun); batch_sharers: those
+        # that split each batch between them (gradients and statistics are reduced over them)
+        self.processes = process_group or process_group_from_env(self.device)
         by_sae = self.cfg.distribute == "saes"
-        # dp: the processes that share each batch (gradients and statistics are reduced over them)
-        self.dp = self.dist if not by_sae else SingleProcess()
-        self.owners = assign_saes(self.all_saes, self.dist.world_size) if by_sae else \
-            {name: self.dist.rank for name in self.all_saes}
-        self.saes = {name: sae for name, sae in self.all_saes.items() if self.owners[name] == self.dist.rank}
-        if self.dp.world_size > self.cfg.batch_size:
+        self.batch_sharers = self.processes if not by_sae else SingleProcess()
+        self.owners = assign_saes(self.all_saes, self.processes.world_size) if by_sae else \
+            {name: self.processes.rank for name in self.all_saes}
+        self.saes = {name: sae for name, sae in self.all_saes.items() if self.owners[name] == self.processes.rank}
+        if self.batch_sharers.world_size > self.cfg.batch_size:
             raise ValueError(f"batch_size ({self.cfg.batch_size}) is smaller than the number of processes sharing "
-                             f"each batch ({self.dp.world_size})")
+                             f"each batch ({self.batch_sharers.world_size})")
         unknown = sorted(set(inputs or {}) - set(self.all_saes))
         if unknown:
             raise ValueError(f"inputs name SAEs that are not being trained: {unknown}")
@@ -125,11 +127,12 @@ class Trainer:
         cfg = self.cfg
         if self.step >= cfg.total_steps:  # a finished run: nothing to replay
             batches = iter(())
-        stream = rebatch(batches, cfg.batch_size, self.widths, skip_rows=self.step * cfg.batch_size)
+        stream = rebatch(batches, cfg.batch_size, self.widths, start_row=self.step * cfg.batch_size)
         if not self.input_scales:
             stream = self._initialise(stream)
-        reporter = ProgressReporter(self.out_dir / LOG_FILE if self.out_dir and self.dist.is_main else None,
-                                    total=cfg.total_steps, start=self.step, enabled=cfg.progress and self.dist.is_main,
+        is_main = self.processes.is_main
+        reporter = ProgressReporter(self.out_dir / LOG_FILE if self.out_dir and is_main else None,
+                                    total=cfg.total_steps, start=self.step, enabled=cfg.progress and is_main,
                                     truncate_after=self.step, dead_window=cfg.dead_window,
                                     sites={name: sae.cfg.target_site or sae.cfg.site or name
                                            for name, sae in self.all_saes.items()})
@@ -137,9 +140,11 @@ class Trainer:
             for batch in stream:
                 if self.step >= cfg.total_steps:
                     break
-                if self.device.type == "cpu":  # free on CPU; on CUDA checked at sync points below
+                if self.device.type == "cpu":  # free here: fail now, naming the step
                     check_finite(batch, self.step)
-                self.batch_finite &= torch.stack([torch.isfinite(v).all() for v in batch.values()]).all().to(self.device)
+                else:  # an on-device flag, read at the sync points below (no host sync per batch)
+                    self.batch_finite &= torch.stack([torch.isfinite(v).all() for v in batch.values()]).all().to(
+                        self.device)
                 rows = self._train_step(batch)
                 self.step += 1
                 logging_step = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
@@ -168,7 +173,7 @@ class Trainer:
                 route = (sae.cfg.site, sae.cfg.target_site)  # a transcoder predicts its target site
             else:
                 transcoder = sae.cfg.d_out is not None or sae.cfg.target_site is not None
-                route = ("input", "target" if transcoder else None)
+                route = (INPUT, TARGET if transcoder else None)  # as_batch's keys for tensors and pairs
             if (sae.cfg.d_out is not None or sae.cfg.target_site is not None) and route[1] is None:
                 raise ValueError(f"transcoder {name!r} needs a target entry: pass inputs={{{name!r}: (input, target)}}")
             self.routes[name] = route
@@ -207,8 +212,9 @@ class Trainer:
             self.output_scales[name] = estimate_scale(sample[target_key], convention) if target_key else \
                 self.input_scales[name]
             sae.init_from_data(sample[input_key] / self.input_scales[name])
-            self.dp.broadcast_module(sae)
-        self.input_scales, self.output_scales = self.dp.broadcast_object((self.input_scales, self.output_scales))
+            self.batch_sharers.broadcast_module(sae)
+        self.input_scales, self.output_scales = self.batch_sharers.broadcast_object(
+            (self.input_scales, self.output_scales))
 
         def replay() -> Iterator[Batch]:
             yield from sample_batches
@@ -225,7 +231,8 @@ class Trainer:
         cfg = self.cfg
         total = cfg.total_steps
         batch = {key: value.to(self.device, torch.float32, non_blocking=True) for key, value in batch.items()}
-        batch, weight = shard_batch(batch, self.dp.rank, self.dp.world_size)  # this process's rows
+        sharers = self.batch_sharers
+        batch, weight = shard_batch(batch, sharers.rank, sharers.world_size)  # this process's rows
         logging_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == total
         in_final_window = (total - self.step) * cfg.batch_size <= cfg.final_metrics_window
         rows: dict[str, dict[str, float]] = {}
@@ -235,7 +242,7 @@ class Trainer:
             targets = batch[self.routes[name][1]] if self.routes[name][1] else None
             scale_in, scale_out = self.input_scales[name], self.output_scales[name]
             target_scaled = targets / scale_out if targets is not None else None
-            ctx = step_context(self.dp, weight, cfg.batch_size, step=self.step, input_scale=scale_in,
+            ctx = step_context(sharers, weight, cfg.batch_size, step=self.step, input_scale=scale_in,
                                output_scale=scale_out,
                                sparsity_scale=sparsity_factor(self.step, total, sae_cfg.sparsity_warmup_steps),
                                dead_mask=self.since_fired[name] >= cfg.dead_window)
@@ -245,7 +252,7 @@ class Trainer:
             optimizer = self.optimizers[name]
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            self.dp.reduce_gradients(sae, weight)
+            sharers.reduce_gradients(sae, weight)
             sae.remove_parallel_decoder_grad()
             if sae_cfg.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), sae_cfg.grad_clip_norm)
@@ -257,7 +264,7 @@ class Trainer:
             sae.after_step()
 
             acts = out.feature_acts.detach()
-            fired = self.dp.all_reduce_max_((acts > 0).any(0).to(torch.int64)).bool()
+            fired = sharers.all_reduce_max_((acts > 0).any(0).to(torch.int64)).bool()
             self.since_fired[name] += cfg.batch_size
             self.since_fired[name][fired] = 0
             if in_final_window:
@@ -266,8 +273,8 @@ class Trainer:
                                                 acts.float() * scale_in)
             if logging_step:
                 reference = target_scaled if target_scaled is not None else inputs / scale_in
-                if self.dp.world_size > 1:
-                    values = reduced_row(self.dp, weight, out.loss, out.terms, acts, reference, out.reconstruction)
+                if sharers.world_size > 1:
+                    values = reduced_row(sharers, weight, out.loss, out.terms, acts, reference, out.reconstruction)
                 else:
                     values = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()},
                               "l0": (acts > 0).sum(-1).float().mean().item(),
@@ -284,7 +291,7 @@ class Trainer:
         process stops at the same step when any of them found one."""
         bad_batch = not bool(self.batch_finite)
         bad_losses = [name for name, finite in self.loss_finite.items() if not bool(finite)]
-        if any_process(self.dist, bad_batch or bool(bad_losses), self.device) and not (bad_batch or bad_losses):
+        if any_process(self.processes, bad_batch or bool(bad_losses), self.device) and not (bad_batch or bad_losses):
             raise FloatingPointError(f"another process found NaN or inf at or before step {self.step}; see its "
                                      "error. The last checkpoint is intact.")
         if bad_batch:
@@ -299,27 +306,32 @@ class Trainer:
     def _gather_rows(self, rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         """Every SAE's log values on the main process (under data parallelism every process
         already has them: the whole batch's)."""
-        return rows if self.dp is self.dist else gather_by_name(self.dist, rows, self.all_saes) or {}
+        if self.batch_sharers is self.processes:
+            return rows
+        return gather_by_name(self.processes, rows, self.all_saes) or {}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, path: Path) -> None:
         """One file for every SAE, as one process writes it (collective: every process calls it)."""
+        sharers = self.batch_sharers
+        by_sae = sharers is not self.processes
         parts = {name: TrainingState(self.saes[name], self.optimizers[name], self.since_fired[name],
-                                     reduce_metrics(self.final_metrics[name], self.dp), self.input_scales[name],
-                                     self.output_scales[name]).portable(to_cpu=self.dp is not self.dist)
+                                     reduce_metrics(self.final_metrics[name], sharers), self.input_scales[name],
+                                     self.output_scales[name]).portable(to_cpu=by_sae)
                  for name in self.saes}
-        if self.dp is not self.dist:  # each process has its own SAEs: gather them on the main one
-            parts = gather_by_name(self.dist, parts, self.all_saes)
-        if self.dist.is_main:
+        if by_sae:  # each process has its own SAEs: gather them on the main one
+            parts = gather_by_name(self.processes, parts, self.all_saes)
+        if self.processes.is_main:
             save_training(path, self.step, parts, list(self.all_saes), self.cfg.to_dict(),
                           resume_configs(self.all_saes))
 
     def _load(self, path: Path) -> None:
         step, states, input_scales, output_scales = load_training(
             path, resume_configs(self.all_saes), {key: getattr(self.cfg, key) for key in ("batch_size", "total_tokens")})
+        keeps_metrics = self.batch_sharers.is_main  # one process per batch holds the reduced metrics
         for name, sae in self.saes.items():
             self.since_fired[name] = states[name].restore(sae, self.optimizers[name],
-                                                          self.final_metrics[name] if self.dp.is_main else None,
+                                                          self.final_metrics[name] if keeps_metrics else None,
                                                           self.device)
         self.step = step
         self.input_scales, self.output_scales = input_scales, output_scales
@@ -330,12 +342,12 @@ class Trainer:
         and return every SAE, on every process. The run's summary is the caller's to write
         (``final_summary()``); the trainer's own files are only what resuming needs."""
         for name in self.saes:
-            self.final_metrics[name] = reduce_metrics(self.final_metrics[name], self.dp)
+            self.final_metrics[name] = reduce_metrics(self.final_metrics[name], self.batch_sharers)
         summary = self.final_summary()
         for name, sae in self.saes.items():
             sae.fold_scaling(self.input_scales[name], self.output_scales[name])
             sae.eval()
-        if self.out_dir is not None and self.dp.is_main:
+        if self.out_dir is not None and self.batch_sharers.is_main:
             from ..formats.native import save_native  # the trainer writes artifacts; formats never import train
 
             for name, sae in self.saes.items():
@@ -345,6 +357,6 @@ class Trainer:
                             "tokens_trained": self.step * self.cfg.batch_size, "final_metrics": summary.get(name)}
                 save_native(sae, self.out_dir / name, density=density if metrics.n_tokens else None,
                             metadata=metadata)
-        if self.dp is not self.dist:  # each process trained its own SAEs: give every process all of them
-            self.final_metrics = share_saes(self.dist, self.all_saes, self.owners, self.final_metrics, self.device)
+        if self.batch_sharers is not self.processes:  # each process trained its own SAEs: give every one all
+            self.final_metrics = share_saes(self.processes, self.all_saes, self.owners, self.final_metrics, self.device)
         return self.all_saes

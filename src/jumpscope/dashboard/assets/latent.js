@@ -56,6 +56,16 @@
     return list;
   }
 
+  /** What the logit lens measures, and where it means most (plain text: set as textContent). */
+  function lensNote(source) {
+    var where = "";
+    if (typeof source.layer === "number" && typeof source.n_layers === "number") {
+      where = " (this SAE: layers." + source.layer + ", of " + source.n_layers + " layers)";
+    }
+    return "Logit lens: the latent's direct effect on the output logits (decoder direction times the " +
+      "unembedding, skipping the later layers); most meaningful near the last layers" + where + ".";
+  }
+
   function lensTable(caption, ids, values) {
     var table = el("table", "lens");
     table.appendChild(el("caption", null, caption));
@@ -131,6 +141,7 @@
     if (meta.has_logit_lens) {
       var lens = el("section", "logit-lens");
       lens.appendChild(el("h2", null, "Logit lens"));
+      lens.appendChild(el("p", "muted lens-note", lensNote(meta.source || {})));
       var pair = el("div", "lens-pair");
       pair.appendChild(lensTable("promoted", latent.promoted_ids, latent.promoted_values));
       pair.appendChild(lensTable("suppressed", latent.suppressed_ids, latent.suppressed_values));
