@@ -52,7 +52,7 @@ def test_exact_saes_cost_nothing_and_ablations_cost_something(name, kind, measur
 
 
 def test_keep_error_splice_leaves_the_loss_unchanged():
-    from jumpscope.evaluate.downstream import next_token_losses
+    from lm_losses import next_token_losses
     from jumpscope.models.splice import splice
 
     model, _ = build("llama")

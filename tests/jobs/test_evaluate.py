@@ -8,7 +8,7 @@ import torch
 
 import jumpscope
 from jumpscope.cli import main
-from jumpscope.evaluate.downstream import next_token_losses
+from lm_losses import next_token_losses
 from jumpscope.evaluate.report import dense_table, points_table
 from jumpscope.activations import ActivationConfig, ActivationSource
 from jumpscope.evaluate.heldout import evaluation_windows, results_table

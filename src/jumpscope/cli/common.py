@@ -14,7 +14,7 @@ from .dataclass_args import (add_dataclass_arguments, add_nested_arguments, conf
 
 __all__ = ["Command", "COMMANDS", "command", "SAE_SOURCES", "add_network_argument", "existing_sae_path",
            "ACTIVATION_JOB_FIELDS", "add_training_job_arguments", "training_job_from_args", "add_sae_arguments",
-           "sae_fields_from_args"]
+           "sae_fields_from_args", "activations_from_args", "print_report"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,20 @@ def sae_fields_from_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(f"{', '.join(option_name(n, SAE_PREFIX) for n in foreign)} not a field of "
                      f"{' or '.join(map(repr, archs))} (see `jumpscope archs {archs[0]}`)")
     return given
+
+
+def activations_from_args(args: argparse.Namespace):
+    """The ActivationConfig of a job's options (one-line error on a bad value)."""
+    from ..activations import ActivationConfig
+    from .dataclass_args import dataclass_from_args_or_exit
+
+    return dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
+
+
+def print_report(report: str, written: str) -> int:
+    """Print a training job's table and where its files went; under torchrun only the first
+    process has a report (the others print nothing)."""
+    if report:
+        print(report)
+        print(written)
+    return 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_training_job_arguments, command, training_job_from_args
-from .dataclass_args import dataclass_from_args_or_exit
+from .common import activations_from_args, add_training_job_arguments, command, print_report, training_job_from_args
 
 
 def add_jsae_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,14 +17,8 @@ def add_jsae_arguments(parser: argparse.ArgumentParser) -> None:
                  "penalising the Jacobian between their latents) and measure how sparse its computation is.",
          add_jsae_arguments)
 def jsae(args: argparse.Namespace) -> int:
-    from ..activations import ActivationConfig
     from ..jobs.jsae import JsaeJobConfig, run_jsae
 
     job = training_job_from_args(args.parser, JsaeJobConfig, args)
-    activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    _, table = run_jsae(job, activations)
-    if not table:  # a torchrun process other than the first: nothing to report
-        return 0
-    print(table)
-    print(f"the pair's SAEs (input/, output/) and summary written to {job.out}")
-    return 0
+    _, table = run_jsae(job, activations_from_args(args))
+    return print_report(table, f"the pair's SAEs (input/, output/) and summary written to {job.out}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_training_job_arguments, command, sae_fields_from_args, training_job_from_args
-from .dataclass_args import dataclass_from_args_or_exit
+from .common import (activations_from_args, add_training_job_arguments, command, print_report, sae_fields_from_args,
+                     training_job_from_args)
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,15 +17,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 @command("sweep", "Train several sparsity levels of several architectures on one activation stream, evaluate "
                   "each with the model in the loop, and write plots and a report.", add_sweep_arguments)
 def sweep(args: argparse.Namespace) -> int:
-    from ..activations import ActivationConfig
     from ..jobs.sweep import SweepConfig, run_sweep
 
     config = training_job_from_args(args.parser, SweepConfig, args)
-    activations = dataclass_from_args_or_exit(args.parser, ActivationConfig, args)
-    sae_fields = sae_fields_from_args(args.parser, args, config.archs)
-    _, report = run_sweep(config, activations, sae_fields)
-    if not report:  # a torchrun process other than the first: nothing to report
-        return 0
-    print(report)
-    print(f"SAEs, sweep.json, plots and report.md written to {config.out}")
-    return 0
+    _, report = run_sweep(config, activations_from_args(args), sae_fields_from_args(args.parser, args, config.archs))
+    return print_report(report, f"SAEs, sweep.json, plots and report.md written to {config.out}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_training_job_arguments, command, sae_fields_from_args, training_job_from_args
-from .dataclass_args import dataclass_from_args_or_exit
+from .common import (activations_from_args, add_training_job_arguments, command, print_report, sae_fields_from_args,
+                     training_job_from_args)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,15 +20,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 @command("train", "Train SAEs on a model's activations (default: JumpReLU on MiniLM, built-in corpus).",
          add_train_arguments)
 def train(args: argparse.Namespace) -> int:
-    from ..activations import ActivationConfig
     from ..jobs.train import TrainJobConfig, run_train
 
-    parser = args.parser
-    job = training_job_from_args(parser, TrainJobConfig, args, site=tuple(args.site or ()))
-    activations = dataclass_from_args_or_exit(parser, ActivationConfig, args)
-    _, summary = run_train(job, activations, sae_fields_from_args(parser, args, job.arch))
-    if not summary:  # a torchrun process other than the first: nothing to report
-        return 0
-    print(summary)
-    print(f"SAEs, log and summary written to {job.out}")
-    return 0
+    job = training_job_from_args(args.parser, TrainJobConfig, args, site=tuple(args.site or ()))
+    _, summary = run_train(job, activations_from_args(args), sae_fields_from_args(args.parser, args, job.arch))
+    return print_report(summary, f"SAEs, log and summary written to {job.out}")

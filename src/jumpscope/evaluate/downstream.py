@@ -64,21 +64,6 @@ def parse_ablations(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def next_token_logprobs(model: Any, input_ids: Tensor, train_mask: Tensor,
-                        attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Log-probabilities ``[n, vocab]`` (float32) and targets ``[n]`` at the scored predictions
-    (all at once: for a few sequences; evaluation uses :func:`.readout.chunked_sums`)."""
-    check_lm_head(model)
-    values, targets = scored_values(model, input_ids, train_mask, attention_mask, via_head=False)
-    return values.float().log_softmax(-1), targets
-
-
-def next_token_losses(model: Any, input_ids: Tensor, train_mask: Tensor, attention_mask: Tensor) -> Tensor:
-    """Per-prediction cross-entropy at the scored positions (a flat tensor)."""
-    logprobs, targets = next_token_logprobs(model, input_ids, train_mask, attention_mask)
-    return -logprobs.gather(1, targets[:, None])[:, 0]
-
-
 def sentence_embeddings(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     module = unwrap(model)
     device = _device(module)
