@@ -38,7 +38,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: see benchmarks/README.md
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -49,6 +48,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from jumpscope.jacobian import MLPFunction, jacobian_active, jacobian_autograd, precompute  # noqa: E402
+from shared_data import timing_parser  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "jacobian_speed.json"
 SIZES = {"gpt2-small": dict(kind="plain", activation="gelu_tanh", d_model=768, d_mlp=3072, d_sae=24576),
@@ -151,9 +151,7 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (halved for N > 512)")
+    parser = timing_parser(__doc__, "timed rounds after a warm-up (halved for N > 512)")
     parser.add_argument("--tokens", type=int, action="append", help="repeatable; default 256 and 2048")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--size", action="append", choices=sorted(SIZES), help="repeatable; default both")

@@ -27,7 +27,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: see benchmarks/README.md
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 from jumpscope.activations import ActivationConfig  # noqa: E402
 from jumpscope.jobs.jsae import JsaeJobConfig, run_jsae  # noqa: E402
 from jumpscope.train import TrainerConfig  # noqa: E402
-from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available  # noqa: E402
+from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available, real_model_parser  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAMBDAS = (0.0, 1.0, 4.0, 16.0)
@@ -112,14 +111,9 @@ def verdict(runs: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["stories", "minilm"], choices=["stories", "minilm"])
+    parser = real_model_parser(__doc__, "runs", "re-read the saved summaries")
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
-    parser.add_argument("--quick", action="store_true", help="a tenth of the token budget (a smoke run)")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens per pair (default: per model)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
-    parser.add_argument("--report-only", action="store_true", help="re-read the saved summaries")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {}

@@ -28,7 +28,6 @@ compared with its dense twin's (same weights, same batch, float32) as ||g_sparse
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ from jumpscope.sae import StepContext, build
 from jumpscope.sae.registry import make_config
 from jumpscope.train.optim import make_optimizer
 from jumpscope.train.trainer import estimate_scale
+from shared_data import timing_parser
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training_speed.json"
 ARCHS = ("jumprelu", "relu", "gated", "topk", "batchtopk")
@@ -175,9 +175,7 @@ def table(results: list[dict], target: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
+    parser = timing_parser(__doc__, "timed rounds after one warm-up round")
     parser.add_argument("--dense-repeats", type=int, default=2,
                         help="rounds in which the dense rows are timed (the first ones; default 2)")
     parser.add_argument("--d-sae", type=int, action="append", help="repeatable; default 4096 and 16384")

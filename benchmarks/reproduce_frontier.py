@@ -23,7 +23,6 @@ Exits 0 with a SKIP message where the shared data is absent.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads s
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available  # noqa: E402
+from shared_data import GUTENBERG, STORIES260K, WIKITEXT, available, real_model_parser  # noqa: E402
 
 from jumpscope.evaluate.plots import frontier_metrics  # noqa: E402
 from jumpscope.evaluate.report import frontier, frontier_table  # noqa: E402
@@ -109,12 +108,7 @@ def describe(name: str, result: dict, kind: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["stories", "minilm"], choices=["stories", "minilm"])
-    parser.add_argument("--quick", action="store_true", help="a tenth of the token budget (a smoke run)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--resume", action="store_true", help="continue interrupted sweeps from their checkpoints")
-    parser.add_argument("--report-only", action="store_true", help="recompute the verdicts from the saved sweeps")
+    parser = real_model_parser(__doc__, "sweeps", "recompute the verdicts from the saved sweeps")
     parser.add_argument("--lr-check", type=float, default=None, metavar="LR",
                         help="also train the baselines at this learning rate (JumpReLU's default recipe has a "
                              "higher one) and compare JumpReLU against them")

@@ -67,3 +67,28 @@ def available(names, setups: dict):
 GUTENBERG = tuple(rel for rel in SHA256 if rel.startswith("text/gutenberg/"))
 WIKITEXT = ("text/wikitext2_valid.txt", "text/wikitext2_test.txt")
 STORIES260K = ("stories260k/stories260K.bin", "stories260k/tok512.bin")
+
+
+def timing_parser(doc: str, repeats_help: str):
+    """A speed benchmark's parser (its docstring's first line as description) with --threads and
+    --repeats."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help=repeats_help)
+    return parser
+
+
+def real_model_parser(doc: str, resumed: str, report_only: str):
+    """The parser of a benchmark on the real models in ../shared/data, with --models, --quick,
+    --threads, --resume and --report-only."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["stories", "minilm"], choices=["stories", "minilm"])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the token budget (a smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help=f"continue interrupted {resumed} from their checkpoints")
+    parser.add_argument("--report-only", action="store_true", help=report_only)
+    return parser

@@ -73,10 +73,7 @@ def test_export_is_an_exactly_equivalent_jumprelu(apply_b_dec):
 
 @pytest.mark.parametrize("apply_b_dec", [False, True])
 def test_fold_scaling_takes_raw_inputs(apply_b_dec):
-    sae = randomized(apply_b_dec_to_input=apply_b_dec)
-    s = 3.7
-    x_raw = sample() * s
-    folded = assert_fold_takes_raw_inputs(sae, s, x_raw)
+    assert_fold_takes_raw_inputs(randomized(apply_b_dec_to_input=apply_b_dec), 3.7, sample() * 3.7)
 
 
 @pytest.mark.parametrize(("fields", "message"), [
