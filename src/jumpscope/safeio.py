@@ -92,7 +92,7 @@ def check_regular_file(path: str | Path, error: type[Exception] = FormatError) -
     except FileNotFoundError:
         raise FileNotFoundError(f"missing {path.name} in {path.parent}") from None
     except (OSError, ValueError) as problem:  # ValueError: an embedded null byte
-        raise error(f"{path}: cannot read it ({_one_line(problem)})") from None
+        raise error(f"{path}: cannot read it ({one_line(problem)})") from None
     if not stat.S_ISREG(info.st_mode):
         kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, device or socket"
         raise error(f"{path} is not a regular file (it is {kind})")
@@ -114,7 +114,7 @@ def read_bytes(path: str | Path, limit: int, error: type[Exception] = FormatErro
                 raise error(f"{path} is not a regular file")
             data = handle.read(limit + 1)
     except OSError as problem:
-        raise error(f"{path}: cannot read it ({_one_line(problem)})") from None
+        raise error(f"{path}: cannot read it ({one_line(problem)})") from None
     if len(data) > limit:
         raise error(f"{path} is more than the {limit} bytes such a file may have; refused")
     return data
@@ -133,7 +133,7 @@ def read_json(path: str | Path, error: type[Exception] = FormatError, limit: int
     except RecursionError:
         raise error(f"{path} is not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError, MemoryError) as problem:  # ValueError: also huge int literals
-        raise error(f"{path} is not valid JSON ({_one_line(problem)})") from None
+        raise error(f"{path} is not valid JSON ({one_line(problem)})") from None
     if not isinstance(value, dict):
         raise error(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
@@ -152,7 +152,7 @@ def safetensors_header(path: str | Path, error: type[Exception] = FormatError) -
                 found[name] = (tuple(int(n) for n in part.get_shape()), str(part.get_dtype()))
             return found
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as problem:
-        raise error(f"{path} is truncated or not a valid safetensors file ({_one_line(problem)})") from None
+        raise error(f"{path} is truncated or not a valid safetensors file ({one_line(problem)})") from None
 
 
 def check_header(path: str | Path, expected: dict[str, tuple[int, ...]], error: type[Exception] = FormatError) -> None:
@@ -183,7 +183,7 @@ def read_safetensors(path: str | Path, error: type[Exception] = FormatError) -> 
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as problem:
-        raise error(f"{path} is truncated or not a valid safetensors file ({_one_line(problem)})") from None
+        raise error(f"{path} is truncated or not a valid safetensors file ({one_line(problem)})") from None
 
 
 def read_safetensors_metadata(path: str | Path, error: type[Exception] = FormatError) -> dict[str, str]:
@@ -193,7 +193,7 @@ def read_safetensors_metadata(path: str | Path, error: type[Exception] = FormatE
         with safe_open(str(path), framework="pt") as handle:
             return handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as problem:
-        raise error(f"{path} is truncated or not a valid safetensors file ({_one_line(problem)})") from None
+        raise error(f"{path} is truncated or not a valid safetensors file ({one_line(problem)})") from None
 
 
 def check_finite(tensors: dict[str, Tensor], source: str | Path) -> None:
@@ -226,5 +226,15 @@ def short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
+def one_line(error: BaseException | str, limit: int | None = 300) -> str:
+    """An error (or text) as one line of at most ``limit`` characters (None: whole)."""
+    text = " ".join(str(error).split())[:limit]
+    return text or (type(error).__name__ if isinstance(error, BaseException) else "")
+
+
+def cache_root() -> Path:
+    """Where jumpscope keeps caches it can rebuild (the built-in corpus, converted GGUF models):
+    ``$JUMPSCOPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jumpscope``, else ``~/.cache/jumpscope``."""
+    if os.environ.get("JUMPSCOPE_CACHE_DIR"):
+        return Path(os.environ["JUMPSCOPE_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jumpscope"

@@ -107,7 +107,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("JUMPSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JUMPSCOPE_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -234,7 +234,7 @@ def test_cli_train_on_a_gguf(tiny, tmp_path, cache):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"the {w} sat on the mat and then {w} ran in the sun." for w in
                                 ("cat", "dog", "hen", "fox", "owl", "bee") * 30))
-    env = dict(os.environ, JUMPSCOPE_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, JUMPSCOPE_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "jumpscope", "train", "--model", str(path), "--site", "layers.1.resid_post",
            "--tokens", "2048", "--batch-size", "256", "--width", "128", "--corpus", str(corpus),
            "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress", "--eval-tokens", "512"]

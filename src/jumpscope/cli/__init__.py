@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from .. import __version__
 from ..errors import JumpscopeError
+from ..safeio import one_line
 # Each module registers its command; this order is the order of `jumpscope --help`.
 from . import archs, info, convert, eval, dashboard, train, jsae, suite, sweep, steer, serve, find  # noqa: F401
 from .common import COMMANDS, Command, command
@@ -38,17 +39,13 @@ class ArgumentParser(argparse.ArgumentParser):
     block), like every other error of the command line. Subcommand parsers are of this class too."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"jumpscope: error: {_one_line(message)}\n")
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+        self.exit(2, f"jumpscope: error: {one_line(message, None)}\n")
 
 
 def error_line(error: BaseException) -> tuple[str, int]:
     """The one line ``main`` prints for ``error`` and the exit status: 2 for an error a user can
     cause, 1 for anything else (named by its type, with a request to report it)."""
-    message = _one_line(error)
+    message = one_line(str(error), None)  # empty for a bare exception: the type is named below
     if isinstance(error, USER_ERRORS):
         return f"jumpscope: error: {message or type(error).__name__}", 2
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":  # torch.cuda's
@@ -60,7 +57,7 @@ def error_line(error: BaseException) -> tuple[str, int]:
 
 
 def _warning_line(message: Warning | str, category: type, *args: Any, **kwargs: Any) -> None:
-    print(f"jumpscope: warning: {_one_line(message)}", file=sys.stderr)
+    print(f"jumpscope: warning: {one_line(message, None)}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,8 +50,9 @@ def builtin_entries(cache_dir: str | Path | None | bool = None, *, refresh: bool
         return _MEMORY[key]
     file = None
     if cache_dir is not False:
-        root = Path(cache_dir) if cache_dir else Path(os.environ.get("JUMPSCOPE_CACHE_DIR") or Path(
-            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jumpscope")
+        from jumpscope.safeio import cache_root  # lazy, like atomic_write below: this module runs standalone too
+
+        root = Path(cache_dir) if cache_dir else cache_root()
         file = root / f"builtin-corpus-py{python_version()}-{key}.json"
         if not refresh and file.is_file():
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):

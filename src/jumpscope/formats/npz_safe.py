@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import FormatError
-from ..safeio import check_regular_file
+from ..safeio import check_regular_file, one_line
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -55,7 +55,7 @@ def read_npz(file: Path, names: tuple[str, ...], check: Callable[[dict[str, Head
     except FormatError:
         raise
     except _READ_ERRORS as error:
-        raise FormatError(f"{file} is truncated or not a valid npz archive ({_one_line(error)})") from None
+        raise FormatError(f"{file} is truncated or not a valid npz archive ({one_line(error)})") from None
 
 
 def _members(archive: zipfile.ZipFile, names: tuple[str, ...], file: Path) -> dict[str, zipfile.ZipInfo]:
@@ -83,7 +83,7 @@ def _header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, file: Path, name: s
         try:
             shape, fortran, dtype = readers[version](stream, max_header_size=MAX_HEADER)
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, tokenize.TokenError) as error:
-            raise FormatError(f"{file}: array {name!r} has an invalid .npy header ({_one_line(error)})") from None
+            raise FormatError(f"{file}: array {name!r} has an invalid .npy header ({one_line(error)})") from None
         header_bytes = stream.tell()
     if dtype.hasobject:
         raise FormatError(f"{file}: array {name!r} is an object (pickled) array; refused, "
@@ -124,7 +124,3 @@ def _data(archive: zipfile.ZipFile, info: zipfile.ZipInfo, header: Header, file:
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__

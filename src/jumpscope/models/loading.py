@@ -106,7 +106,7 @@ def _is_causal_lm(config: Any) -> bool:
     return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def _load_transformers(spec: str, source: str, name: str, dtype: torch.dtype, device: torch.device,
+def load_transformers_folder(spec: str, source: str, name: str, dtype: torch.dtype, device: torch.device,
                        local_only: bool, tokenizer_required: bool) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -164,7 +164,7 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
             if text.lower() != MINILM_NAME.lower():
                 raise
         else:
-            return _load_transformers(text, str(folder), MINILM_NAME, torch_dtype, dev, True, True)
+            return load_transformers_folder(text, str(folder), MINILM_NAME, torch_dtype, dev, True, True)
     if text.lower() == "smollm2":
         from .gguf import SMOLLM2_NAME, load_gguf, smollm2_path
 
@@ -193,7 +193,7 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                 return load_gguf(text, found, str(path.resolve()), torch_dtype, dev)
             raise ModelLoadError(f"{text}: folder has no config.json (expected a folder written by "
                                  "transformers' save_pretrained) and no .gguf file")
-        return _load_transformers(text, str(path), str(path.resolve()), torch_dtype, dev, True, False)
+        return load_transformers_folder(text, str(path), str(path.resolve()), torch_dtype, dev, True, False)
     if text.startswith((".", "/", "~")) or text.endswith(".bin") or os.sep + os.sep in text or text.count("/") > 1:
         raise ModelLoadError(f"{text}: no such file or folder (and not a hub id of the form org/name)")
-    return _load_transformers(text, text, text, torch_dtype, dev, not allow_network, False)
+    return load_transformers_folder(text, text, text, torch_dtype, dev, not allow_network, False)
