@@ -1,5 +1,6 @@
 """Held-out evaluation: the token budget it honours, the ablations it skips, the cache it keeps."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -57,3 +58,41 @@ def test_no_ablations_means_no_ce_recovered_columns(source, tmp_path):
     both = evaluate_saes(source, {"s": sae}, 64, ablations=("zero,mean",), progress=False, cache_dir=tmp_path)
     assert both["s"]["ce_loss_recovered_zero"] == pytest.approx(zero["s"]["ce_loss_recovered_zero"], rel=1e-6)
     assert len(list(tmp_path.glob("ablation-*"))) == 2 and len(list(tmp_path.glob("clean-*"))) == 1
+
+
+def _fvu(x, reconstruction):
+    return ((x - reconstruction) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+
+
+def test_norm_outliers_are_left_out_of_fvu_and_counted_beside_it(source, monkeypatch):
+    import torch
+
+    import jumpscope.evaluate.heldout as heldout
+
+    real, seen = heldout.harvest, []
+
+    def planted(*args, **kwargs):  # a massive activation at the first row of every held-out chunk
+        for chunk in real(*args, **kwargs):
+            chunk = {site: torch.cat([x[:1] * 1000, x[1:]]) for site, x in chunk.items()}
+            seen.append(chunk[SITE])
+            yield chunk
+
+    monkeypatch.setattr(heldout, "harvest", planted)
+    torch.manual_seed(0)
+    sae = jumpscope.build("relu", d_in=32, d_sae=16, site=SITE)
+    results = evaluate_saes(source, {"s": sae}, 128, ablations=("none",), progress=False)["s"]
+    everything = torch.cat(seen)
+    ordinary = torch.cat([x[1:] for x in seen])
+    with torch.no_grad():
+        assert results["fvu"] == pytest.approx(_fvu(ordinary, sae(ordinary)).item(), rel=1e-4)
+        assert results["fvu_all_rows"] == pytest.approx(_fvu(everything, sae(everything)).item(), rel=1e-4)
+    assert results["outlier_rows"] == len(seen) and results["n_tokens"] == len(ordinary)
+    table = results_table({"s": results}, "causal_lm")
+    assert "| FVU (all rows) |" in table.splitlines()[0] and f"leave out {len(seen)} held-out rows above 10x" in table
+
+    kept = dataclasses.replace(source.cfg, outlier_norm_factor=0)
+    seen.clear()
+    off = ActivationSource(kept, [SITE], loaded=source.loaded)
+    every = evaluate_saes(off, {"s": sae}, 128, ablations=("none",), progress=False)["s"]
+    assert every["outlier_rows"] == 0 and every["fvu"] == pytest.approx(results["fvu_all_rows"], rel=1e-6)
+    assert "FVU (all rows)" not in results_table({"s": every}, "causal_lm")

@@ -59,7 +59,9 @@ class ActivationConfig:
     """Drop a training activation whose norm is above this many times the median norm of its
     batch of windows (attention-sink positions of Llama-family residual streams reach 100x; on
     SmolLM2's layer 15 ordinary tokens stay under 2x); 0: keep every one. The summary's source
-    records how many were dropped. Held-out evaluation keeps every token."""
+    records how many were dropped. Held-out FVU, MSE, cosine, L0 and dead fraction leave out the
+    same rows (``fvu_all_rows`` and ``mse_all_rows`` count them); the spliced measures (delta LM
+    loss, KL, CE recovered) splice every ordinary token."""
 
     eval_every: int = 20
     """Hold out one context window in this many for evaluation."""

@@ -26,7 +26,7 @@ from ..models.sites import parse_site
 from .config import ActivationConfig
 
 __all__ = ["ActivationSource", "ReplayableStream", "Split", "context_size_for", "default_site", "drop_outliers",
-           "load_source_model", "max_positions", "split_windows"]
+           "inlier_mask", "load_source_model", "max_positions", "split_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,23 @@ def nonempty(windows: Iterator, corpus: str, context_size: int, what: str) -> It
     yield from windows
 
 
+def inlier_mask(chunk: dict[str, Tensor], factor: float) -> Tensor | None:
+    """True for the rows of ``chunk`` whose norm is at most ``factor`` x the chunk's median row norm
+    at every site (None for an empty chunk). Training drops the other rows; held-out evaluation
+    reports its reconstruction metrics both without them and over every row."""
+    keep = None
+    for x in chunk.values():
+        norms = x.float().norm(dim=-1)
+        fine = norms <= factor * norms.median() if norms.numel() else torch.ones(0, dtype=torch.bool)
+        keep = fine if keep is None else keep & fine.to(keep.device)
+    return keep
+
+
 def drop_outliers(chunks: Iterable[dict[str, Tensor]], factor: float, counts: Counter) -> Iterator[dict[str, Tensor]]:
-    """``chunks`` without the rows whose norm is above ``factor`` x the chunk's median row norm at
-    any site (the sites' rows stay aligned); ``counts`` gains 'rows' seen and 'dropped'."""
+    """``chunks`` without the rows :func:`inlier_mask` rejects (the sites' rows stay aligned);
+    ``counts`` gains 'rows' seen and 'dropped'."""
     for chunk in chunks:
-        keep = None
-        for x in chunk.values():
-            norms = x.float().norm(dim=-1)
-            fine = norms <= factor * norms.median() if norms.numel() else torch.ones(0, dtype=torch.bool)
-            keep = fine if keep is None else keep & fine
+        keep = inlier_mask(chunk, factor)
         rows = 0 if keep is None else keep.numel()
         dropped = 0 if keep is None else rows - int(keep.sum())
         counts["rows"] += rows

@@ -20,7 +20,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "Gemma Scope), or hf://owner/name/path (--allow-network to download)")
     add_dataclass_arguments(parser.add_argument_group("evaluation"), EvalJobConfig, exclude=("saes",))
     add_dataclass_arguments(parser.add_argument_group("text and model"), ActivationConfig,
-                            exclude=(*ACTIVATION_JOB_FIELDS, "outlier_norm_factor"))  # filters training rows only
+                            exclude=ACTIVATION_JOB_FIELDS)
 
 
 @command("eval", "Evaluate SAEs on held-out text: L0, FVU, dead latents, and the model's loss with each "

@@ -1,7 +1,9 @@
 """Held-out evaluation of SAEs, with the model in the loop.
 
 For each SAE: the core metrics (L0, FVU, MSE, cosine, dead and >10%-frequency fractions, the
-log10 feature-density histogram) on held-out activations, and the model's own measures with the
+log10 feature-density histogram) on held-out activations, without the norm outliers training
+drops (``outlier_norm_factor``; ``fvu_all_rows`` / ``mse_all_rows`` keep them, ``outlier_rows``
+counts them), and the model's own measures with the
 SAE spliced in (delta LM loss, KL, CE loss recovered against zero and mean ablation for causal
 LMs; the embedding distance for encoders; see :mod:`jumpscope.evaluate.downstream`). Training,
 sweeps, suites and ``jumpscope eval`` share :func:`evaluate_saes`, so their numbers are comparable.
@@ -16,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..activations import ActivationSource
+from ..activations.source import inlier_mask
 from ..models.harvest import harvest
 from ..models.splice import check_sae_fits
 from ..sae import SAE
@@ -72,14 +75,24 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
         check_sae_fits(sae, replaced_site(sae), model)
     windows = evaluation_windows(source, eval_tokens)
     metrics = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output) for name, sae in saes.items()}
+    all_rows = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output) for name, sae in saes.items()}
     sites = sorted({site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site})
+    factor, outliers = source.cfg.outlier_norm_factor, 0
     with torch.inference_mode():
         for chunk in harvest(model, windows, sites):
+            keep = inlier_mask(chunk, factor) if factor else None
+            outliers += 0 if keep is None else int((~keep).sum())
             for name, sae in saes.items():
                 x = chunk[sae.cfg.site].to(sae.W_enc.device, sae.W_enc.dtype)
                 target = chunk[replaced_site(sae)].to(x.device, x.dtype)
                 latents = sae.encode(x)
-                metrics[name].update(target, sae.predict(x, latents), latents)
+                reconstruction = sae.predict(x, latents)
+                all_rows[name].update(target, reconstruction, latents)
+                if keep is None or bool(keep.all()):
+                    metrics[name].update(target, reconstruction, latents)
+                elif bool(keep.any()):
+                    kept = keep.to(x.device)
+                    metrics[name].update(target[kept], reconstruction[kept], latents[kept])
     groups = {name: {replaced_site(sae): sae} for name, sae in saes.items()}
     replaced = sorted({replaced_site(sae) for sae in saes.values()})
     if together and len(saes) > 1:
@@ -94,8 +107,11 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
     results = {}
     for name, sae in saes.items():
         where = sae.cfg.site if not sae.cfg.target_site else f"{sae.cfg.site} -> {sae.cfg.target_site}"
+        everything = all_rows[name].compute()
         results[name] = {"architecture": sae.cfg.architecture, "site": where, "d_in": sae.cfg.d_in,
-                         "d_sae": sae.cfg.d_sae, **metrics[name].compute(), **measures[name]}
+                         "d_sae": sae.cfg.d_sae, **metrics[name].compute(), "outlier_rows": outliers,
+                         "outlier_norm_factor": factor, "fvu_all_rows": everything["fvu"],
+                         "mse_all_rows": everything["mse"], **measures[name]}
     if TOGETHER in measures:
         results[TOGETHER] = {"site": ", ".join(replaced), **measures[TOGETHER]}
     warn_small_dead_sample(results)
@@ -135,13 +151,19 @@ def results_table(results: Mapping[str, Mapping[str, Any]], kind: str) -> str:
     missing = [title for title, key in extra if "recovered" in key and not any(key in row for row in results.values())]
     extra = [(title, key) for title, key in extra if title not in missing]
     dead_title, per_cell = dead_column(results)
-    columns = [("SAE", None), ("site", "site"), ("d_sae", "d_sae"), ("L0", "l0"), ("FVU", "fvu"),
+    # with norm outliers left out of FVU (training drops them), the FVU over every row stands beside it
+    all_rows = [("FVU (all rows)", "fvu_all_rows")] if any(row.get("outlier_rows") for row in results.values()) else []
+    columns = [("SAE", None), ("site", "site"), ("d_sae", "d_sae"), ("L0", "l0"), ("FVU", "fvu"), *all_rows,
                (dead_title, "dead_fraction"), (">10%", "dense_fraction")] + extra
     lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + " --- |" * len(columns)]
     for name, row in results.items():
         cells = [name] + [_cell(row.get(key), 1 if key == "l0" else 4) for _, key in columns[1:]]
         if per_cell and row.get("dead_fraction") is not None:
-            cells[5] += f" ({dead_label(row['n_tokens'])})"
+            cells[5 + len(all_rows)] += f" ({dead_label(row['n_tokens'])})"
         lines.append("| " + " | ".join(cells) + " |")
     note = f"\n{', '.join(missing)}: not computed (--ablations)\n" if missing else ""
+    outliers = {(row["outlier_rows"], row["outlier_norm_factor"]) for row in results.values() if row.get("outlier_rows")}
+    for count, factor in sorted(outliers):
+        note += (f"\nFVU, L0 and dead leave out {count:,} held-out rows above {factor:g}x their batch's median norm, as "
+                 "training does (--outlier-norm-factor); FVU (all rows) counts them\n")
     return "\n".join(lines) + "\n" + note
