@@ -58,8 +58,20 @@ class SAEConfig:
     """Initial decoder bias: zeros, or the mean of the initialisation sample (ordinary SAEs only),
     which spares the first thousands of steps learning the activations' mean."""
 
+    optimizer: Literal["adam", "signsgd_schedulefree"] = "adam"
+    """'adam', or 'signsgd_schedulefree': sign descent with schedule-free averaging (sparsify's
+    recipe; needs no warm-up or decay, the saved weights are the average of the iterates)."""
+
     lr: float = 2e-4
-    """Adam learning rate at the end of warm-up."""
+    """Peak learning rate (at the end of warm-up); see lr_reference_width."""
+
+    lr_reference_width: int | None = None
+    """When set, lr applies at this width and other widths use lr * sqrt(lr_reference_width /
+    d_sae) (sparsify's rule: wider dictionaries take smaller steps). None: lr as given."""
+
+    schedule_free_beta: float = 0.95
+    """Interpolation (momentum) of the schedule-free optimiser: gradients are taken at
+    beta * average + (1 - beta) * latest iterate."""
 
     adam_beta1: float = 0.9
     """Adam beta1."""
@@ -70,14 +82,16 @@ class SAEConfig:
     adam_eps: float = 1e-8
     """Adam epsilon."""
 
-    lr_warmup_steps: int = 100
-    """Steps of linear learning-rate warm-up from 0."""
+    lr_warmup_steps: float = 100
+    """Linear learning-rate warm-up from 0: a number of steps (>= 1) or, below 1, a fraction of
+    the run (0.05: the first 5% of the steps)."""
 
     lr_decay_fraction: float = 0.2
     """Fraction of the run at its end over which the learning rate decays linearly to 0."""
 
-    sparsity_warmup_steps: int = 0
-    """Steps over which the sparsity coefficient rises linearly from 0 to its value."""
+    sparsity_warmup_steps: float = 0
+    """How long the sparsity coefficient rises linearly from 0 to its value: steps (>= 1), a
+    fraction of the run (below 1), or the whole run (negative)."""
 
     grad_clip_norm: float | None = None
     """Clip the gradient's global norm to this value; None disables clipping."""
@@ -149,6 +163,12 @@ class SAEConfig:
         check_positive(self, *self.nonnegative_fields, zero_ok=True)
         if self.input_scaling not in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none"):
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
+        if self.optimizer not in ("adam", "signsgd_schedulefree"):
+            raise ValueError(f"optimizer must be 'adam' or 'signsgd_schedulefree', got {self.optimizer!r}")
+        if not 0 < self.schedule_free_beta < 1:
+            raise ValueError(f"schedule_free_beta must lie in (0, 1), got {self.schedule_free_beta}")
+        if self.lr_reference_width is not None and self.lr_reference_width <= 0:
+            raise ValueError(f"lr_reference_width must be a positive integer or None, got {self.lr_reference_width}")
         if self.b_dec_init not in ("zeros", "mean"):
             raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.apply_b_dec_to_input and (self.d_output != self.d_in or self.target_site):

@@ -124,7 +124,7 @@ class JumpReLUConfig(SAEConfig):
 
     lr: float = 3e-3
     adam_beta1: float = 0.0
-    lr_warmup_steps: int = 100
+    lr_warmup_steps: float = 100
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # Rajamanoharan et al. 2024 / Gemma Scope, tuned for billions of tokens.

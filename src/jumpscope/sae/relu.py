@@ -42,7 +42,7 @@ class ReLUSAEConfig(SAEConfig):
     lr: float = 5e-4
     """Adam learning rate (Anthropic used 5e-5 for billions of tokens; 5e-4 suits millions)."""
 
-    sparsity_warmup_steps: int = 250
+    sparsity_warmup_steps: float = 250
     """Steps over which lambda rises linearly from 0 (Anthropic: the first 5% of training),
     which lets latents find directions before the penalty kills them."""
 

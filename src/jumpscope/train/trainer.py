@@ -31,7 +31,7 @@ from .checkpoint import TrainingState, load_training, resume_configs, save_train
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
                           reduce_metrics, reduced_row, shard_batch, share_saes, step_context)
-from .optim import lr_factor, make_optimizer, sparsity_factor
+from .optim import lr_factor, make_optimizer, peak_lr, schedule_warnings, sparsity_factor, use_average
 from .progress import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,10 @@ class Trainer:
             self._load(checkpoint)
             log.info("resuming from step %d (%d tokens)", self.step, self.step * self.cfg.batch_size)
         cfg = self.cfg
+        if self.step == 0 and self.processes.is_main:
+            for name, sae in self.saes.items():
+                for line in schedule_warnings(name, sae, cfg.total_steps):
+                    log.warning(line)
         if self.step >= cfg.total_steps:  # a finished run: nothing to replay
             batches = iter(())
         stream = rebatch(batches, cfg.batch_size, self.widths, start_row=self.step * cfg.batch_size)
@@ -256,7 +260,7 @@ class Trainer:
             sae.remove_parallel_decoder_grad()
             if sae_cfg.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), sae_cfg.grad_clip_norm)
-            lr = sae_cfg.lr * lr_factor(self.step, total, sae_cfg.lr_warmup_steps, sae_cfg.lr_decay_fraction)
+            lr = peak_lr(sae) * lr_factor(self.step, total, sae_cfg.lr_warmup_steps, sae_cfg.lr_decay_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
@@ -345,6 +349,7 @@ class Trainer:
             self.final_metrics[name] = reduce_metrics(self.final_metrics[name], self.batch_sharers)
         summary = self.final_summary()
         for name, sae in self.saes.items():
+            use_average(self.optimizers[name])  # schedule-free: the averaged weights are the SAE
             sae.fold_scaling(self.input_scales[name], self.output_scales[name])
             sae.eval()
         if self.out_dir is not None and self.batch_sharers.is_main:

@@ -1,0 +1,144 @@
+"""Optimisers and schedules: the schedule-free sign step against a hand computation, warm-ups as
+fractions, and the warnings for schedules that do not fit the run."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+import jumpscope
+from jumpscope.train.optim import (ScheduleFreeSignSGD, lr_factor, make_optimizer, peak_lr, schedule_warnings,
+                                   sparsity_factor)
+
+
+def _step(optimizer, p, grad):
+    p.grad = torch.tensor(grad)
+    optimizer.step()
+
+
+def test_schedule_free_sign_step_matches_a_hand_computation():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    lr, beta = 0.1, 0.75
+    optimizer = ScheduleFreeSignSGD([p], lr=lr, beta=beta)
+    # step 1: z0 = x0 = y0 = p0; z1 = p0 - lr sign(g1); c1 = 1, so x1 = z1 and y1 = z1
+    _step(optimizer, p, [3.0, -0.2, 0.0])
+    z1 = [1.0 - 0.1, -2.0 + 0.1, 0.5]
+    assert p.tolist() == pytest.approx(z1)
+    # step 2: x1 = z1; z2 = z1 - lr sign(g2); c2 = 1/2: x2 = (x1 + z2) / 2; y2 = beta x2 + (1 - beta) z2
+    _step(optimizer, p, [-1.0, -1.0, 2.0])
+    z2 = [0.9 + 0.1, -1.9 + 0.1, 0.5 - 0.1]
+    x2 = [(a + b) / 2 for a, b in zip(z1, z2)]
+    y2 = [beta * a + (1 - beta) * b for a, b in zip(x2, z2)]
+    assert p.tolist() == pytest.approx(y2)
+    # step 3 with the gradient at y2: x2 recovered from (y2, z2); c3 = 1/3
+    _step(optimizer, p, [1.0, 1.0, 1.0])
+    z3 = [b - 0.1 for b in z2]
+    x3 = [a + (b - a) / 3 for a, b in zip(x2, z3)]
+    assert p.tolist() == pytest.approx([beta * a + (1 - beta) * b for a, b in zip(x3, z3)])
+    optimizer.use_average()
+    assert p.tolist() == pytest.approx(x3)
+    with pytest.raises(RuntimeError, match="use_training_point"):
+        _step(optimizer, p, [1.0, 1.0, 1.0])
+    optimizer.use_training_point()
+    assert p.tolist() == pytest.approx([beta * a + (1 - beta) * b for a, b in zip(x3, z3)])
+
+
+def test_a_constant_rate_averages_uniformly_and_a_warm_up_weights_by_lr_squared():
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = ScheduleFreeSignSGD([p], lr=1.0, beta=0.5)
+    zs = []
+    for lr in (0.5, 1.0, 1.0):  # a warm-up: the first iterate counts with weight 0.5^2
+        optimizer.param_groups[0]["lr"] = lr
+        _step(optimizer, p, [-1.0])  # every step moves z up by lr
+        zs.append((zs[-1] if zs else 0.0) + lr)
+    optimizer.use_average()
+    weights = [0.25, 1.0, 1.0]
+    assert p.item() == pytest.approx(sum(w * z for w, z in zip(weights, zs)) / sum(weights))
+
+
+def test_width_scaled_learning_rate_and_the_optimiser_the_config_names():
+    sae = jumpscope.build("topk", d_in=8, d_sae=64, k=4, optimizer="signsgd_schedulefree", lr=5e-3,
+                          lr_reference_width=16)
+    assert peak_lr(sae) == pytest.approx(5e-3 * math.sqrt(16 / 64))
+    optimizer = make_optimizer(sae)
+    assert isinstance(optimizer, ScheduleFreeSignSGD) and optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+    assert isinstance(make_optimizer(jumpscope.build("topk", d_in=8, d_sae=64, k=4)), torch.optim.Adam)
+    with pytest.raises(ValueError, match="optimizer must be"):
+        jumpscope.build("topk", d_in=8, d_sae=64, k=4, optimizer="sgd")
+    with pytest.raises(ValueError, match="schedule_free_beta"):
+        jumpscope.build("topk", d_in=8, d_sae=64, k=4, schedule_free_beta=1.0)
+
+
+@pytest.mark.parametrize("warmup,step,expected", [(10, 4, 0.5), (0.1, 4, 0.5), (0.05, 0, 0.2), (0, 0, 1.0)])
+def test_warm_up_in_steps_or_as_a_fraction_of_the_run(warmup, step, expected):
+    assert lr_factor(step, 100, warmup, 0.0) == pytest.approx(expected)  # 0.1 of 100 steps = 10 steps
+    assert sparsity_factor(step, 100, warmup) == pytest.approx(expected)
+    assert sparsity_factor(49, 100, -1) == pytest.approx(0.5)
+
+
+def test_schedules_that_do_not_fit_the_run_warn():
+    sae = jumpscope.build("topk", d_in=8, d_sae=64, k=4)  # warm-up 100 steps, decay 20%
+    long = schedule_warnings("s", sae, 122)
+    assert len(long) == 1 and "100 steps" in long[0] and "82%" in long[0]
+    assert schedule_warnings("s", sae, 1000) == []
+    overlap = jumpscope.build("topk", d_in=8, d_sae=64, k=4, lr_warmup_steps=50, lr_decay_fraction=0.6)
+    assert "overlap" in schedule_warnings("s", overlap, 100)[0]
+    fraction = jumpscope.build("topk", d_in=8, d_sae=64, k=4, lr_warmup_steps=0.05)
+    assert schedule_warnings("s", fraction, 10) == []  # a fraction fits any run
+    sparsity = jumpscope.build("relu", d_in=8, d_sae=64, sparsity_warmup_steps=500, lr_warmup_steps=0.05)
+    assert "sparsity warm-up (500 steps)" in schedule_warnings("s", sparsity, 200)[0]
+
+
+def test_the_trainer_warns_once_and_saves_the_average(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(2048, 8)
+    sae = jumpscope.build("topk", d_in=8, d_sae=32, k=4, optimizer="signsgd_schedulefree", lr=1e-2,
+                          lr_warmup_steps=200, lr_decay_fraction=0.0, input_scaling="none")  # folding is identity
+    trainer = jumpscope.Trainer({"s": sae}, jumpscope.TrainerConfig(total_tokens=2048, batch_size=256, progress=False,
+                                                                    init_sample_tokens=256, device="cpu"))
+    with caplog.at_level(logging.WARNING):
+        trained = trainer.fit(x.split(256))["s"]
+    assert sum("warm-up (200 steps)" in r.getMessage() for r in caplog.records) == 1
+    optimizer = trainer.optimizers["s"]
+    assert optimizer.averaged  # the SAE returned is the average x, not the training point y
+    state = optimizer.state[trained.W_enc]
+    beta = 0.95
+    optimizer.use_training_point()
+    y = trained.W_enc.detach().clone()
+    optimizer.use_average()
+    assert torch.allclose(y, beta * trained.W_enc + (1 - beta) * state["z"], atol=1e-6)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _batches(n, crash_after=None):
+    generator = torch.Generator().manual_seed(0)
+    dictionary = torch.randn(24, 8, generator=generator)
+    for index in range(n):
+        if index == crash_after:
+            raise Crash("simulated kill")
+        codes = (torch.rand(96, 24, generator=generator) < 0.15) * torch.rand(96, 24, generator=generator)
+        yield codes @ dictionary + 0.3
+
+
+def test_a_schedule_free_run_resumes_to_identical_weights(tmp_path):
+    def saes():
+        fields = dict(d_in=8, d_sae=32, optimizer="signsgd_schedulefree", lr=1e-2, lr_warmup_steps=0.1,
+                      lr_decay_fraction=0.0)
+        return {"topk": jumpscope.build("topk", k=3, seed=1, **fields),
+                "jump": jumpscope.build("jumprelu", target_l0=3, seed=2, **fields)}
+
+    def config(folder):
+        return jumpscope.TrainerConfig(total_tokens=128 * 40, batch_size=128, init_sample_tokens=256,
+                                       checkpoint_every=7, progress=False, device="cpu", out_dir=str(folder))
+
+    reference = jumpscope.Trainer(saes(), config(tmp_path / "ref")).fit(_batches(60))
+    with pytest.raises(Crash):
+        jumpscope.Trainer(saes(), config(tmp_path / "run")).fit(_batches(60, crash_after=31))
+    resumed = jumpscope.Trainer(saes(), config(tmp_path / "run")).fit(_batches(60), resume=True)
+    for name in reference:
+        for key, value in reference[name].state_dict().items():
+            assert torch.equal(value, resumed[name].state_dict()[key]), f"{name}.{key} differs"
