@@ -10,7 +10,7 @@ processes hits them alike (the dense rows, which take most of the time, only in 
 
 Rows, at L0 ~64: JumpReLU (thresholds at each latent's (1 - 64/d_sae) quantile on the batch:
 ``threshold_init_l0=64`` then ``init_from_data``), with its default pre_act_coefficient (1e-4,
-whose backward adds one dense x^T G product) and with 0; TopK and BatchTopK with k = 64 and a
+folded into the sparse products plus a rank-one term) and with 0; TopK and BatchTopK with k = 64 and a
 dead mask on --dead-fraction of the latents (so AuxK runs, k_aux = d_in / 2); each with
 kernel='dense' and kernel='sparse'. ReLU and Gated have no sparse path and no L0 knob: their
 dense step with the default config, their measured L0 as it comes. Inputs: Gaussian, scaled to

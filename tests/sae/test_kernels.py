@@ -261,3 +261,53 @@ def test_pre_act_penalty_gradients_match_dense_at_quantile_init_ties():
     for name, dense in grads["dense"].items():
         error = (grads["sparse"][name] - dense).norm() / dense.norm().clamp_min(1e-30)
         assert error < 1e-5, (name, error.item())
+
+
+def test_row_topk_shortlist_is_exact():
+    # the grouped shortlist (sae/kernels.py _row_topk) picks the same entries as a full top-k
+    generator = torch.Generator().manual_seed(0)
+    for rows, n, k in ((64, 4096, 64), (32, 16384, 32), (16, 1024, 7)):
+        z = torch.randn(rows, n, generator=generator) + torch.randn(n, generator=generator)
+        values, cols = kernels._row_topk(z, k)
+        expected = z.topk(k, dim=-1)
+        assert torch.equal(cols.sort(-1).values, expected.indices.sort(-1).values)
+        assert torch.equal(values.sort(-1).values, expected.values.sort(-1).values)
+
+
+def test_nonzero_flat_matches_nonzero():
+    generator = torch.Generator().manual_seed(0)
+    for shape, density in (((512, 1024), 0.01), ((512, 1024), 0.6), ((300, 301), 0.02), ((64, 64), 0.1)):
+        mask = torch.rand(shape, generator=generator) < density
+        assert torch.equal(kernels._nonzero_flat(mask), mask.reshape(-1).nonzero().squeeze(1))
+
+
+def test_jumprelu_entries_with_the_bias_folded_into_the_threshold():
+    # jumprelu.py passes x_in @ W_enc and b_enc separately: the same entries, bit for bit
+    generator = torch.Generator().manual_seed(0)
+    product = torch.randn(256, 1024, generator=generator)
+    bias, threshold = 0.5 * torch.randn(1024, generator=generator), 1.5 + 0.3 * torch.rand(1024, generator=generator)
+    z = product + bias
+    z[3, :50] = threshold[:50]  # ties at theta
+    product[3, :50] = z[3, :50] - bias[:50]
+    z = product + bias
+    folded = kernels.jumprelu_entries(product, threshold, 0.05, bias=bias)
+    plain = kernels.jumprelu_entries(z, threshold, 0.05)
+    for name in ("rows", "cols", "values", "active", "window", "pre", "at_or_above"):
+        assert torch.equal(getattr(folded, name), getattr(plain, name)), name
+
+
+@pytest.mark.parametrize("arch, fields", [
+    ("jumprelu", dict(threshold_init_l0=12, bandwidth=0.05)),
+    ("jumprelu", dict(threshold_init_l0=12, bandwidth=0.05, pre_act_coefficient=0.05, apply_b_dec_to_input=True)),
+    ("topk", dict(k=12)),
+    ("batchtopk", dict(k=12)),
+])
+def test_sparse_matches_dense_on_the_large_fast_paths(arch, fields):
+    # d_sae 1024, 256 tokens: the shortlist top-k and the wordwise nonzero run (the other tests
+    # are too small for them)
+    x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(0)) + 0.2
+    sae = build(arch, d_in=D_IN, d_sae=1024, seed=5, **fields)
+    sae.init_from_data(x)
+    randomise(sae)
+    dead = torch.rand(1024, generator=torch.Generator().manual_seed(1)) < 0.1
+    assert_paths_agree(sae, x, StepContext(dead_mask=dead, sparsity_scale=0.7), extra_acts_loss=True)

@@ -1,25 +1,27 @@
 """Sparse training kernels: an SAE training step whose cost follows the active set.
 
-Only the encoder forward ``z = x_in @ W_enc + b_enc`` needs a dense matmul (every pre-activation
-must be seen to select the active latents). Everything else runs on a list of (token, latent)
-entries, held as CSR matrices:
+Only the encoder forward ``x_in @ W_enc`` needs a dense matmul (every pre-activation must be seen
+to select the active latents). Everything else runs on a list of (token, latent) entries:
 
-- decoder forward ``x_hat = f @ W_dec + b_dec``: CSR x dense (``torch.sparse.mm``);
-- ``dL/dW_dec = f^T @ dL/dx_hat``: the transposed CSR x dense;
+- decoder forward ``x_hat = f @ W_dec + b_dec``: a weighted ``embedding_bag`` over each token's entries;
+- ``dL/dW_dec = f^T @ dL/dx_hat``: the same over each latent's entries (the transposed list);
 - ``dL/df`` at the entries only: a sampled dense-dense product (``torch.sparse.sampled_addmm``);
 - ``dL/dz = dL/df * df/dz`` (nonzero at active entries only), so ``dL/dW_enc = x_in^T @ dL/dz``
   and ``dL/db_enc`` (column sums) are sparse too; with ``x_in = x - b_dec``, b_dec gets
   ``-dL/db_enc @ W_enc^T`` on top of its decoder-side gradient;
 - JumpReLU's threshold pseudo-gradients (SPEC 1) live on the kernel window
   ``|z - theta| < eps/2``: those entries are kept in the list (with activation 0) so that
-  ``dL/df`` is known there, and the L0 step term adds ``-(1/eps) * dL/dl0_b`` per window entry.
+  ``dL/df`` is known there, and the L0 step term adds ``-(1/eps) * dL/dl0_b`` per window entry;
+  its pre-activation penalty sum_b ReLU(theta_i - z_bi) per latent is "all tokens minus the
+  tokens at or above theta": a rank-one term plus entries folded into the products above;
 - TopK's AuxK decode reads only the dead latents: their k_aux selected activations are held as a
   compact dense (B, n_dead) block, so its four products are dense matmuls of inner width n_dead
   (never more work than the dense path's AuxK, and far less while few latents are dead).
 
-The gradients equal the dense reference path's (tests/test_kernels.py) up to float summation
-order. Selection is done by the caller (the architecture's ``loss``) from a detached ``z``; the
-dense ``z`` buffer is then reused for the dense ``feature_acts`` output the trainer's metrics read.
+The gradients equal the dense reference path's (tests/sae/test_kernels.py) up to float summation
+order. Selection is done by the caller (the architecture's ``loss``) from a detached ``z`` (for
+JumpReLU without b_enc: the bias is folded into the threshold and added at the entries only);
+the dense ``z`` buffer is then reused for the dense ``feature_acts`` output the trainer's metrics read.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
 
@@ -50,37 +53,48 @@ def check_kernel(kernel: str) -> None:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
-def use_sparse(kernel: str, z: Tensor, density: float | None) -> bool:
+def sparse_wanted(kernel: str, device: torch.device, n_latents: int, density: float | None) -> bool:
     """Whether a loss should take the sparse path: ``density`` is the expected fraction of
     entries (None when unknown, e.g. JumpReLU before counting its candidates)."""
     if kernel != "auto":
         return kernel == "sparse"
-    if z.device.type != "cpu" or z.shape[-1] < AUTO_MIN_LATENTS:
+    if device.type != "cpu" or n_latents < AUTO_MIN_LATENTS:
         return False  # dense matmuls are fast on accelerators; tiny SAEs gain nothing
     return density is None or density <= AUTO_MAX_DENSITY
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # "CSR support is in beta" (once per process)
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+def use_sparse(kernel: str, z: Tensor, density: float | None) -> bool:
+    """``sparse_wanted`` for pre-activations ``z`` (..., n)."""
+    return sparse_wanted(kernel, z.device, z.shape[-1], density)
 
 
 def _index_dtype(nnz: int, shape: tuple[int, int]) -> torch.dtype:
-    # 32-bit CSR indices where they fit: every cuSPARSE routine takes them.
+    # 32-bit indices where they fit: embedding_bag runs faster on them, and cuSPARSE takes them.
     return torch.int32 if max(nnz, *shape) < 2**31 - 1 else torch.int64
 
 
-def _crow(index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+def _offsets(index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """CSR row pointers (n + 1,) of a list grouped by ``index``."""
     counts = torch.bincount(index, minlength=n)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)
 
 
+def _nonzero_flat(mask: Tensor) -> Tensor:
+    """Flat indices (ascending) of the True entries of a contiguous bool tensor. A sparse mask is
+    scanned as 8-byte words first: most are all False, and only the others are read bytewise."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8 or flat.numel() < 1 << 16 or flat.storage_offset() % 8:
+        return flat.nonzero().squeeze(1)
+    words = flat.view(torch.int64).nonzero().squeeze(1)
+    hits = flat.view(-1, 8).index_select(0, words).nonzero()
+    return words.index_select(0, hits[:, 0]) * 8 + hits[:, 1]
+
+
 @dataclass
 class Entries:
-    """(row, col) entries of a (n_rows, n_cols) matrix, row-major sorted (columns ascending
-    within a row), with the activation value at each and its derivative d value / d z (0 or 1).
-    ``window`` marks JumpReLU kernel-window entries (None for TopK)."""
+    """(row, col) entries of a (n_rows, n_cols) matrix, grouped by row, with the activation value
+    at each and its derivative d value / d z (0 or 1). JumpReLU's entries also carry ``window``
+    (kernel-window entries), ``pre`` (z at each entry) and ``at_or_above`` (z >= theta)."""
 
     rows: Tensor
     cols: Tensor
@@ -88,29 +102,37 @@ class Entries:
     active: Tensor
     shape: tuple[int, int]
     window: Tensor | None = None
-    _csr_index: tuple[Tensor, Tensor] = field(init=False, repr=False)
+    pre: Tensor | None = None
+    at_or_above: Tensor | None = None
+    _index: tuple[Tensor, Tensor] = field(init=False, repr=False)
     _transpose: tuple[Tensor, Tensor, Tensor] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         dtype = self.index_dtype = _index_dtype(self.rows.numel(), self.shape)
-        self._csr_index = (_crow(self.rows, self.shape[0], dtype), self.cols.to(dtype))
+        self._index = (_offsets(self.rows, self.shape[0], dtype), self.cols.to(dtype))
+        self.flat = self.rows * self.shape[1] + self.cols
 
-    def csr(self, values: Tensor) -> Tensor:
-        return _csr(*self._csr_index, values, self.shape)
+    def gather_rows(self, table: Tensor, weights: Tensor) -> Tensor:
+        """(n_rows, d): for each row, sum over its entries of weight * table[col] (a CSR x dense product)."""
+        crow, col = self._index
+        return F.embedding_bag(col, table, crow[:-1], mode="sum", per_sample_weights=weights)
 
-    def csr_t(self, values: Tensor) -> Tensor:
-        """The transpose (n_cols, n_rows) as CSR, carrying ``values`` (given in entry order)."""
+    def gather_cols(self, table: Tensor, weights: Tensor) -> Tensor:
+        """(n_cols, d): for each column, sum over its entries of weight * table[row] (the transpose's product)."""
         if self._transpose is None:
-            order = torch.argsort(self.cols, stable=True)
-            crow = _crow(self.cols, self.shape[1], self.index_dtype)
-            self._transpose = (order, crow, self.rows[order].to(self.index_dtype))
-        order, crow, col = self._transpose
-        return _csr(crow, col, values[order], (self.shape[1], self.shape[0]))
+            order = torch.argsort(self._index[1], stable=True)
+            crow = _offsets(self.cols, self.shape[1], self.index_dtype)
+            self._transpose = (order, crow, self.rows.index_select(0, order).to(self.index_dtype))
+        order, crow, row = self._transpose
+        return F.embedding_bag(row, table, crow[:-1], mode="sum", per_sample_weights=weights.index_select(0, order))
 
     def sddmm(self, left: Tensor, right: Tensor) -> Tensor:
         """``left[row] . right[col]`` at every entry (left (n_rows, d), right (n_cols, d))."""
         try:
-            mask = self.csr(left.new_zeros(self.rows.numel()))
+            with warnings.catch_warnings():  # "CSR support is in beta" (once per process)
+                warnings.simplefilter("ignore")
+                mask = torch.sparse_csr_tensor(*self._index, left.new_zeros(self.rows.numel()), self.shape,
+                                               check_invariants=False)
             return torch.sparse.sampled_addmm(mask, left, right.T, beta=0.0).values()
         except (RuntimeError, NotImplementedError):  # no sampled_addmm for this device or build
             pieces = zip(self.rows.split(1 << 14), self.cols.split(1 << 14))
@@ -120,39 +142,64 @@ class Entries:
         return values.new_zeros(self.shape[1]).index_add_(0, self.cols, values)
 
 
-def _entries(z: Tensor, rows: Tensor, cols: Tensor, active: Tensor, values: Tensor, **kw: Any) -> Entries:
-    dtype = torch.float32
-    return Entries(rows, cols, values.to(dtype), active.to(dtype), tuple(z.shape), **kw)
+def _select(keep: Tensor, *tensors: Tensor) -> list[Tensor]:
+    index = keep.nonzero().squeeze(1)
+    return [t.index_select(0, index) for t in tensors]
 
 
 @torch.no_grad()
-def jumprelu_entries(z: Tensor, threshold: Tensor, bandwidth: float) -> Entries:
+def jumprelu_entries(z: Tensor, threshold: Tensor, bandwidth: float, bias: Tensor | None = None) -> Entries:
     """Active entries (z > theta) and kernel-window entries (|z - theta| < eps/2) of z (B, n),
-    with the same float expressions as the dense path (jumprelu.py)."""
-    candidates = (z > threshold - bandwidth).nonzero()  # a superset of active | window
-    rows, cols = candidates.unbind(1)
-    zu, theta = z[rows, cols], threshold[cols]
+    with the same float expressions as the dense path (jumprelu.py). With ``bias``, ``z`` holds
+    x_in @ W_enc only and the pre-activation is ``z + bias`` (added at the candidates only)."""
+    n = z.shape[1]
+    low = threshold - bandwidth  # candidates z > theta - eps: a superset of active | window
+    if bias is not None:  # on z without the bias, with a margin far above the rounding of z + bias
+        low = low - bias - 1e-5 * (low.abs() + bias.abs()) - torch.finfo(z.dtype).tiny
+    flat = _nonzero_flat(z > low)
+    rows, cols = flat // n, flat % n
+    zu, theta = z.reshape(-1).index_select(0, flat), threshold.index_select(0, cols)
+    if bias is not None:
+        zu = zu + bias.index_select(0, cols)
     active = zu > theta
     u = (zu - theta) / bandwidth
     window = (u > -0.5) & (u < 0.5)
-    keep = active | window
-    rows, cols, zu, active, window = rows[keep], cols[keep], zu[keep], active[keep], window[keep]
-    return _entries(z, rows, cols, active, zu * active.to(zu.dtype), window=window.to(torch.float32))
+    rows, cols, zu, theta, active, window = _select(active | window, rows, cols, zu, theta, active, window)
+    f32 = torch.float32
+    return Entries(rows, cols, (zu * active.to(zu.dtype)).to(f32), active.to(f32), tuple(z.shape),
+                   window=window.to(f32), pre=zu, at_or_above=(zu >= theta).to(f32))
 
 
 def _positive(z: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Entries:
     # ReLU'd selections: entries with z <= 0 have value 0 and gradient 0, so they are left out.
     keep = values > 0
-    rows, cols, values = rows[keep], cols[keep], values[keep]
-    return _entries(z, rows, cols, torch.ones_like(values), values)
+    if not bool(keep.all()):
+        rows, cols, values = _select(keep, rows, cols, values)
+    values = values.float()
+    return Entries(rows, cols, values, torch.ones_like(values), tuple(z.shape))
+
+
+def _row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``z.topk(k, dim=-1, sorted=False)`` (values, indices; the same set up to ties) for z (B, n),
+    on a shortlist: split each row into G strided groups of S; the k groups with the largest
+    maxima hold the row's k largest entries, so one top-k over the G maxima and one over those
+    k groups' S * k entries replace the top-k over n (G * S = n, S about sqrt(n / k))."""
+    B, n = z.shape
+    S = 1 << max(0, int(math.log2(max(1.0, n / k))) // 2)
+    G = n // S
+    if S < 4 or n % S or G < k or not z.is_contiguous():
+        return z.topk(k, dim=-1, sorted=False)
+    grouped = z.view(B, S, G)  # group g: columns g, g + G, g + 2G, ...
+    groups = grouped.amax(1).topk(k, dim=-1, sorted=False).indices  # (B, k)
+    shortlist = grouped.gather(2, groups.unsqueeze(1).expand(B, S, k)).reshape(B, S * k)
+    values, position = shortlist.topk(k, dim=-1, sorted=False)
+    return values, groups.gather(1, position % k) + G * (position // k)
 
 
 @torch.no_grad()
 def topk_entries(z: Tensor, k: int) -> Entries:
     """The k largest entries of each row of z, ReLU'd (entries with z <= 0 left out)."""
-    values, cols = z.topk(k, dim=-1, sorted=False)
-    cols, order = cols.sort(dim=-1)
-    values = values.gather(-1, order)
+    values, cols = _row_topk(z, k)
     rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
     return _positive(z, rows, cols.reshape(-1), values.reshape(-1))
 
@@ -171,6 +218,8 @@ def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int) -> AuxEntries:
     """The top ``k_aux`` pre-activations of each token among the dead latents, as topk.py picks them."""
     columns = dead_mask.nonzero().squeeze(1)
     pool = z.index_select(1, columns)
+    if k_aux >= columns.numel():  # every dead latent is picked
+        return AuxEntries(columns, torch.relu_(pool).float())
     values, index = pool.topk(k_aux, dim=-1, sorted=False)
     return AuxEntries(columns, torch.zeros_like(pool).scatter_(-1, index, torch.relu(values)).float())
 
@@ -189,9 +238,9 @@ def _flat_topk_index(flat: Tensor, keep: int) -> Tensor:
         expected = 2.0 * keep / n * m  # aim at twice keep candidates
         above = min(m - 1, math.ceil(expected + 6 * math.sqrt(expected) + 16))
         bound = sample.kthvalue(m - above).values
-        candidates = (flat > bound).nonzero().squeeze(1)
+        candidates = _nonzero_flat(flat > bound)
         if candidates.numel() >= keep:
-            return candidates[flat[candidates].topk(keep, sorted=False).indices]
+            return candidates.index_select(0, flat.index_select(0, candidates).topk(keep, sorted=False).indices)
     return flat.topk(keep, sorted=False).indices
 
 
@@ -201,49 +250,68 @@ def batch_topk_entries(z: Tensor, k: int) -> tuple[Entries, Tensor]:
     smallest kept positive value (+inf when none is positive), as batchtopk.py computes them."""
     B, n = z.shape
     index = _flat_topk_index(z.reshape(-1), k * B).sort().values
-    values = z.reshape(-1)[index]
+    values = z.reshape(-1).index_select(0, index)
     inf = values.new_tensor(float("inf"))
     smallest = torch.where(values > 0, values, inf).min() if values.numel() else inf
     return _positive(z, index // n, index % n, values), smallest
 
 
 class _SparseSAE(torch.autograd.Function):
-    """(x, W_enc, b_enc, W_dec, b_dec, theta) -> (x_hat, aux e_hat, per-token L0, dense f)."""
+    """(x, W_enc, b_enc, W_dec, b_dec, theta) -> (x_hat, aux e_hat, per-token L0, dense f, gap):
+    gap (n,) is JumpReLU's sum_b ReLU(theta_i - z_bi) when asked for (else empty)."""
 
     @staticmethod
     @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
                 theta: Tensor | None, main: Entries, aux: AuxEntries | None, buffer: Tensor | None,
-                apply_b_dec: bool, bandwidth: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                apply_b_dec: bool, bandwidth: float, gap: bool) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, W_enc, W_dec, b_dec, theta)
         ctx.main, ctx.aux, ctx.apply_b_dec, ctx.bandwidth = main, aux, apply_b_dec, bandwidth
-        recon = main.csr(main.values) @ W_dec + b_dec
+        recon = main.gather_rows(W_dec, main.values) + b_dec
         if aux is not None:
             ctx.W_dec_dead = W_dec.index_select(0, aux.columns)
         aux_recon = aux.acts @ ctx.W_dec_dead if aux is not None else recon.new_zeros(0)
         l0 = x.new_zeros(main.shape[0]).index_add_(0, main.rows, main.active)
         acts = buffer.detach().zero_() if buffer is not None else x.new_zeros(main.shape)
-        acts.index_put_((main.rows, main.cols), main.values)
-        return recon, aux_recon, l0, acts
+        acts.view(-1).index_copy_(0, main.flat, main.values)
+        x_sum = above = None
+        if gap:  # all tokens minus those at or above theta, in float64 (the two sums nearly cancel)
+            x_sum = (x - b_dec if apply_b_dec else x).sum(0, dtype=torch.float64)
+            above = main.scatter_cols(main.at_or_above)
+            z_all = x_sum @ W_enc.double() + main.shape[0] * b_enc.double()  # sum_b z_bi
+            z_above = main.scatter_cols(main.pre.double() * main.at_or_above)
+            gap_out = ((main.shape[0] - above).double() * theta.double() - (z_all - z_above)).to(x.dtype)
+        else:
+            gap_out = x.new_zeros(0)
+        ctx.x_sum, ctx.above = x_sum, above
+        ctx.save_for_backward(x, W_enc, W_dec, b_dec, theta)
+        return recon, aux_recon, l0, acts, gap_out
 
     @staticmethod
     @custom_bwd(device_type="cuda")
     def backward(ctx: Any, g_recon: Tensor | None, g_aux: Tensor | None, g_l0: Tensor | None,
-                 g_acts: Tensor | None) -> tuple[Tensor | None, ...]:
+                 g_acts: Tensor | None, g_gap: Tensor | None) -> tuple[Tensor | None, ...]:
         x, W_enc, W_dec, b_dec, theta = ctx.saved_tensors
         main, aux, need = ctx.main, ctx.aux, ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 11
+        grads: list[Tensor | None] = [None] * 12
+        B = main.shape[0]
         g = main.sddmm(g_recon, W_dec) if g_recon is not None else None  # dL/df at the entries
         if g_acts is not None:
-            picked = g_acts[main.rows, main.cols]
+            picked = g_acts.reshape(-1).index_select(0, main.flat)
             g = picked if g is None else g + picked
         g_main = None if g is None else g * main.active  # dL/dz at the entries
+        if g_gap is not None and ctx.x_sum is not None:
+            # d gap_i / d z_bi = -1 below theta: -g_gap everywhere (a rank-one term, below) plus
+            # g_gap at the entries at or above theta
+            folded = g_gap.index_select(0, main.cols) * main.at_or_above
+            g_main = folded if g_main is None else g_main + folded
+        else:
+            g_gap = None
         g_dead = None  # dL/dz on the dead columns (B, m)
         if aux is not None and g_aux is not None and g_aux.numel():
             g_dead = (g_aux @ ctx.W_dec_dead.T) * (aux.acts > 0)
         if need[3] and g_recon is not None:
-            grads[3] = main.csr_t(main.values) @ g_recon
+            grads[3] = main.gather_cols(g_recon, main.values)
         if need[3] and g_dead is not None:
             dead_grad = aux.acts.T @ g_aux
             grads[3] = (W_dec.new_zeros(W_dec.shape) if grads[3] is None else grads[3]).index_add_(
@@ -253,40 +321,51 @@ class _SparseSAE(torch.autograd.Function):
         if g_main is not None or g_dead is not None:
             x_in = x - b_dec if ctx.apply_b_dec else x
             grad_b_enc = main.scatter_cols(g_main) if g_main is not None else b_dec.new_zeros(main.shape[1])
+            if g_gap is not None:
+                grad_b_enc -= B * g_gap
             if g_dead is not None:
                 grad_b_enc.index_add_(0, aux.columns, g_dead.sum(0))
-            if need[1]:
-                grad_W_enc = (main.csr_t(g_main) @ x_in).T if g_main is not None else W_enc.new_zeros(W_enc.shape)
+            if need[1]:  # computed as its transpose (n, d_in)
+                grad_W_enc = main.gather_cols(x_in, g_main) if g_main is not None else W_enc.new_zeros(W_enc.shape).T
+                if g_gap is not None:
+                    grad_W_enc -= torch.outer(g_gap, ctx.x_sum.to(x.dtype))
                 if g_dead is not None:
-                    grad_W_enc = grad_W_enc.index_add(1, aux.columns, x_in.T @ g_dead)
-                grads[1] = grad_W_enc
+                    grad_W_enc.index_add_(0, aux.columns, g_dead.T @ x_in)
+                grads[1] = grad_W_enc.T
             if need[2]:
                 grads[2] = grad_b_enc
             if need[4] and ctx.apply_b_dec:
                 enc_side = -(grad_b_enc @ W_enc.T)
                 grads[4] = enc_side if grads[4] is None else grads[4] + enc_side
             if need[0]:
-                grad_x = main.csr(g_main) @ W_enc.T if g_main is not None else x.new_zeros(x.shape)
+                W_enc_t = W_enc.T.contiguous()
+                grad_x = main.gather_rows(W_enc_t, g_main) if g_main is not None else x.new_zeros(x.shape)
+                if g_gap is not None:
+                    grad_x -= g_gap @ W_enc_t
                 if g_dead is not None:
-                    grad_x = grad_x + g_dead @ W_enc.index_select(1, aux.columns).T
+                    grad_x = grad_x + g_dead @ W_enc_t.index_select(0, aux.columns)
                 grads[0] = grad_x
-        if need[5] and main.window is not None and (g is not None or g_l0 is not None):
+        if need[5] and main.window is not None and (g is not None or g_l0 is not None or g_gap is not None):
             eps, window = ctx.bandwidth, main.window
             g_theta = torch.zeros_like(window)
             if g is not None:  # d JumpReLU / d theta = -(theta/eps) K((z - theta)/eps)
-                g_theta = -(theta[main.cols] / eps) * window * g
+                g_theta = -(theta.index_select(0, main.cols) / eps) * window * g
             if g_l0 is not None:  # d H / d theta = -(1/eps) K((z - theta)/eps)
-                g_theta = g_theta - (1.0 / eps) * window * g_l0[main.rows]
+                g_theta = g_theta - (1.0 / eps) * window * g_l0.index_select(0, main.rows)
             grads[5] = main.scatter_cols(g_theta)
+            if g_gap is not None:  # d gap_i / d theta_i = the number of tokens below theta_i
+                grads[5] += g_gap * (B - ctx.above).to(g_gap.dtype)
         return tuple(grads)
 
 
 def sparse_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, main: Entries, *,
                theta: Tensor | None = None, aux: AuxEntries | None = None, buffer: Tensor | None = None,
-               apply_b_dec_to_input: bool = False, bandwidth: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               apply_b_dec_to_input: bool = False, bandwidth: float = 0.0,
+               pre_act_gap: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reconstruction (B, d_out), AuxK reconstruction (B, d_out; empty without ``aux``), per-token
-    L0 (B,) and dense feature acts (B, n, written into ``buffer`` when given, e.g. the detached z)
+    L0 (B,), dense feature acts (B, n, written into ``buffer`` when given, e.g. the detached z)
+    and, with ``pre_act_gap`` (JumpReLU), sum_b ReLU(theta_i - z_bi) per latent (n,; else empty)
     from entries selected on z = x_in @ W_enc + b_enc. Differentiable in x, W_enc, b_enc, W_dec,
     b_dec and theta (JumpReLU: pass ``bandwidth`` and entries with a window)."""
     return _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, theta, main, aux, buffer,
-                            apply_b_dec_to_input, bandwidth)
+                            apply_b_dec_to_input, bandwidth, pre_act_gap)

@@ -109,11 +109,17 @@ class TopKSAE(SAE):
 
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
         target, skip = self.split_skip(x, x if target is None else target)
-        pre = self.pre_activation(x)
-        if kernels.use_sparse(self.cfg.kernel, pre, self.cfg.k / self.cfg.d_sae):
-            entries = self.sparse_entries(pre.detach().reshape(-1, self.cfg.d_sae))
+        cfg = self.cfg
+        if kernels.sparse_wanted(cfg.kernel, x.device, cfg.d_sae, cfg.k / cfg.d_sae):
+            self.check_input(x)
+            flat_x = x.reshape(-1, cfg.d_in)
+            with torch.no_grad():  # pre_activation's float ops, the bias added in place (no new B x d_sae tensor)
+                z = (flat_x - self.b_dec if cfg.apply_b_dec_to_input else flat_x) @ self.W_enc
+                z.add_(self.b_enc)
+            entries = self.sparse_entries(z)
             if entries is not None:
-                return self._sparse_loss(x, pre, entries, ctx, target).with_skip(skip)
+                return self._sparse_loss(x, z, entries, ctx, target).with_skip(skip)
+        pre = self.pre_activation(x)
         acts = self.training_activation(pre)
         recon = self.decode(acts)
         terms = {"mse": reconstruction_error(target, recon)}
@@ -129,18 +135,18 @@ class TopKSAE(SAE):
         (None: take the dense path)."""
         return kernels.topk_entries(z, self.cfg.k)
 
-    def _sparse_loss(self, x: Tensor, pre: Tensor, entries: kernels.Entries, ctx: StepContext,
+    def _sparse_loss(self, x: Tensor, z: Tensor, entries: kernels.Entries, ctx: StepContext,
                      target: Tensor) -> LossOutput:
-        """``loss`` through sae/kernels.py (the AuxK decode is sparse too)."""
+        """``loss`` through sae/kernels.py (the AuxK decode is sparse too); z (B, d_sae) is the
+        detached pre-activation, whose buffer becomes the dense feature_acts."""
         cfg = self.cfg
-        z = pre.detach().reshape(-1, cfg.d_sae)
         aux = None
         if cfg.aux_coefficient and ctx.dead_mask is not None:
             dead = ctx.dead_mask.to(device=z.device, dtype=torch.bool)
             k_aux = min(cfg.aux_k, int(dead.sum()))
             if k_aux:
                 aux = kernels.auxk_entries(z, dead, k_aux)
-        recon, aux_recon, _, acts = kernels.sparse_sae(
+        recon, aux_recon, _, acts, _ = kernels.sparse_sae(
             x.reshape(-1, cfg.d_in), self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, aux=aux,
             buffer=z, apply_b_dec_to_input=cfg.apply_b_dec_to_input)
         recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
@@ -149,6 +155,7 @@ class TopKSAE(SAE):
             error = (target - recon).detach().reshape(aux_recon.shape)
             terms["aux"] = cfg.aux_coefficient * reconstruction_error(error, aux_recon)
         else:
-            terms["aux"] = cfg.aux_coefficient * pre.new_zeros(())
-        return LossOutput(terms["mse"] + terms["aux"], terms, acts.reshape(pre.shape), recon)
+            terms["aux"] = cfg.aux_coefficient * z.new_zeros(())
+        acts = acts.reshape(*x.shape[:-1], cfg.d_sae)
+        return LossOutput(terms["mse"] + terms["aux"], terms, acts, recon)
 
