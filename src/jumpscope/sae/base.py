@@ -342,6 +342,11 @@ class SAE(nn.Module):
     def after_step(self) -> None:
         """Called after each optimiser step (e.g. to clamp thresholds). Default: nothing."""
 
+    def unaveraged_parameters(self) -> list[nn.Parameter]:
+        """Parameters an averaging optimiser (schedule-free) must train without averaging, because
+        a controller steers their latest value (JumpReLU's thresholds under target_l0). Default: none."""
+        return []
+
     def sparsity_coefficient(self) -> float | None:
         """The coefficient the sparsity warm-up multiplies, for logging; None if there is none."""
         return None

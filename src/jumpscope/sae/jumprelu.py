@@ -193,12 +193,13 @@ class JumpReLUSAE(SAE):
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
         cfg = self.cfg
         target, skip = self.split_skip(x, x if target is None else target)
-        pre = self.pre_activation(x)
         threshold = self.threshold
-        if cfg.sparse_supported and kernels.use_sparse(cfg.kernel, pre, None):
-            out = self._sparse_loss(x, pre, threshold, target, ctx)
+        if cfg.sparse_supported and kernels.sparse_wanted(cfg.kernel, x.device, cfg.d_sae, None):
+            out, pre = self._sparse_loss(x, threshold, target, ctx)
             if out is not None:
                 return out.with_skip(skip)
+        else:
+            pre = self.pre_activation(x)
         acts = jumprelu(pre, threshold, cfg.bandwidth)
         recon = self.decode(acts)
         terms = {"mse": reconstruction_error(target, recon)}
@@ -227,46 +228,32 @@ class JumpReLUSAE(SAE):
             return cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
         return cfg.l0_coefficient * l0
 
-    def _sparse_pre_act_penalty(self, x: Tensor, z: Tensor, entries: kernels.Entries, threshold: Tensor) -> Tensor:
-        """The pre-activation penalty without a dense (B, d_sae) pass. Summed over tokens,
-        ReLU(theta_i - z_bi) is sum over the tokens where latent i is inactive of
-        (theta_i - b_enc_i - x_b . W_enc[:, i]); that is the all-token sum minus the active-token
-        sum, which needs only column sums of x and one sparse product over the active entries.
-        "Active" here is z >= theta: at a tie (the quantile init makes one per latent) ReLU has no
-        gradient; ties lie inside the kernel window, so they are among the entries."""
+    def _sparse_loss(self, x: Tensor, threshold: Tensor, target: Tensor,
+                     ctx: StepContext) -> tuple[LossOutput | None, Tensor | None]:
+        """The same loss through sae/kernels.py: (output, None), or (None, the pre-activation)
+        when 'auto' finds the batch too dense. Only x_in @ W_enc is formed densely: b_enc is
+        folded into the candidate threshold and added at the entries (the same float sum as
+        ``pre_activation``), and its buffer becomes the dense feature_acts."""
         cfg = self.cfg
-        batch = x.shape[0]
-        # float64 sums: "all tokens minus active tokens" would lose digits to cancellation in float32
-        x64 = x.detach().double()
-        active = (z[entries.rows, entries.cols] >= threshold.detach()[entries.cols]).double()
-        counts = entries.scatter_cols(active)                                 # |A_i|
-        active_x = torch.sparse.mm(entries.csr_t(active), x64)                # sum_{b in A_i} x_b
-        inactive_x = (x64.sum(0) - active_x).to(x.dtype)                      # (d_sae, d_in)
-        inactive = (batch - counts).to(x.dtype)
-        if cfg.apply_b_dec_to_input:  # x - b_dec inside z: its sum over inactive tokens
-            inactive_x = inactive_x - inactive[:, None] * self.b_dec
-        per_latent = inactive * (threshold - self.b_enc) - (inactive_x * self.W_enc.T).sum(-1)
-        return cfg.pre_act_coefficient * (self.W_dec.norm(dim=1) * per_latent).sum() / batch
-
-    def _sparse_loss(self, x: Tensor, pre: Tensor, threshold: Tensor, target: Tensor,
-                     ctx: StepContext) -> LossOutput | None:
-        """The same loss through sae/kernels.py; None when 'auto' finds the batch too dense."""
-        cfg = self.cfg
-        z = pre.detach().reshape(-1, cfg.d_sae)
-        entries = kernels.jumprelu_entries(z, threshold.detach(), cfg.bandwidth)
-        if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * z.numel():
-            return None
+        self.check_input(x)
         flat_x = x.reshape(-1, cfg.d_in)
-        pre_act = self._sparse_pre_act_penalty(flat_x, z, entries, threshold) if cfg.pre_act_coefficient else None
-        recon, _, l0, acts = kernels.sparse_sae(
-            x.reshape(-1, cfg.d_in), self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, theta=threshold,
-            buffer=z, apply_b_dec_to_input=cfg.apply_b_dec_to_input, bandwidth=cfg.bandwidth)
+        x_in = flat_x - self.b_dec if cfg.apply_b_dec_to_input else flat_x
+        product = x_in @ self.W_enc
+        z = product.detach()
+        entries = kernels.jumprelu_entries(z, threshold.detach(), cfg.bandwidth, bias=self.b_enc.detach())
+        if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * z.numel():
+            return None, (product + self.b_enc).reshape(*x.shape[:-1], cfg.d_sae)
+        recon, _, l0, acts, gap = kernels.sparse_sae(
+            flat_x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, theta=threshold, buffer=z,
+            apply_b_dec_to_input=cfg.apply_b_dec_to_input, bandwidth=cfg.bandwidth,
+            pre_act_gap=bool(cfg.pre_act_coefficient))
         recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
         terms = {"mse": reconstruction_error(target, recon),
                  "sparsity": ctx.sparsity_scale * self._l0_penalty(l0.mean(), ctx)}
-        if pre_act is not None:
-            terms["pre_act"] = pre_act
-        return LossOutput(torch.stack(list(terms.values())).sum(), terms, acts.reshape(pre.shape), recon)
+        if cfg.pre_act_coefficient:  # sum_b ReLU(theta_i - z_bi) per latent, from the kernel
+            terms["pre_act"] = cfg.pre_act_coefficient * (self.W_dec.norm(dim=1) * gap).sum() / z.shape[0]
+        acts = acts.reshape(*x.shape[:-1], cfg.d_sae)
+        return LossOutput(torch.stack(list(terms.values())).sum(), terms, acts, recon), None
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
@@ -277,6 +264,12 @@ class JumpReLUSAE(SAE):
         pre = self.pre_activation(x)
         rank = min(pre.shape[0], max(1, math.ceil((1.0 - l0 / self.cfg.d_sae) * pre.shape[0])))
         self.set_threshold(pre.kthvalue(rank, dim=0).values)
+
+    def unaveraged_parameters(self) -> list[nn.Parameter]:
+        # the target-L0 penalty steers the latest thresholds; their average would miss the target
+        if self.cfg.target_l0 is None:
+            return []
+        return [self.log_threshold if self.cfg.log_threshold else self.threshold_raw]
 
     def after_step(self) -> None:
         if not self.cfg.log_threshold:

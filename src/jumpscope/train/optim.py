@@ -39,7 +39,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 < beta < 1:
             raise ValueError(f"beta must lie in (0, 1), got {beta}")
-        super().__init__(params, {"lr": lr, "beta": beta, "weight_sum": 0.0, "lr_max": 0.0, "k": 0})
+        super().__init__(params, {"lr": lr, "beta": beta, "weight_sum": 0.0, "lr_max": 0.0, "k": 0, "average": True})
         self.averaged = False
 
     @torch.no_grad()
@@ -51,6 +51,9 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             if not params:
                 continue
             lr, beta = group["lr"], group["beta"]
+            if not group["average"]:  # plain sign descent: the parameters are the latest iterate
+                torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
+                continue
             for p in params:
                 if "z" not in self.state[p]:
                     self.state[p]["z"] = p.detach().clone()
@@ -81,7 +84,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
 
     def _lerp_all(self, weight) -> None:
         for group in self.param_groups:
-            params = [p for p in group["params"] if "z" in self.state[p]]
+            params = [p for p in group["params"] if "z" in self.state[p]] if group["average"] else []
             if params:
                 torch._foreach_lerp_(params, [self.state[p]["z"] for p in params], weight(group["beta"]))
 
@@ -99,7 +102,11 @@ def make_optimizer(sae: SAE) -> torch.optim.Optimizer:
     """The optimiser the SAE's own config names, with its hyperparameters."""
     cfg = sae.cfg
     if cfg.optimizer == "signsgd_schedulefree":
-        return ScheduleFreeSignSGD(sae.parameters(), lr=peak_lr(sae), beta=cfg.schedule_free_beta)
+        latest = {id(p) for p in sae.unaveraged_parameters()}
+        groups = [{"params": [p for p in sae.parameters() if id(p) not in latest]}]
+        if latest:
+            groups.append({"params": [p for p in sae.parameters() if id(p) in latest], "average": False})
+        return ScheduleFreeSignSGD(groups, lr=peak_lr(sae), beta=cfg.schedule_free_beta)
     return torch.optim.Adam(sae.parameters(), lr=peak_lr(sae), betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps)
 
