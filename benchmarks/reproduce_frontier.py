@@ -54,7 +54,7 @@ def setups(quick: bool) -> dict[str, dict]:
         "stories": dict(
             files=(*STORIES260K, "text/tinystories_cased.txt", "text/tinystories_lower.txt"),
             sweep=dict(site="layers.2.resid_post", l0=(8.0, 16.0, 32.0, 64.0),
-                       l1_coefficients=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0), width=512, tokens=int(1_500_000 * scale),
+                       l1_coefficients=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0), width=512, tokens=int(1_500_000 * scale),
                        eval_tokens=16_384),
             activations=lambda paths: dict(model=str(paths[0]), corpus=f"{paths[2]},{paths[3]}", context_size=512,
                                            model_batch_size=8),
@@ -62,7 +62,7 @@ def setups(quick: bool) -> dict[str, dict]:
         "minilm": dict(
             files=(*GUTENBERG, *WIKITEXT),
             sweep=dict(site="layers.3.resid_post", l0=(8.0, 16.0, 32.0, 64.0),
-                       l1_coefficients=(1.0, 2.0, 4.0, 8.0, 16.0), width=1536, tokens=int(400_000 * scale),
+                       l1_coefficients=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0), width=1536, tokens=int(400_000 * scale),
                        eval_tokens=16_384),
             activations=lambda paths: dict(
                 model="minilm", corpus=f"{paths[0].parent},{paths[-2]},{paths[-1]}", txt_split="paragraph",

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from jumpscope.sae import build
 from jumpscope.sae.batchtopk import BatchTopKSAE
 from jumpscope.train import Trainer, TrainerConfig
+from recipes import adam_build
 
 D_IN, D_SAE, BATCH, STEPS = 16, 64, 96, 24
 
@@ -67,19 +68,19 @@ class GlobalBatchTopK(BatchTopKSAE):
 def make_saes(suite: str) -> dict:
     common = dict(d_in=D_IN, d_sae=D_SAE)
     if suite == "data":  # trained under data parallelism; all but plain batchtopk exactly as in one process
-        return {"jumprelu": build("jumprelu", **common, l0_coefficient=0.05, threshold_init_l0=6, seed=1),
-                "jumprelu_sparse": build("jumprelu", **common, l0_coefficient=0.05, threshold_init_l0=6, seed=2,
+        return {"jumprelu": adam_build("jumprelu", **common, l0_coefficient=0.05, threshold_init_l0=6, seed=1),
+                "jumprelu_sparse": adam_build("jumprelu", **common, l0_coefficient=0.05, threshold_init_l0=6, seed=2,
                                          kernel="sparse"),
-                "topk": build("topk", **common, k=4, seed=3),
+                "topk": adam_build("topk", **common, k=4, seed=3),
                 "gated": build("gated", **common, seed=4),
                 "relu": build("relu", **common, seed=5),
-                "jumprelu_target": build("jumprelu", **common, target_l0=4, seed=6),
-                "batchtopk_global": GlobalBatchTopK(build("batchtopk", **common, k=4, seed=7).cfg),
-                "batchtopk": build("batchtopk", **common, k=4, seed=7)}
+                "jumprelu_target": adam_build("jumprelu", **common, target_l0=4, seed=6),
+                "batchtopk_global": GlobalBatchTopK(adam_build("batchtopk", **common, k=4, seed=7).cfg),
+                "batchtopk": adam_build("batchtopk", **common, k=4, seed=7)}
     if suite == "saes":  # one SAE set per process
-        return {"jumprelu": build("jumprelu", **common, target_l0=4, seed=1),
-                "topk": build("topk", **common, k=4, seed=2),
-                "batchtopk": build("batchtopk", **common, k=4, seed=3),
+        return {"jumprelu": adam_build("jumprelu", **common, target_l0=4, seed=1),
+                "topk": adam_build("topk", **common, k=4, seed=2),
+                "batchtopk": adam_build("batchtopk", **common, k=4, seed=3),
                 "relu": build("relu", **common, seed=4)}
     raise ValueError(f"unknown suite {suite!r}")
 

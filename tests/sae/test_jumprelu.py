@@ -116,7 +116,8 @@ def test_from_weights_round_trip_and_shape_errors():
     sae = make(target_l0=3)
     sae.init_from_data(torch.randn(100, 6))
     copy = jumprelu_from_weights(sae.W_enc.detach(), sae.W_dec.detach(), sae.b_enc.detach(),
-                                 sae.b_dec.detach(), sae.threshold.detach())
+                                 sae.b_dec.detach(), sae.threshold.detach(),
+                                 apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input)
     x = torch.randn(20, 6)
     assert torch.equal(copy.encode(x), sae.encode(x))
     with pytest.raises(ValueError, match="inconsistent JumpReLU weight shapes"):

@@ -9,6 +9,7 @@ import torch
 
 from jumpscope.sae import StepContext, build, kernels
 from jumpscope.train import Trainer, TrainerConfig
+from recipes import adam_build
 
 D_IN, D_SAE, BATCH = 8, 64, 96
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -75,7 +76,7 @@ JUMPRELU_CASES = [
 
 
 def jumprelu_sae(**fields):
-    sae = build("jumprelu", d_in=D_IN, d_sae=D_SAE, bandwidth=0.5, threshold_init_l0=8, seed=3, **fields)
+    sae = adam_build("jumprelu", d_in=D_IN, d_sae=D_SAE, bandwidth=0.5, threshold_init_l0=8, seed=3, **fields)
     sae.init_from_data(data(seed=9))
     randomise(sae)
     return sae
@@ -111,13 +112,13 @@ def test_jumprelu_with_nothing_active_or_in_the_window():
 
 def test_jumprelu_sparse_needs_the_l0_loss():
     with pytest.raises(ValueError, match="kernel='sparse'"):
-        build("jumprelu", d_in=4, d_sae=8, sparsity_loss="tanh", kernel="sparse")
+        adam_build("jumprelu", d_in=4, d_sae=8, sparsity_loss="tanh", kernel="sparse")
     with pytest.raises(ValueError, match="kernel must be"):
-        build("topk", d_in=4, d_sae=8, k=2, kernel="fast")
+        adam_build("topk", d_in=4, d_sae=8, k=2, kernel="fast")
 
 
 def topk_sae(arch, b_enc_shift=0.0, **fields):
-    sae = build(arch, d_in=D_IN, d_sae=D_SAE, k=6, seed=4, **fields)
+    sae = adam_build(arch, d_in=D_IN, d_sae=D_SAE, k=6, seed=4, **fields)
     randomise(sae, b_enc_shift=b_enc_shift)
     return sae
 
@@ -199,7 +200,7 @@ def stream(n_batches, rows=128, seed=0):
     ("batchtopk", dict(k=6)),
 ])
 def test_training_with_sparse_kernel_matches_dense(arch, fields):
-    saes = {kernel: build(arch, d_in=D_IN, d_sae=D_SAE, seed=7, kernel=kernel, **fields)
+    saes = {kernel: adam_build(arch, d_in=D_IN, d_sae=D_SAE, seed=7, kernel=kernel, **fields)
             for kernel in ("dense", "sparse")}
     # a short dead window so that AuxK is active for the TopK architectures
     cfg = TrainerConfig(total_tokens=128 * 12, batch_size=128, init_sample_tokens=256, log_every=4,
@@ -238,12 +239,12 @@ def graph_names(tensor):
 def test_auto_takes_the_sparse_path_on_cpu_when_sparse_enough():
     x = torch.randn(256, D_IN)
     for l0, sparse in ((8, True), (200, False)):
-        sae = build("jumprelu", d_in=D_IN, d_sae=512, threshold_init_l0=l0, bandwidth=0.05)
+        sae = adam_build("jumprelu", d_in=D_IN, d_sae=512, threshold_init_l0=l0, bandwidth=0.05)
         sae.init_from_data(x)
         assert ("_SparseSAEBackward" in graph_names(sae.loss(x, StepContext()).loss)) == sparse
-    topk = build("topk", d_in=D_IN, d_sae=512, k=8)
+    topk = adam_build("topk", d_in=D_IN, d_sae=512, k=8)
     assert "_SparseSAEBackward" in graph_names(topk.loss(x, StepContext()).loss)
-    topk = build("topk", d_in=D_IN, d_sae=256, k=8)  # below AUTO_MIN_LATENTS
+    topk = adam_build("topk", d_in=D_IN, d_sae=256, k=8)  # below AUTO_MIN_LATENTS
     assert "_SparseSAEBackward" not in graph_names(topk.loss(x, StepContext()).loss)
 
 
@@ -253,7 +254,7 @@ def test_pre_act_penalty_gradients_match_dense_at_quantile_init_ties():
     x = torch.randn(512, D_IN) + 0.3
     grads = {}
     for kernel in ("dense", "sparse"):
-        sae = build("jumprelu", d_in=D_IN, d_sae=D_SAE, target_l0=6, pre_act_coefficient=0.05, kernel=kernel)
+        sae = adam_build("jumprelu", d_in=D_IN, d_sae=D_SAE, target_l0=6, pre_act_coefficient=0.05, kernel=kernel)
         sae.init_from_data(x)
         assert ((sae.pre_activation(x) == sae.threshold).sum(0) >= 1).all()  # ties are present
         sae.loss(x, StepContext()).loss.backward()
@@ -306,7 +307,7 @@ def test_sparse_matches_dense_on_the_large_fast_paths(arch, fields):
     # d_sae 1024, 256 tokens: the shortlist top-k and the wordwise nonzero run (the other tests
     # are too small for them)
     x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(0)) + 0.2
-    sae = build(arch, d_in=D_IN, d_sae=1024, seed=5, **fields)
+    sae = adam_build(arch, d_in=D_IN, d_sae=1024, seed=5, **fields)
     sae.init_from_data(x)
     randomise(sae)
     dead = torch.rand(1024, generator=torch.Generator().manual_seed(1)) < 0.1

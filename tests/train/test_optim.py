@@ -63,7 +63,7 @@ def test_width_scaled_learning_rate_and_the_optimiser_the_config_names():
     assert peak_lr(sae) == pytest.approx(5e-3 * math.sqrt(16 / 64))
     optimizer = make_optimizer(sae)
     assert isinstance(optimizer, ScheduleFreeSignSGD) and optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-3)
-    assert isinstance(make_optimizer(jumpscope.build("topk", d_in=8, d_sae=64, k=4)), torch.optim.Adam)
+    assert isinstance(make_optimizer(jumpscope.build("batchtopk", d_in=8, d_sae=64, k=4)), torch.optim.Adam)
     with pytest.raises(ValueError, match="optimizer must be"):
         jumpscope.build("topk", d_in=8, d_sae=64, k=4, optimizer="sgd")
     with pytest.raises(ValueError, match="schedule_free_beta"):
@@ -78,7 +78,8 @@ def test_warm_up_in_steps_or_as_a_fraction_of_the_run(warmup, step, expected):
 
 
 def test_schedules_that_do_not_fit_the_run_warn():
-    sae = jumpscope.build("topk", d_in=8, d_sae=64, k=4)  # warm-up 100 steps, decay 20%
+    sae = jumpscope.build("topk", d_in=8, d_sae=64, k=4, optimizer="adam", lr_warmup_steps=100,
+                          lr_decay_fraction=0.2)
     long = schedule_warnings("s", sae, 122)
     assert len(long) == 1 and "100 steps" in long[0] and "82%" in long[0]
     assert schedule_warnings("s", sae, 1000) == []

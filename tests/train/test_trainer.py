@@ -17,6 +17,7 @@ from jumpscope.sae import build
 from jumpscope.train import Trainer, TrainerConfig
 from jumpscope.train.batches import rebatch
 from jumpscope.train.optim import lr_factor, sparsity_factor
+from recipes import adam_build
 
 D_IN = 8
 
@@ -31,8 +32,8 @@ def stream(n_batches, rows=96, seed=0, scale=1.0):
 
 
 def small_saes():
-    return {"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, seed=1),
-            "jump_log": build("jumprelu", d_in=D_IN, d_sae=32, l0_coefficient=0.05, log_threshold=True,
+    return {"jump": adam_build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, seed=1),
+            "jump_log": adam_build("jumprelu", d_in=D_IN, d_sae=32, l0_coefficient=0.05, log_threshold=True,
                               threshold_init_l0=4, seed=2)}
 
 
@@ -82,6 +83,7 @@ def test_killed_process_resumes_to_identical_weights(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {os.path.join(os.path.dirname(os.path.dirname(__file__)), "helpers")!r})
         from test_trainer import small_saes, stream, config
         from jumpscope.train import Trainer
         def slow(batches):
@@ -109,7 +111,7 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path):
     Trainer(small_saes(), config(tmp_path)).fit(stream(60))
     with pytest.raises(FileExistsError, match="resume"):
         Trainer(small_saes(), config(tmp_path)).fit(stream(60))
-    other = {"jump": build("jumprelu", d_in=D_IN, d_sae=64, target_l0=3)}
+    other = {"jump": adam_build("jumprelu", d_in=D_IN, d_sae=64, target_l0=3)}
     with pytest.raises(ValueError, match="different SAEs or configs"):
         Trainer(other, config(tmp_path)).fit(stream(60), resume=True)
 
@@ -144,7 +146,7 @@ def test_saes_trained_together_equal_saes_trained_alone():
 
 def test_training_reaches_target_l0_with_unit_norm_decoder():
     # bandwidth 0.02: with d_in=8 and 128-row batches, eps=0.001 leaves ~0.1 kernel hits per batch.
-    trainer = Trainer({"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, bandwidth=0.02)},
+    trainer = Trainer({"jump": adam_build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, bandwidth=0.02)},
                       config(total_tokens=128 * 500))
     saes = trainer.fit(stream(700))
     summary = trainer.final_summary()["jump"]
@@ -154,7 +156,7 @@ def test_training_reaches_target_l0_with_unit_norm_decoder():
 
 
 def test_decoder_gradient_projection_removes_parallel_component():
-    sae = build("jumprelu", d_in=D_IN, d_sae=16)
+    sae = adam_build("jumprelu", d_in=D_IN, d_sae=16)
     sae.W_dec.grad = torch.randn_like(sae.W_dec)
     sae.remove_parallel_decoder_grad()
     assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(16), atol=1e-6)
@@ -172,7 +174,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="no activation batches"):
         Trainer(small_saes(), config()).fit([])
     with pytest.raises(ValueError, match="disagree on its width: 4 vs 5"):
-        Trainer([build("jumprelu", d_in=4, d_sae=8), build("jumprelu", d_in=5, d_sae=8)], config()).fit(
+        Trainer([adam_build("jumprelu", d_in=4, d_sae=8), adam_build("jumprelu", d_in=5, d_sae=8)], config()).fit(
             [torch.randn(128, 4)])
     with pytest.raises(ValueError, match="no cfg.site"):
         Trainer(small_saes(), config()).fit([{"layers.0.resid_post": torch.randn(128, D_IN)}])
@@ -197,7 +199,7 @@ def test_schedules():
 
 
 def test_diverging_loss_is_reported_before_a_checkpoint_is_written(tmp_path):
-    saes = {"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, lr=1e30)}
+    saes = {"jump": adam_build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, lr=1e30)}
     with pytest.raises(FloatingPointError, match="'jump': the loss became NaN or inf"):
         Trainer(saes, config(tmp_path, checkpoint_every=1)).fit(stream(60))
     checkpoint = tmp_path / "checkpoint.safetensors"
@@ -218,13 +220,13 @@ def test_dict_batches_route_each_sae_to_its_site():
         for a, b in zip(stream(n_batches, seed=1), stream(n_batches, seed=2)):
             yield {"layers.0.resid_post": a, "layers.1.mlp_out": torch.cat([b, b[:, :4]], dim=1)}
 
-    saes = {"first": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, site="layers.0.resid_post"),
-            "second": build("jumprelu", d_in=D_IN + 4, d_sae=32, target_l0=3, site="layers.1.mlp_out")}
+    saes = {"first": adam_build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, site="layers.0.resid_post"),
+            "second": adam_build("jumprelu", d_in=D_IN + 4, d_sae=32, target_l0=3, site="layers.1.mlp_out")}
     together = Trainer(saes, config()).fit(sites(60))
-    alone = Trainer({"second": build("jumprelu", d_in=D_IN + 4, d_sae=32, target_l0=3)}, config()).fit(
+    alone = Trainer({"second": adam_build("jumprelu", d_in=D_IN + 4, d_sae=32, target_l0=3)}, config()).fit(
         torch.cat([b, b[:, :4]], dim=1) for b in stream(60, seed=2))
     assert_same_weights({"second": together["second"]}, alone)
-    explicit = Trainer({"x": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3)}, config(),
+    explicit = Trainer({"x": adam_build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3)}, config(),
                        inputs={"x": "layers.0.resid_post"}).fit(sites(60))
     assert_same_weights({"x": together["first"]}, explicit)
 
@@ -237,7 +239,7 @@ def test_transcoder_pairs_fold_input_and_output_scales_separately():
             yield x, output_scale * torch.tanh(x @ mixing)
 
     def transcoder():
-        return {"tc": build("jumprelu", d_in=D_IN, d_out=5, d_sae=32, target_l0=3, b_dec_init="zeros")}
+        return {"tc": adam_build("jumprelu", d_in=D_IN, d_out=5, d_sae=32, target_l0=3, b_dec_init="zeros")}
 
     plain = Trainer(transcoder(), config()).fit(pairs(1.0))["tc"]
     scaled = Trainer(transcoder(), config()).fit(pairs(20.0))["tc"]
@@ -263,7 +265,7 @@ def test_resuming_a_finished_run_reads_no_data(tmp_path):
 
 def test_resume_may_change_runtime_fields_such_as_the_kernel(tmp_path):
     def saes(kernel):
-        return {"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, kernel=kernel)}
+        return {"jump": adam_build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, kernel=kernel)}
 
     with pytest.raises(Crash):
         Trainer(saes("dense"), config(tmp_path)).fit(crashing(stream(60), after=20))
@@ -274,8 +276,8 @@ def test_resume_may_change_runtime_fields_such_as_the_kernel(tmp_path):
 
 
 def test_transcoders_with_mean_b_dec_init_keep_a_zero_output_bias_at_init():
-    sae = build("jumprelu", d_in=D_IN, d_out=5, d_sae=16, target_l0=3)  # b_dec_init="mean" by default
+    sae = adam_build("jumprelu", d_in=D_IN, d_out=5, d_sae=16, target_l0=3)  # b_dec_init="mean" by default
     sae.init_from_data(torch.randn(200, D_IN))
     assert torch.equal(sae.b_dec, torch.zeros(5))
     with pytest.raises(ValueError, match="apply_b_dec_to_input is for SAEs.*set it to False for a transcoder"):
-        build("topk", d_in=D_IN, d_out=5, d_sae=16, k=2)
+        adam_build("topk", d_in=D_IN, d_out=5, d_sae=16, k=2)

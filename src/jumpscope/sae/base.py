@@ -342,6 +342,11 @@ class SAE(nn.Module):
     def after_step(self) -> None:
         """Called after each optimiser step (e.g. to clamp thresholds). Default: nothing."""
 
+    def unit_decoder_rows_exactly(self) -> None:
+        """After an averaging optimiser, whose average of unit rows is not unit: rescale each
+        decoder row to unit norm where the architecture can compensate exactly (a per-latent
+        threshold scales with its latent). Default: nothing (a top-k choice would change)."""
+
     def unaveraged_parameters(self) -> list[nn.Parameter]:
         """Parameters an averaging optimiser (schedule-free) must train without averaging, because
         a controller steers their latest value (JumpReLU's thresholds under target_l0). Default: none."""

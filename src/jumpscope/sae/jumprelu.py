@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .base import SAE, LossOutput, SAEConfig, StepContext, reconstruction_error
+from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .registry import register
 
 
@@ -78,14 +78,24 @@ class JumpReLUConfig(SAEConfig):
     runtime_fields: ClassVar[tuple[str, ...]] = ("kernel",)
     job_fields: ClassVar[tuple[str, ...]] = SAEConfig.job_fields + ("target_l0", "l0_coefficient")
 
-    bandwidth: float = 0.001
-    """Width eps of the rectangle kernel in the pseudo-derivatives (on the scaled inputs)."""
+    input_scaling: InputScaling = "sqrt_d_in_norm"
+    """E||x|| = sqrt(d_in): the scale on which sign descent's step sizes suit thresholds and
+    biases (the paper's E||x||^2 = 1 is preset('paper') and preset('adam'))."""
+
+    apply_b_dec_to_input: bool | None = None
+    """Subtract b_dec (initialised at the input mean) before the encoder, as TopK and Gated do,
+    so thresholds act on centred inputs (FVU 0.190 vs 0.204 at L0 32 in the recipe check).
+    None: True for an SAE, False for a transcoder (its b_dec lives in output space)."""
+
+    bandwidth: float = 0.02
+    """Width eps of the rectangle kernel in the pseudo-derivatives (on the scaled inputs; the
+    paper's 0.001 on E||x||^2 = 1 is about 0.02 on E||x|| = sqrt(d_in) at d_in 384)."""
 
     log_threshold: bool = False
     """Store log(theta) as the parameter (paper) instead of raw theta (trains faster under Adam)."""
 
-    threshold_init: float = 0.001
-    """Initial threshold when it is not initialised from data."""
+    threshold_init: float = 0.02
+    """Initial threshold when it is not initialised from data (on the scaled inputs)."""
 
     threshold_init_l0: float | None = None
     """Initialise each theta_i at the (1 - L0/d_sae) quantile of its pre-activation on a data
@@ -96,14 +106,18 @@ class JumpReLUConfig(SAEConfig):
     sparsity_loss: Literal["l0", "tanh"] = "l0"
     """'l0': lambda * ||f||_0 (paper); 'tanh': lambda * sum tanh(c |f_i| ||W_dec,i||) (Anthropic)."""
 
-    l0_coefficient: float = 0.01
-    """lambda, the sparsity coefficient (ignored when target_l0 is set)."""
+    l0_coefficient: float = 4.0
+    """lambda, the sparsity coefficient (ignored when target_l0 is set). On E||x|| = sqrt(d_in)
+    the squared error is about d_in times its size on E||x||^2 = 1, where the paper's 0.01
+    applies (preset('paper'))."""
 
     target_l0: float | None = None
     """Drive the batch L0 to this value with target_l0_coefficient * (L0/target - 1)^2."""
 
-    target_l0_coefficient: float = 10.0
-    """Strength of the target-L0 penalty."""
+    target_l0_coefficient: float = 1000.0
+    """Strength of the target-L0 penalty. With sign descent it must outweigh the squared error's
+    pull on the thresholds (on E||x|| = sqrt(d_in)): 10 left L0 at 52 for a target of 32, 300
+    and 1000 reached 32.5 and 32.2. Adam recipes use 10 (preset('adam'))."""
 
     tanh_scale: float = 4.0
     """c in the tanh sparsity penalty."""
@@ -122,18 +136,35 @@ class JumpReLUConfig(SAEConfig):
     (sparse on CPU when at most 10% of the (token, latent) entries are active and d_sae >= 512, dense
     otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0'."""
 
-    lr: float = 3e-3
+    optimizer: Literal["adam", "signsgd_schedulefree"] = "signsgd_schedulefree"
+    """Sign descent with schedule-free averaging (the thresholds, under target_l0, take plain
+    sign steps without averaging so the L0 the penalty steers is the L0 saved)."""
+
+    lr: float = 5e-3
+    """Peak step size at lr_reference_width latents."""
+
+    lr_reference_width: int | None = 16_384
+    """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae)."""
+
     adam_beta1: float = 0.0
-    lr_warmup_steps: float = 100
+    lr_warmup_steps: float = 0
+    lr_decay_fraction: float = 0.0
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # The Adam recipe that was the default before schedule-free sign descent.
+        "adam": dict(optimizer="adam", lr=3e-3, lr_reference_width=None, adam_beta1=0.0, lr_warmup_steps=100,
+                     lr_decay_fraction=0.2, input_scaling="unit_mean_sq_norm", apply_b_dec_to_input=False,
+                     bandwidth=0.001, threshold_init=0.001, l0_coefficient=0.01, target_l0_coefficient=10.0),
         # Rajamanoharan et al. 2024 / Gemma Scope, tuned for billions of tokens.
-        "paper": dict(lr=7e-5, adam_beta1=0.0, adam_beta2=0.999, lr_warmup_steps=1000,
+        "paper": dict(optimizer="adam", lr_reference_width=None, apply_b_dec_to_input=False,
+                      l0_coefficient=0.01, target_l0_coefficient=10.0,
+                      lr=7e-5, adam_beta1=0.0, adam_beta2=0.999, lr_warmup_steps=1000,
                       lr_decay_fraction=0.0, sparsity_warmup_steps=10_000, log_threshold=True,
                       threshold_init=0.001, bandwidth=0.001, input_scaling="unit_mean_sq_norm",
                       b_dec_init="zeros", pre_act_coefficient=0.0),
         # Anthropic's January 2025 variant (constants unverified, SPEC 1).
-        "tanh": dict(sparsity_loss="tanh", tanh_scale=4.0, pre_act_coefficient=3e-6,
+        "tanh": dict(optimizer="adam", lr=3e-3, lr_reference_width=None, lr_warmup_steps=100,
+                     apply_b_dec_to_input=False, sparsity_loss="tanh", tanh_scale=4.0, pre_act_coefficient=3e-6,
                      input_scaling="sqrt_d_in_norm", bandwidth=2.0, threshold_init=0.1,
                      sparsity_warmup_steps=-1, lr_decay_fraction=0.2, grad_clip_norm=1.0,
                      normalize_decoder=False),
@@ -142,6 +173,8 @@ class JumpReLUConfig(SAEConfig):
     positive_fields: ClassVar[tuple[str, ...]] = ("bandwidth", "threshold_init")
 
     def __post_init__(self) -> None:
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = self.d_out in (None, self.d_in) and not self.target_site
         super().__post_init__()
         for name in ("target_l0", "threshold_init_l0"):
             value = getattr(self, name)
@@ -265,6 +298,18 @@ class JumpReLUSAE(SAE):
         rank = min(pre.shape[0], max(1, math.ceil((1.0 - l0 / self.cfg.d_sae) * pre.shape[0])))
         self.set_threshold(pre.kthvalue(rank, dim=0).values)
 
+    @torch.no_grad()
+    def unit_decoder_rows_exactly(self) -> None:
+        # f_i * W_dec_i is unchanged when W_dec_i / n, and W_enc_i, b_enc_i, theta_i times n (n > 0)
+        if not self.cfg.normalize_decoder:
+            return
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        threshold = self.threshold * norms
+        self.W_dec.div_(norms[:, None])
+        self.W_enc.mul_(norms)
+        self.b_enc.mul_(norms)
+        self.set_threshold(threshold)
+
     def unaveraged_parameters(self) -> list[nn.Parameter]:
         # the target-L0 penalty steers the latest thresholds; their average would miss the target
         if self.cfg.target_l0 is None:
@@ -296,6 +341,7 @@ def jumprelu_from_weights(W_enc: Tensor, W_dec: Tensor, b_enc: Tensor, b_dec: Te
             f"b_enc {tuple(b_enc.shape)}, b_dec {tuple(b_dec.shape)}, threshold {tuple(threshold.shape)}")
     d_out = W_dec.shape[1]
     fields.setdefault("threshold_floor", 0.0)  # keep the given thresholds bit-exact (even 0)
+    fields.setdefault("apply_b_dec_to_input", False)  # the weights given read raw x
     cfg = JumpReLUConfig(d_in=d_in, d_sae=d_sae, d_out=None if d_out == d_in else d_out, **fields)
     sae = JumpReLUSAE(cfg)
     with torch.no_grad():

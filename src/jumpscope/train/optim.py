@@ -111,10 +111,12 @@ def make_optimizer(sae: SAE) -> torch.optim.Optimizer:
                             eps=cfg.adam_eps)
 
 
-def use_average(optimizer: torch.optim.Optimizer) -> None:
-    """Before saving or evaluating: the averaged weights, for optimisers that keep them."""
+def use_average(optimizer: torch.optim.Optimizer) -> bool:
+    """Before saving or evaluating: the averaged weights, for optimisers that keep them (True)."""
     if isinstance(optimizer, ScheduleFreeSignSGD):
         optimizer.use_average()
+        return True
+    return False
 
 
 def use_training_point(optimizer: torch.optim.Optimizer) -> None:

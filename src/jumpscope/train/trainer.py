@@ -349,7 +349,8 @@ class Trainer:
             self.final_metrics[name] = reduce_metrics(self.final_metrics[name], self.batch_sharers)
         summary = self.final_summary()
         for name, sae in self.saes.items():
-            use_average(self.optimizers[name])  # schedule-free: the averaged weights are the SAE
+            if use_average(self.optimizers[name]):  # schedule-free: the averaged weights are the SAE
+                sae.unit_decoder_rows_exactly()
             sae.fold_scaling(self.input_scales[name], self.output_scales[name])
             sae.eval()
         if self.out_dir is not None and self.batch_sharers.is_main:
