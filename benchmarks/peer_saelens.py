@@ -1,6 +1,6 @@
 """Peer benchmark: our JumpReLU SAE against SAELens's, on the same cached MiniLM activations.
 
-    .venv/bin/python benchmarks/peer_saelens.py            # defaults: about 7 min on 2 lightly loaded cores
+    .venv/bin/python benchmarks/peer_saelens.py            # defaults: about 12 min on 2 lightly loaded cores (18 at load 3-5)
     .venv/bin/python benchmarks/peer_saelens.py --quick    # smoke run, 1.5-2 min
     .venv/bin/python benchmarks/peer_saelens.py --l0 64 --threads 2 --no-install
 
@@ -13,19 +13,38 @@ hashes what it was handed and the digests are compared). Evaluation uses held-ou
 the training stream), identical for both sides.
 
 Ours: ``build("jumprelu", d_in=384, d_sae=W, target_l0=L)`` with its defaults, trained by
-``jumpscope.Trainer``. SAELens (6.x, in .venv-saelens, created here as ``make interop`` does
-unless --no-install): ``JumpReLUTrainingSAE`` + ``SAETrainer`` (benchmarks/peer_saelens_worker.py)
-at several ``l0_coefficient`` values (it has no target L0), same width, tokens, batch size and
-seed, SAELens's defaults otherwise except the learning rate: 3e-3 (our default peak lr) instead of
-its 3e-4, because a JumpReLU threshold moves by about lr per Adam step and at 3e-4 its thresholds
-(init 0.01) cannot rise far enough in 200 steps (L0 stays near 3,000 of 3,072); plus one reference
-run with its documented defaults (lr 3e-4, l0_coefficient 1; not with --quick). Its SAEs are saved
-in SAELens's format and loaded back with ``jumpscope.load``, so both sides are measured by the
-same code (``StreamingMetrics``: L0, mean-centred FVU, dead fraction on the held-out rows).
+``jumpscope.Trainer``, at --l0 and at each of --targets. SAELens (6.54.x, in .venv-saelens, created
+here as ``make interop`` does unless --no-install): ``JumpReLUTrainingSAE`` + ``SAETrainer``
+(benchmarks/peer_saelens_worker.py), same width, tokens, batch size and seed, in two of its
+sparsity modes:
+
+- its target-L0 mode, ``jumprelu_sparsity_loss_mode="quadratic"`` with ``target_l0=T`` (Gemma
+  Scope 2's penalty: l0_coefficient * 2/T * (L0_token - T)^2 averaged over the batch, each token's
+  L0 counted through its step straight-through estimator, whose gradient reaches the thresholds
+  only), at each of --targets (default --l0, 20 and 55), with ``l0_coefficient`` 10 and lr 5e-3
+  (--quadratic-coefficient, --quadratic-lr; --quadratic-field sets other config fields). Its
+  thresholds start at 0.01 (one scalar; ours are set per latent from a data sample at the
+  target's quantile) and move by at most about lr per Adam step, and they must reach about 0.2,
+  so at 200 steps the lr decides whether the target is reached. Tried at T 32 on this cache: lr
+  3e-4 (its default): L0 2,990; lr 3e-3: L0 51-67 for coefficients 0.1-10, still falling at the
+  last step (coefficient 100: L0 319, its L0 first rising to 2,700); lr 5e-3, coefficient 10:
+  L0 36, settled from about step 160 (the pick); lr 1e-2: L0 32-36 but FVU 0.37. The figures
+  and the runs are in benchmarks/README.md;
+- its L0-penalty mode (``"step"``, its default) at several ``l0_coefficient`` values, SAELens's
+  defaults otherwise except the learning rate: 3e-3 (our default peak lr) instead of its 3e-4 for
+  the same reason; plus one reference run with its documented defaults (lr 3e-4, l0_coefficient
+  1; not with --quick).
+
+Its SAEs are saved in SAELens's format and loaded back with ``jumpscope.load``, so both sides are
+measured by the same code (``StreamingMetrics``: L0, mean-centred FVU, dead fraction on the
+held-out rows). The worker also records each SAELens training batch's L0 and mean threshold
+(``train_trace_every_20`` in the JSON), which shows whether its L0 had settled.
+
 Matched L0, both ways: SAELens's FVU at our L0, linear in log L0 between its coefficient runs
 (flagged EXTRAPOLATED when they do not bracket it: at this budget its L0 has a floor that larger
-coefficients do not lower); and ours re-trained (one Trainer, several SAEs) with target_l0 = each
-L0 SAELens reached, our FVU then read at exactly that L0 (linear in log L0 between our runs).
+coefficients do not lower), and for each target between its quadratic runs; and ours re-trained
+(one Trainer, several SAEs) with target_l0 = each L0 SAELens reached in either mode, our FVU then
+read at exactly that L0 (linear in log L0 between our runs).
 
 Timings: training only (``fit()`` on each side, data reading from the cache included on both
 sides), and the median time per step; cache building and process start-up are reported
@@ -67,6 +86,7 @@ VENV = ROOT / ".venv-saelens"
 WORKER = Path(__file__).resolve().parent / "peer_saelens_worker.py"
 SITE, MODEL, D_IN = "layers.3.resid_post", "minilm", 384
 SAELENS_DEFAULT_LR, SAELENS_DEFAULT_COEFFICIENT = 3e-4, 1.0
+QUADRATIC_COEFFICIENT, QUADRATIC_LR = 10.0, 5e-3  # SAELens's quadratic target-L0 runs (see the docstring)
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,6 +97,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 16,384)")
     p.add_argument("--coefficients", type=str, default=None, help="SAELens l0_coefficient values, comma-separated")
+    p.add_argument("--targets", type=str, default=None, help="target L0s for SAELens's quadratic target-L0 mode and "
+                   "for ours, comma-separated (default: --l0, 20, 55; --quick: --l0 only)")
+    p.add_argument("--quadratic-coefficient", type=float, default=QUADRATIC_COEFFICIENT,
+                   help="SAELens l0_coefficient in quadratic mode")
+    p.add_argument("--quadratic-lr", type=float, default=QUADRATIC_LR, help="SAELens learning rate in quadratic mode")
+    p.add_argument("--quadratic-field", action="append", default=[], metavar="NAME=VALUE",
+                   help="a JumpReLUTrainingSAEConfig field (JSON value) for the quadratic runs only, repeatable")
+    p.add_argument("--no-quadratic", action="store_true", help="skip SAELens's quadratic target-L0 runs")
     p.add_argument("--saelens-lr", type=float, default=3e-3, help="SAELens learning rate (its default is 3e-4)")
     p.add_argument("--saelens-sae-field", action="append", default=[], metavar="NAME=VALUE",
                    help="override a JumpReLUTrainingSAEConfig field (JSON value), repeatable")
@@ -97,6 +125,8 @@ def parse_args() -> argparse.Namespace:
     args.eval_tokens = args.eval_tokens or (4096 if args.quick else 16_384)
     default = "3,10,30,100"
     args.coefficients = [float(c) for c in (args.coefficients or default).split(",")]
+    targets = [float(t) for t in args.targets.split(",")] if args.targets else [args.l0] + ([] if args.quick else [20.0, 55.0])
+    args.targets = [] if args.no_quadratic else sorted(set(targets), key=lambda t: (t != args.l0, t))
     args.defaults_row = not (args.no_defaults_row or args.quick)
     if args.tokens < args.batch:
         p.error("--tokens must hold at least one batch")
@@ -264,6 +294,11 @@ def main() -> None:
     if args.defaults_row:
         runs.append({"name": "documented_defaults", "l0_coefficient": SAELENS_DEFAULT_COEFFICIENT,
                      "lr": SAELENS_DEFAULT_LR, "sweep": False})
+    quadratic_fields = {k: json.loads(v) for k, v in (f.split("=", 1) for f in args.quadratic_field)}
+    runs += [{"name": f"quadratic_{t:g}", "l0_coefficient": args.quadratic_coefficient, "lr": args.quadratic_lr,
+              "sweep": False, "target_l0": t, "sae_fields": {"jumprelu_sparsity_loss_mode": "quadratic",
+                                                              "target_l0": t, **quadratic_fields}}
+             for t in args.targets]
     saelens, process = run_saelens(python, args, data, runs, "main")
     for r in saelens:  # SAELens's folders, read by our loader, measured by our code
         r["eval"] = evaluate(jumpscope.load(r["folder"]), x_eval, args.batch)
@@ -271,31 +306,50 @@ def main() -> None:
         ours_runs.append(train_ours(args, data["cache"], {"ours": args.l0}))
         print(f"  ours (repeat): {ours_runs[-1]['train_seconds']:.1f} s training", flush=True)
     ours_eval = evaluate(ours_runs[0]["saes"]["ours"], x_eval, args.batch)
+    # Ours at SAELens's quadratic targets, each alone in a Trainer as the main run is (timed alike).
+    ours_targets = {}
+    for t in args.targets:
+        run_t = ours_runs[0] if t == args.l0 else train_ours(args, data["cache"], {"ours": t})
+        ours_targets[t] = {**run_t, "eval": ours_eval if t == args.l0 else evaluate(run_t["saes"]["ours"], x_eval,
+                                                                                      args.batch)}
+        if t != args.l0:
+            print(f"  ours at target_l0 {t:g}: {run_t['train_seconds']:.1f} s training", flush=True)
     # The other way round: ours asked for each L0 SAELens reached (one Trainer, several SAEs).
     targets = {f"ours_at_{r['name']}": round(r["eval"]["l0"], 1) for r in saelens
-               if r["sweep"] and 1 <= r["eval"]["l0"] < args.width / 4}
+               if (r["sweep"] or "target_l0" in r) and 1 <= r["eval"]["l0"] < args.width / 4}
     matched_runs = {}
     if targets and not args.no_reverse:
         reverse = train_ours(args, data["cache"], targets)
         print(f"  ours at SAELens's L0s ({len(targets)} SAEs in one run): {reverse['train_seconds']:.1f} s", flush=True)
         matched_runs = {n: {"target_l0": t, "eval": evaluate(reverse["saes"][n], x_eval, args.batch),
                             "data_sha256": reverse["data_sha256"]} for n, t in targets.items()}
-    report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, load_start, started)
+    report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, ours_targets, load_start, started)
 
 
-def report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, load_start, started) -> None:
+def report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, ours_targets, load_start,
+           started) -> None:
     ours = ours_runs[0]
     sweep = sorted((r for r in saelens if r["sweep"]), key=lambda r: r["l0_coefficient"])
+    quadratic = sorted((r for r in saelens if "target_l0" in r), key=lambda r: r["target_l0"])
     matched, how = interpolate([(r["eval"]["l0"], r["eval"]["fvu"]) for r in sweep], ours_eval["l0"])
     ours_points = [(ours_eval["l0"], ours_eval["fvu"])] + [(m["eval"]["l0"], m["eval"]["fvu"])
-                                                            for m in matched_runs.values()]
-    for r in sweep:  # our FVU at exactly SAELens's L0, from our own points
+                                                            for m in matched_runs.values()] \
+        + [(o["eval"]["l0"], o["eval"]["fvu"]) for t, o in ours_targets.items() if t != args.l0]
+    for r in sweep + quadratic:  # our FVU at exactly SAELens's L0, from our own points
         r["ours_fvu_at_this_l0"] = interpolate(ours_points, r["eval"]["l0"])
+    quadratic_points = [(r["eval"]["l0"], r["eval"]["fvu"]) for r in quadratic]
+    for r in quadratic:  # and SAELens's quadratic runs at our L0 for the same target
+        o = ours_targets[r["target_l0"]]["eval"]
+        r["ours_at_same_target"] = {k: o[k] for k in ("l0", "fvu", "dead_fraction")}
+        r["saelens_fvu_at_our_l0"] = interpolate(quadratic_points, o["l0"]) if len(quadratic) > 1 else \
+            (None, "one quadratic run")
     ours_seconds = statistics.median(r["train_seconds"] for r in ours_runs)
     ours_step = statistics.median(r["step_seconds_median"] for r in ours_runs)
     sl_seconds = statistics.median(r["train_seconds"] for r in saelens)
     sl_step = statistics.median(r["step_seconds_median"] for r in saelens)
-    digests = {r["data_sha256"] for r in saelens + ours_runs} | {m["data_sha256"] for m in matched_runs.values()}
+    extra_ours = [o for t, o in ours_targets.items() if t != args.l0]
+    digests = {r["data_sha256"] for r in saelens + ours_runs + extra_ours} \
+        | {m["data_sha256"] for m in matched_runs.values()}
     first = list(ours["saes"]["ours"].state_dict().values())
     repeat_equal = [all(torch.equal(a, b) for a, b in zip(first, r["saes"]["ours"].state_dict().values()))
                     for r in ours_runs[1:]]
@@ -307,7 +361,18 @@ def report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, loa
              f"{ours_seconds:.1f}", f"{ours_step:.3f}")]
     rows += [("SAELens" if r["sweep"] else "SAELens, documented defaults",
               f"l0_coefficient {r['l0_coefficient']:g}, lr {r['lr']:g}", r["eval"], f"{r['train_seconds']:.1f}",
-              f"{r['step_seconds_median']:.3f}") for r in sweep + [r for r in saelens if not r["sweep"]]]
+              f"{r['step_seconds_median']:.3f}") for r in sweep + [r for r in saelens if r["name"] ==
+                                                                   "documented_defaults"]]
+    for r in quadratic:
+        o = ours_targets[r["target_l0"]]
+        if r["target_l0"] != args.l0:
+            rows.append(("ours (jumpscope)", f"target_l0 {r['target_l0']:g} (defaults)", o["eval"],
+                         f"{o['train_seconds']:.1f}", f"{o['step_seconds_median']:.3f}"))
+        fields = "".join(f", {k} {v}" for k, v in r["sae_fields"].items()
+                         if k not in ("jumprelu_sparsity_loss_mode", "target_l0"))
+        rows.append(("SAELens, quadratic target-L0 mode", f"target_l0 {r['target_l0']:g}, l0_coefficient "
+                     f"{r['l0_coefficient']:g}, lr {r['lr']:g}{fields}", r["eval"], f"{r['train_seconds']:.1f}",
+                     f"{r['step_seconds_median']:.3f}"))
     rows += [("ours at that SAELens L0", f"target_l0 {m['target_l0']:g} (SAELens {n[8:]})", m["eval"], "-", "-")
              for n, m in matched_runs.items()]
     lines = ["| SAE | setting | L0 (held-out) | FVU | dead fraction | train s | s/step (median) |",
@@ -321,6 +386,24 @@ def report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, loa
     pairs = [f"L0 {r['eval']['l0']:.1f}: ours {r['ours_fvu_at_this_l0'][0]:.4f} vs SAELens {r['eval']['fvu']:.4f} "
              f"(ratio {r['ours_fvu_at_this_l0'][0] / r['eval']['fvu']:.3f}, ours {r['ours_fvu_at_this_l0'][1]})"
              for r in sweep if r["ours_fvu_at_this_l0"][0] is not None]
+    quad_lines = []
+    for r in quadratic:
+        t, e, o = r["target_l0"], r["eval"], r["ours_at_same_target"]
+        at_theirs, at_ours = r["ours_fvu_at_this_l0"], r["saelens_fvu_at_our_l0"]
+        line = (f"Target L0 {t:g}: ours L0 {o['l0']:.1f} ({100 * (o['l0'] / t - 1):+.1f}%), FVU {o['fvu']:.4f}, dead "
+                f"{o['dead_fraction']:.3f}; SAELens quadratic L0 {e['l0']:.1f} ({100 * (e['l0'] / t - 1):+.1f}%; "
+                f"{r['train_l0_last_10pct']:.1f} over its last 10% of training), FVU {e['fvu']:.4f}, dead "
+                f"{e['dead_fraction']:.3f}.")
+        if at_theirs[0] is not None:
+            line += (f" At SAELens's L0 {e['l0']:.1f}: ours {at_theirs[0]:.4f} ({at_theirs[1]}), ratio ours/SAELens "
+                     f"{at_theirs[0] / e['fvu']:.3f}.")
+        if at_ours[1] == "interpolated":  # extrapolating one mode's three points is not a measurement
+            line += (f" At our L0 {o['l0']:.1f}: SAELens quadratic {at_ours[0]:.4f} (interpolated between its "
+                     f"quadratic runs), ratio ours/SAELens {o['fvu'] / at_ours[0]:.3f}.")
+        else:
+            why = "not bracketed by its quadratic runs" if at_ours[1].startswith("EXTRAPOLATED") else at_ours[1]
+            line += f" At our L0 {o['l0']:.1f}: no SAELens quadratic figure ({why})."
+        quad_lines.append(line)
     summary = [
         f"Our L0 {ours_eval['l0']:.2f} vs requested {args.l0:g}: {'within' if within else 'NOT within'} 10% "
         f"({100 * (ours_eval['l0'] / args.l0 - 1):+.1f}%); over the last 10% of training "
@@ -328,8 +411,9 @@ def report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, loa
         (f"FVU at our L0 ({how}): ours {ours_eval['fvu']:.4f}, SAELens {matched:.4f}, ratio ours/SAELens "
          f"{ours_eval['fvu'] / matched:.3f}." if matched is not None else f"FVU at our L0: unavailable ({how})."),
         "FVU at SAELens's L0s (ours re-trained at each): " + ("; ".join(pairs) or "-") + ".",
-        f"Training time per SAE (median): ours {ours_seconds:.1f} s ({len(ours_runs)} runs: "
-        + ", ".join(f"{r['train_seconds']:.1f}" for r in ours_runs) + f"), SAELens {sl_seconds:.1f} s "
+        *quad_lines,
+        f"Training time per SAE (median): ours {ours_seconds:.1f} s ({len(ours_runs)} runs at target_l0 "
+        f"{args.l0:g}: " + ", ".join(f"{r['train_seconds']:.1f}" for r in ours_runs) + f"), SAELens {sl_seconds:.1f} s "
         f"({len(saelens)} runs: " + ", ".join(f"{r['train_seconds']:.1f}" for r in saelens)
         + f"): SAELens/ours {sl_seconds / ours_seconds:.2f}x; per step (median) {sl_step:.3f} vs {ours_step:.3f} s: "
         f"{sl_step / ours_step:.2f}x.",
@@ -342,7 +426,7 @@ def report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, loa
         f"own forward on the held-out rows: max |diff| of L0/FVU {reader_error:.1e}.",
         f"Load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; per training run: "
         + ", ".join(f"{r.get('name', 'ours')} {r['load_average_start']:.1f}-{r['load_average_end']:.1f}"
-                    for r in ours_runs + saelens) + ".",
+                    for r in ours_runs + extra_ours + saelens) + ".",
     ]
     print("\n" + table + "\n\n" + "\n".join(f"- {s}" for s in summary))
     strip = lambda r: {k: v for k, v in r.items() if k != "saes"}  # noqa: E731
@@ -354,7 +438,8 @@ def report(args, data, ours_runs, ours_eval, saelens, process, matched_runs, loa
         "load_average_start": load_start, "load_average_end": load_end, "total_seconds": total,
         "data": {k: v for k, v in data.items() if k != "x_eval"},
         "ours": {"eval": ours_eval, "runs": [strip(r) for r in ours_runs], "l0_within_10pct": within,
-                 "at_saelens_l0": matched_runs},
+                 "at_saelens_l0": matched_runs,
+                 "at_targets": {f"{t:g}": strip(o) for t, o in ours_targets.items()}},
         "saelens": {"runs": saelens, "process": process},
         "matched": {"l0": ours_eval["l0"], "saelens_fvu": matched, "how": how,
                     "fvu_ratio_ours_over_saelens": ours_eval["fvu"] / matched if matched else None},

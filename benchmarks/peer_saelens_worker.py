@@ -7,10 +7,11 @@ peer_saelens.py as::
 
 JOB.json (written by peer_saelens.py) names the activation cache folder, the site, the shuffle
 seed and buffer, d_in, d_sae, the token budget and batch size, the torch thread count, the runs
-(each an ``l0_coefficient``, a learning rate and optionally ``sae_fields``: JumpReLUTrainingSAEConfig
-fields for that run only, e.g. ``{"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 32}``), the output folder, the held-out activations
-(a safetensors file, of which the first ``eval_tokens`` rows are used) and where to write the
-result JSON.
+(each an ``l0_coefficient``, a learning rate and optionally ``sae_fields``:
+JumpReLUTrainingSAEConfig fields for that run only, e.g. ``{"jumprelu_sparsity_loss_mode":
+"quadratic", "target_l0": 32}`` for its target-L0 mode), the output folder, the held-out
+activations (a safetensors file, of which the first ``eval_tokens`` rows are used) and where to
+write the result JSON.
 
 For each run: ``torch.manual_seed(seed)``, ``JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(...))``
 with SAELens's defaults except ``l0_coefficient`` (and the fields the job and the run override), then
@@ -18,9 +19,9 @@ with SAELens's defaults except ``l0_coefficient`` (and the fields the job and th
 shuffled batches as our side reads (``jumpscope.data.cache.CacheReader.iterate`` with the same
 seed; jumpscope is installed in this venv with --no-deps) and hashes what it hands out, so the
 two sides can prove they trained on identical rows. Only ``fit()`` is timed (the per-step figure is
-the median interval between successive batches handed out; a forward hook on SAELens's
-``hook_sae_acts_post`` records each training batch's L0 and the mean threshold, for the trace
-in the result). The SAE is then saved in SAELens's
+the median interval between successive batches handed out); a forward hook on SAELens's
+``hook_sae_acts_post`` records each training batch's L0 and the mean threshold (the trace in the
+result, every 20th step). The SAE is then saved in SAELens's
 own format (``save_inference_model``: cfg.json + sae_weights.safetensors, plus the trainer's
 sparsity.safetensors), loaded back with ``SAE.load_from_disk`` and measured on the held-out rows
 with SAELens's own forward, as a cross-check of our reader of the format.
@@ -99,7 +100,7 @@ def train_one(job: dict, run: dict, x_eval: torch.Tensor) -> dict:
             "train_seconds": seconds, "step_seconds_median": statistics.median(intervals) if intervals else seconds,
             "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
             "trainer_l0_last_window": getattr(sae.cfg.metadata, "l0", None),
-            "sae_fields": {k: getattr(cfg, k) for k in ("jumprelu_sparsity_loss_mode", "target_l0", "l0_warm_up_steps",
+            "cfg_fields": {k: getattr(cfg, k) for k in ("jumprelu_sparsity_loss_mode", "target_l0", "l0_warm_up_steps",
                                                           "jumprelu_init_threshold", "jumprelu_bandwidth")},
             "train_l0_last_10pct": statistics.fmean(t[0] for t in trace[-max(1, len(trace) // 10):]) if trace else None,
             "train_trace_every_20": [[i, round(a, 2), round(b, 4)] for i, (a, b) in enumerate(trace)
