@@ -104,7 +104,7 @@ def test_the_trainer_warns_once_and_saves_the_average(caplog):
     optimizer = trainer.optimizers["s"]
     assert optimizer.averaged  # the SAE returned is the average x, not the training point y
     state = optimizer.state[trained.W_enc]
-    beta = 0.95
+    beta = trained.cfg.schedule_free_beta
     optimizer.use_training_point()
     y = trained.W_enc.detach().clone()
     optimizer.use_average()
@@ -143,3 +143,22 @@ def test_a_schedule_free_run_resumes_to_identical_weights(tmp_path):
     for name in reference:
         for key, value in reference[name].state_dict().items():
             assert torch.equal(value, resumed[name].state_dict()[key]), f"{name}.{key} differs"
+
+
+def test_steered_parameters_take_rms_normalised_steps_without_averaging():
+    p, q = torch.nn.Parameter(torch.tensor([1.0, 1.0])), torch.nn.Parameter(torch.tensor([0.0]))
+    optimizer = ScheduleFreeSignSGD([{"params": [p]}, {"params": [q], "average": False, "rms": True,
+                                                        "lr_factor": 2.0}], lr=0.1, beta=0.9)
+    p.grad, q.grad = torch.tensor([1.0, 1.0]), torch.tensor([4.0])
+    optimizer.step()  # first RMS step: v = 0.001 g^2, bias-corrected to g^2, so the step is 2 lr sign(g)
+    assert q.item() == pytest.approx(-0.2)
+    p.grad, q.grad = torch.tensor([1.0, 1.0]), torch.tensor([1.0])
+    optimizer.step()
+    v = (0.999 * 0.001 * 16 + 0.001 * 1) / (1 - 0.999 ** 2)
+    assert q.item() == pytest.approx(-0.2 - 0.2 * 1 / math.sqrt(v), rel=1e-5)
+    optimizer.use_average()  # the steered parameter is its latest value in both modes
+    assert q.item() == pytest.approx(-0.2 - 0.2 / math.sqrt(v), rel=1e-5)
+    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)
+    groups = make_optimizer(sae).param_groups
+    assert [len(g["params"]) for g in groups] == [len(list(sae.parameters())) - 1, 1]
+    assert groups[1]["params"][0] is sae.threshold_raw and groups[1]["lr_factor"] == sae.cfg.threshold_lr_factor

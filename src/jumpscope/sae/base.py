@@ -62,6 +62,11 @@ class SAEConfig:
     """'adam', or 'signsgd_schedulefree': sign descent with schedule-free averaging (sparsify's
     recipe; needs no warm-up or decay, the saved weights are the average of the iterates)."""
 
+    encoder_init_scale: float = 1.0
+    """W_enc = this times W_dec^T at initialisation (unit decoder rows). sparsify's nn.Linear
+    init gives encoder rows of norm about 1/sqrt(3); under sign descent a smaller encoder takes
+    relatively larger steps."""
+
     lr: float = 2e-4
     """Peak learning rate (at the end of warm-up); see lr_reference_width."""
 
@@ -165,6 +170,8 @@ class SAEConfig:
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
         if self.optimizer not in ("adam", "signsgd_schedulefree"):
             raise ValueError(f"optimizer must be 'adam' or 'signsgd_schedulefree', got {self.optimizer!r}")
+        if not 0 < self.encoder_init_scale < math.inf:
+            raise ValueError(f"encoder_init_scale must be positive and finite, got {self.encoder_init_scale}")
         if not 0 < self.schedule_free_beta < 1:
             raise ValueError(f"schedule_free_beta must lie in (0, 1), got {self.schedule_free_beta}")
         if self.lr_reference_width is not None and self.lr_reference_width <= 0:
@@ -236,8 +243,9 @@ class SAE(nn.Module):
         self.cfg = cfg
         generator = torch.Generator().manual_seed(cfg.seed)
         self.W_dec = nn.Parameter(init_decoder(cfg.d_sae, cfg.d_output, generator))
-        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous() if cfg.d_output == cfg.d_in
-                                  else init_decoder(cfg.d_sae, cfg.d_in, generator).T.contiguous())
+        self.W_enc = nn.Parameter(cfg.encoder_init_scale * (
+            self.W_dec.detach().T.clone().contiguous() if cfg.d_output == cfg.d_in
+            else init_decoder(cfg.d_sae, cfg.d_in, generator).T.contiguous()))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_output))
         if cfg.skip_connection and not self.supports_skip:
@@ -347,10 +355,11 @@ class SAE(nn.Module):
         decoder row to unit norm where the architecture can compensate exactly (a per-latent
         threshold scales with its latent). Default: nothing (a top-k choice would change)."""
 
-    def unaveraged_parameters(self) -> list[nn.Parameter]:
+    def unaveraged_parameters(self) -> dict[str, Any] | None:
         """Parameters an averaging optimiser (schedule-free) must train without averaging, because
-        a controller steers their latest value (JumpReLU's thresholds under target_l0). Default: none."""
-        return []
+        a controller steers their latest value (JumpReLU's thresholds under target_l0):
+        ``{"params": [...], "lr_factor": f}``, trained with RMS-normalised steps of f x lr. None: none."""
+        return None
 
     def sparsity_coefficient(self) -> float | None:
         """The coefficient the sparsity warm-up multiplies, for logging; None if there is none."""

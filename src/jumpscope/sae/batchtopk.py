@@ -37,6 +37,9 @@ class BatchTopKSAEConfig(TopKSAEConfig):
     lr_reference_width: int | None = None
     """lr as given, at any width."""
 
+    encoder_init_scale: float = 1.0
+    """W_enc = W_dec^T at initialisation (the smaller encoder suits sign descent, not Adam)."""
+
     lr_warmup_steps: float = 0.05
     """Warm-up over the first 5% of the run."""
 
@@ -45,7 +48,7 @@ class BatchTopKSAEConfig(TopKSAEConfig):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before the recipe check.
-        "adam": dict(optimizer="adam", lr=5e-4, lr_reference_width=None, lr_warmup_steps=100,
+        "adam": dict(optimizer="adam", encoder_init_scale=1.0, lr=5e-4, lr_reference_width=None, lr_warmup_steps=100,
                      lr_decay_fraction=0.2),
     }
 

