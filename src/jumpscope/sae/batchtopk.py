@@ -28,8 +28,9 @@ class BatchTopKSAEConfig(TopKSAEConfig):
     """BatchTopK SAE: TopK's fields, k being the mean number of active latents per token."""
 
     optimizer: Literal["adam", "signsgd_schedulefree"] = "adam"
-    """Adam: under schedule-free averaging the inference threshold, estimated on the training
-    point, put the saved SAE's L0 at 17.7 for k 32 (recipe check in benchmarks/README.md)."""
+    """'adam' or 'signsgd_schedulefree' (sign descent with schedule-free averaging, the other
+    architectures' default). BatchTopK uses Adam: under averaging its inference threshold,
+    estimated at the training point, put the saved SAE's L0 at 17.7 for k 32."""
 
     lr: float = 2e-3
     """Adam's peak learning rate (2e-3 beat 5e-4 at every L0 in the frontier's learning-rate check)."""
