@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/peer_sparsify.py --threads 1      # MiniLM, 500k tokens, width 2048
     .venv/bin/python benchmarks/peer_sparsify.py --quick          # smoke run, about 1 min once cached
     .venv/bin/python benchmarks/peer_sparsify.py --ours topk:k=32 --ours topk:k=32,lr=2e-3 \\
-        --ours jumprelu:target_l0=32 --ours topk:k=32,preset=sparsify --model smollm2 --no-install
+        --ours jumprelu:target_l0=32 --ours topk:k=32,preset=adam --model smollm2 --no-install
 
 Data: per model, one activation cache filled by our ActivationSource to >= --tokens rows
 (results/peer_sparsify_cache_MODEL) and the first --eval-tokens held-out rows (the one-in-20
