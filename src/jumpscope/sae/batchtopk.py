@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import kernels
 from .jumprelu import JumpReLUSAE
+from .recipes import ADAM_RECIPE
 from .registry import register
 from .topk import TopKSAE, TopKSAEConfig
 
@@ -49,8 +50,7 @@ class BatchTopKSAEConfig(TopKSAEConfig):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before the recipe check.
-        "adam": dict(optimizer="adam", encoder_init_scale=1.0, lr=5e-4, lr_reference_width=None, lr_warmup_steps=100,
-                     lr_decay_fraction=0.2),
+        "adam": ADAM_RECIPE,
     }
 
     threshold_momentum: float = 0.99

@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .jumprelu import JumpReLUSAE
+from .recipes import ADAM_RECIPE, SignDescentRecipe
 from .registry import register
 
 
 @dataclass
-class GatedSAEConfig(SAEConfig):
+class GatedSAEConfig(SignDescentRecipe, SAEConfig):
     """Gated SAE with a unit-norm decoder."""
 
     l1_coefficient: float = 5.0
@@ -40,27 +41,10 @@ class GatedSAEConfig(SAEConfig):
     normalize_decoder: bool = True
     """Keep decoder rows at unit norm (the L1 on the gate would otherwise shrink W_enc)."""
 
-    optimizer: Literal["adam", "signsgd_schedulefree"] = "signsgd_schedulefree"
-    """Sign descent with schedule-free averaging (sparsify's optimiser); at 122 steps on MiniLM it
-    reached a far sparser SAE at the same FVU as Adam (benchmarks/README.md). preset('adam')
-    restores the earlier Adam recipe."""
-
-    lr: float = 5e-3
-    """Peak step size at lr_reference_width latents."""
-
-    lr_reference_width: int | None = 16_384
-    """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae)."""
-
-    lr_warmup_steps: float = 0
-    """No warm-up: schedule-free averaging needs none."""
-
-    lr_decay_fraction: float = 0.0
-    """No decay: schedule-free averaging replaces it."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before schedule-free sign descent.
-        "adam": dict(optimizer="adam", lr=5e-4, lr_reference_width=None, lr_warmup_steps=100,
-                     lr_decay_fraction=0.2),
+        "adam": ADAM_RECIPE,
     }
 
     fit_encoder_scale: bool = True

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
+from .recipes import ADAM_RECIPE, TunedSignDescentRecipe
 from .registry import register
 
 
@@ -71,7 +72,7 @@ def step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 
 
 @dataclass
-class JumpReLUConfig(SAEConfig):
+class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     """JumpReLU SAE. Defaults are the fast recipe that reaches a requested L0 within a few
     million tokens; ``JumpReLUConfig.preset("paper", ...)`` gives the paper's recipe."""
 
@@ -142,31 +143,12 @@ class JumpReLUConfig(SAEConfig):
     (sparse on CPU when at most 10% of the (token, latent) entries are active and d_sae >= 512, dense
     otherwise and on CUDA). JumpReLU's sparse kernel needs sparsity_loss='l0'."""
 
-    optimizer: Literal["adam", "signsgd_schedulefree"] = "signsgd_schedulefree"
-    """Sign descent with schedule-free averaging (the thresholds, under target_l0, take plain
-    sign steps without averaging so the L0 the penalty steers is the L0 saved)."""
-
-    lr: float = 5e-3
-    """Peak step size at lr_reference_width latents."""
-
-    lr_reference_width: int | None = 16_384
-    """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae)."""
-
-    schedule_free_beta: float = 0.98
-    """Gradients at 0.98 x average + 0.02 x latest (sparsify: 0.95); with encoder_init_scale it
-    lowered the 122-step FVU by 5% (TopK) and 5.6% (JumpReLU) in the recipe check."""
-
-    encoder_init_scale: float = 0.577
-    """About 1/sqrt(3), the encoder row norm of sparsify's initialisation."""
-
     adam_beta1: float = 0.0
-    lr_warmup_steps: float = 0
-    lr_decay_fraction: float = 0.0
+    """Adam's beta1 where Adam is chosen (preset('adam'), 'paper', 'tanh'): 0, as in the paper."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before schedule-free sign descent.
-        "adam": dict(optimizer="adam", encoder_init_scale=1.0, lr=3e-3, lr_reference_width=None, adam_beta1=0.0, lr_warmup_steps=100,
-                     lr_decay_fraction=0.2, input_scaling="unit_mean_sq_norm", apply_b_dec_to_input=False,
+        "adam": dict(ADAM_RECIPE, lr=3e-3, input_scaling="unit_mean_sq_norm", apply_b_dec_to_input=False,
                      bandwidth=0.001, threshold_init=0.001, l0_coefficient=0.01, target_l0_coefficient=10.0),
         # Rajamanoharan et al. 2024 / Gemma Scope, tuned for billions of tokens.
         "paper": dict(optimizer="adam", encoder_init_scale=1.0, lr_reference_width=None, apply_b_dec_to_input=False,

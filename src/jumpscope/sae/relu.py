@@ -16,14 +16,15 @@ from torch import Tensor
 
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .jumprelu import JumpReLUSAE
+from .recipes import ADAM_RECIPE, SignDescentRecipe
 from .registry import register
 
 
 @dataclass
-class ReLUSAEConfig(SAEConfig):
-    """ReLU SAE. The defaults follow Anthropic's April 2024 recipe (input scaled to
-    E||x|| = sqrt(d_in), where lambda = 5 transfers across widths) except for a larger learning
-    rate suited to runs of a few million tokens; ``preset("anthropic")`` keeps their lr."""
+class ReLUSAEConfig(SignDescentRecipe, SAEConfig):
+    """ReLU SAE. The loss follows Anthropic's April 2024 recipe (input scaled to
+    E||x|| = sqrt(d_in), where lambda = 5 transfers across widths); it trains with schedule-free
+    sign descent by default, and ``preset("anthropic")`` keeps their Adam recipe."""
 
     l1_coefficient: float = 5.0
     """lambda, the coefficient of the decoder-norm-weighted L1 penalty (on the scaled inputs)."""
@@ -39,22 +40,6 @@ class ReLUSAEConfig(SAEConfig):
     normalize_decoder: bool = False
     """Off: the norm-weighted L1 already removes the incentive to shrink f and grow W_dec."""
 
-    optimizer: Literal["adam", "signsgd_schedulefree"] = "signsgd_schedulefree"
-    """Sign descent with schedule-free averaging (sparsify's optimiser); at 122 steps on MiniLM it
-    reached a far sparser SAE at the same FVU as Adam (benchmarks/README.md). preset('adam')
-    restores the earlier Adam recipe."""
-
-    lr: float = 5e-3
-    """Peak step size at lr_reference_width latents."""
-
-    lr_reference_width: int | None = 16_384
-    """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae)."""
-
-    lr_warmup_steps: float = 0
-    """No warm-up: schedule-free averaging needs none."""
-
-    lr_decay_fraction: float = 0.0
-    """No decay: schedule-free averaging replaces it."""
 
     sparsity_warmup_steps: float = 0.05
     """lambda rises linearly from 0 over the first 5% of the run (Anthropic's choice), which
@@ -62,8 +47,7 @@ class ReLUSAEConfig(SAEConfig):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before schedule-free sign descent.
-        "adam": dict(optimizer="adam", lr=5e-4, lr_reference_width=None, lr_warmup_steps=100,
-                     lr_decay_fraction=0.2, sparsity_warmup_steps=250),
+        "adam": dict(ADAM_RECIPE, sparsity_warmup_steps=250),
         # Anthropic "Circuits Updates - April 2024" (set sparsity_warmup_steps to 5% of the run).
         "anthropic": dict(optimizer="adam", lr_reference_width=None, lr_warmup_steps=100, lr=5e-5, l1_coefficient=5.0, input_scaling="sqrt_d_in_norm",
                           normalize_decoder=False, lr_decay_fraction=0.2, grad_clip_norm=1.0,

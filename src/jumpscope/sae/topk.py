@@ -19,11 +19,12 @@ from torch import Tensor
 
 from . import kernels
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
+from .recipes import ADAM_RECIPE, TunedSignDescentRecipe
 from .registry import register
 
 
 @dataclass
-class TopKSAEConfig(SAEConfig):
+class TopKSAEConfig(TunedSignDescentRecipe, SAEConfig):
     """TopK SAE. The sparsity is set by k; there is no sparsity coefficient."""
 
     runtime_fields: ClassVar[tuple[str, ...]] = ("kernel",)
@@ -51,34 +52,10 @@ class TopKSAEConfig(SAEConfig):
     input_scaling: InputScaling = "sqrt_d_in_norm"
     """How the trainer rescales inputs (see SAEConfig); the paper uses E||x|| = sqrt(d_in)."""
 
-    optimizer: Literal["adam", "signsgd_schedulefree"] = "signsgd_schedulefree"
-    """Sign descent with schedule-free averaging (sparsify's recipe): at 122 steps on MiniLM it
-    halved the held-out FVU of Adam at 5e-4 with a 100-step warm-up (benchmarks/README.md).
-    preset('adam') restores the earlier Adam recipe, preset('paper') Gao et al.'s."""
-
-    lr: float = 5e-3
-    """Peak step size at lr_reference_width latents (sparsify's 5e-3 at 2^14)."""
-
-    lr_reference_width: int | None = 16_384
-    """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae) (sparsify's rule)."""
-
-    schedule_free_beta: float = 0.98
-    """Gradients at 0.98 x average + 0.02 x latest (sparsify: 0.95); with encoder_init_scale it
-    lowered the 122-step FVU by 5% (TopK) and 5.6% (JumpReLU) in the recipe check."""
-
-    encoder_init_scale: float = 0.577
-    """About 1/sqrt(3), the encoder row norm of sparsify's initialisation."""
-
-    lr_warmup_steps: float = 0
-    """No warm-up: schedule-free averaging needs none."""
-
-    lr_decay_fraction: float = 0.0
-    """No decay: schedule-free averaging replaces it."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before schedule-free sign descent.
-        "adam": dict(optimizer="adam", encoder_init_scale=1.0, lr=5e-4, lr_reference_width=None, lr_warmup_steps=100,
-                     lr_decay_fraction=0.2),
+        "adam": ADAM_RECIPE,
         # Gao et al. 2024: Adam at 2e-4 / sqrt(d_sae / 2^14), no decay, for billions of tokens.
         "paper": dict(optimizer="adam", encoder_init_scale=1.0, lr=2e-4, lr_reference_width=16_384, lr_warmup_steps=0,
                       lr_decay_fraction=0.0, adam_beta1=0.9, adam_beta2=0.999),
