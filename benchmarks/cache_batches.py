@@ -1,7 +1,8 @@
-"""The batches both sides of the peer benchmark train on: the first ``steps`` shuffled batches of an
-activation cache, hashed as they are handed out (so the two processes can prove they saw the same
-rows), with the time each was handed out. Imported by ``peer_saelens.py`` and by its worker, which
-runs in the SAELens venv."""
+"""What the peer benchmarks share: the batches both sides train on (the first ``steps`` shuffled
+batches of an activation cache, hashed as they are handed out, so the two processes can prove they
+saw the same rows, with the time each was handed out), the one evaluation every SAE gets, and the
+metadata reader of the held-out file. Imported by ``peer_saelens.py``, ``peer_sparsify.py`` and
+their workers, which run in the peers' venvs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import torch
 
 from jumpscope.data.cache import CacheReader
+from jumpscope.sae.metrics import StreamingMetrics
 
 
 class Provider:
@@ -30,3 +32,22 @@ class Provider:
         self.handed += 1
         self.stamps.append(time.perf_counter())
         return batch
+
+
+@torch.no_grad()
+def evaluate(sae, x: torch.Tensor, batch: int) -> dict:
+    """The one evaluation of every SAE: L0, FVU, MSE, cosine, dead and dense fractions on ``x``."""
+    metrics = StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output)
+    for chunk in x.split(batch):
+        f = sae.encode(chunk)
+        metrics.update(chunk, sae.decode(f), f)
+    out = metrics.compute()
+    return {k: out[k] for k in ("n_tokens", "l0", "fvu", "mse", "cosine", "dead_fraction", "dense_fraction")}
+
+
+def safetensors_meta(path) -> dict:
+    """The string metadata of a safetensors file (the held-out rows record what they are)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata() or {}

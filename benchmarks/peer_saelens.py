@@ -74,10 +74,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import jumpscope  # noqa: E402
 from jumpscope.data.cache import CacheReader, is_complete  # noqa: E402
-from jumpscope.sae.metrics import StreamingMetrics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_batches import Provider  # noqa: E402
+from cache_batches import Provider, evaluate, safetensors_meta  # noqa: E402
 from shared_data import GUTENBERG, data_dir, verified  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,8 +164,8 @@ def prepare_data(args) -> dict:
     if is_complete(cache) and CacheReader(cache).total_tokens < args.tokens:
         print(f"{cache} holds fewer than {args.tokens} tokens: writing it again")
         shutil.rmtree(cache)
-    have_eval = eval_file.exists() and all(v == meta.get(k) for k, v in _meta(eval_file).items() if k != "tokens") \
-        and int(_meta(eval_file).get("tokens", 0)) >= args.eval_tokens
+    have_eval = eval_file.exists() and all(v == meta.get(k) for k, v in safetensors_meta(eval_file).items() if k != "tokens") \
+        and int(safetensors_meta(eval_file).get("tokens", 0)) >= args.eval_tokens
     times = {"cache_seconds": 0.0, "eval_seconds": 0.0}
     if not is_complete(cache) or not have_eval:
         from jumpscope.activations import ActivationConfig, ActivationSource
@@ -191,13 +190,6 @@ def prepare_data(args) -> dict:
         print(f"WARNING: only {x_eval.shape[0]} held-out tokens available")
     return {"cache": str(cache), "eval_file": str(eval_file), "x_eval": x_eval, **times,
             "cache_tokens": CacheReader(cache).total_tokens}
-
-
-def _meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return handle.metadata() or {}
 
 
 def train_ours(args, cache: str, targets: dict[str, float]) -> dict:
@@ -238,16 +230,6 @@ def run_saelens(python: Path, args, data: dict, runs: list[dict], tag: str) -> t
     wall = time.perf_counter() - start
     result = json.loads(Path(job["result"]).read_text())
     return result["runs"], {"process_wall_seconds": wall, **{k: v for k, v in result.items() if k != "runs"}}
-
-
-@torch.no_grad()
-def evaluate(sae, x: torch.Tensor, batch: int) -> dict:
-    metrics = StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output)
-    for chunk in x.split(batch):
-        f = sae.encode(chunk)
-        metrics.update(chunk, sae.decode(f), f)
-    out = metrics.compute()
-    return {k: out[k] for k in ("n_tokens", "l0", "fvu", "mse", "cosine", "dead_fraction", "dense_fraction")}
 
 
 def interpolate(points: list[tuple[float, float]], l0: float) -> tuple[float | None, str]:

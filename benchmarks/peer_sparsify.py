@@ -47,23 +47,20 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see kernel_speed.py)
 
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import jumpscope  # noqa: E402
 from jumpscope.data.cache import CacheReader, is_complete  # noqa: E402
-from jumpscope.sae.metrics import StreamingMetrics  # noqa: E402
 from jumpscope.sae.registry import config_class  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_batches import Provider  # noqa: E402
+from cache_batches import Provider, evaluate, safetensors_meta  # noqa: E402
 from shared_data import GUTENBERG, data_dir, verified  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VENV = ROOT / ".venv-sparsify"
 WORKER = Path(__file__).resolve().parent / "peer_sparsify_worker.py"
-WHEEL = Path("/tmp/sp_dl/eai_sparsify-1.3.3-py3-none-any.whl")  # used only if PyPI refuses
 BUFFER_ROWS = 65_536
 SETUPS = {
     "minilm": {"site": "layers.3.resid_post", "d_in": 384, "files": GUTENBERG, "corpus": ["text/gutenberg/*.txt"],
@@ -148,14 +145,9 @@ def ensure_sparsify(no_install: bool) -> Path | None:
     pip = [python, "-m", "pip", "install", "-q"]
     ok = python.exists() or run([shutil.which("python3") or sys.executable, "-m", "venv", VENV])
     ok = ok and run(pip + ["torch==2.13.0"])  # pinned, like the Makefile: never an unpinned torch
-    ok = ok and (run(pip + ["eai-sparsify==1.3.3"]) or (WHEEL.is_file() and run(pip + [WHEEL])))
+    ok = ok and (run(pip + ["eai-sparsify==1.3.3"]))
     ok = ok and run(pip + ["--no-deps", "-e", "."])
     return python if ok and subprocess.run(check, env=env).returncode == 0 else None
-
-
-def _meta(path: Path) -> dict:
-    with safe_open(str(path), "pt") as handle:
-        return handle.metadata() or {}
 
 
 def prepare_data(args, setup: dict) -> dict:
@@ -179,8 +171,8 @@ def prepare_data(args, setup: dict) -> dict:
             raise too_small(have)
         print(f"{cache} holds {have:,} tokens, fewer than {args.tokens:,}: writing it again")
         shutil.rmtree(cache)
-    have_eval = eval_file.exists() and all(v == meta.get(k) for k, v in _meta(eval_file).items() if k != "tokens") \
-        and int(_meta(eval_file).get("tokens", 0)) >= args.eval_tokens
+    have_eval = eval_file.exists() and all(v == meta.get(k) for k, v in safetensors_meta(eval_file).items() if k != "tokens") \
+        and int(safetensors_meta(eval_file).get("tokens", 0)) >= args.eval_tokens
     times = {"cache_seconds": 0.0, "eval_seconds": 0.0}
     if not is_complete(cache) or not have_eval:
         from jumpscope.activations import ActivationConfig, ActivationSource
@@ -259,16 +251,6 @@ def run_sparsify(python: Path, args, setup: dict, data: dict) -> dict:
         raise SystemExit(f"ERROR: the sparsify worker failed (exit {done.returncode}); log: {job_dir / 'worker.log'}")
     result = json.loads(Path(job["result"]).read_text())
     return {**result.pop("run"), "worker": {**result, "process_wall_seconds": time.perf_counter() - start}}
-
-
-@torch.no_grad()
-def evaluate(sae, x: torch.Tensor, batch: int) -> dict:
-    metrics = StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output)
-    for chunk in x.split(batch):
-        f = sae.encode(chunk)
-        metrics.update(chunk, sae.decode(f), f)
-    out = metrics.compute()
-    return {k: out[k] for k in ("n_tokens", "l0", "fvu", "mse", "cosine", "dead_fraction", "dense_fraction")}
 
 
 def lm_loss(args, setup: dict, corpus: str, saes: dict) -> dict:

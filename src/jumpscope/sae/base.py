@@ -36,23 +36,20 @@ class SAEConfig:
     """Number of latents (dictionary size)."""
 
     d_out: int | None = None
-    """Width of the tensor the decoder predicts, as stored in cfg.json; None means d_in (an
-    ordinary SAE). Code that needs the width itself reads the property d_output, never None."""
+    """Width the decoder predicts, as stored in cfg.json; None: d_in (code reads d_output)."""
 
     seed: int = 0
     """Seed of the parameter initialisation."""
 
     input_scaling: InputScaling = "unit_mean_sq_norm"
-    """How the trainer rescales inputs before training (folded back into the saved weights):
-    'unit_mean_sq_norm' makes E||x||^2 = 1 (JumpReLU paper), 'sqrt_d_in_norm' makes
-    E||x|| = sqrt(d_in) (Anthropic, TopK papers), 'none' trains on raw activations."""
+    """How the trainer rescales inputs (folded back into the saved weights): 'unit_mean_sq_norm'
+    E||x||^2 = 1 (JumpReLU paper), 'sqrt_d_in_norm' E||x|| = sqrt(d_in) (Anthropic, TopK), 'none'."""
 
     normalize_decoder: bool = True
     """Keep every decoder row at unit norm (project out the parallel gradient, renormalise)."""
 
     apply_b_dec_to_input: bool = False
-    """Subtract b_dec from x before the encoder (needs d_out == d_in: a transcoder's b_dec lives
-    in output space)."""
+    """Subtract b_dec from x before the encoder (not for transcoders: their b_dec is an output)."""
 
     b_dec_init: Literal["zeros", "mean"] = "zeros"
     """Initial decoder bias: zeros, or the mean of the initialisation sample (ordinary SAEs only),
@@ -63,9 +60,7 @@ class SAEConfig:
     recipe; needs no warm-up or decay, the saved weights are the average of the iterates)."""
 
     encoder_init_scale: float = 1.0
-    """W_enc = this times W_dec^T at initialisation (unit decoder rows). sparsify's nn.Linear
-    init gives encoder rows of norm about 1/sqrt(3); under sign descent a smaller encoder takes
-    relatively larger steps."""
+    """W_enc = this times W_dec^T (unit rows) at initialisation; sparsify's init is about 1/sqrt(3)."""
 
     lr: float = 2e-4
     """Peak learning rate (at the end of warm-up); see lr_reference_width."""
@@ -75,8 +70,7 @@ class SAEConfig:
     d_sae) (sparsify's rule: wider dictionaries take smaller steps). None: lr as given."""
 
     schedule_free_beta: float = 0.95
-    """Interpolation (momentum) of the schedule-free optimiser: gradients are taken at
-    beta * average + (1 - beta) * latest iterate."""
+    """Schedule-free momentum: gradients are taken at beta * average + (1 - beta) * latest iterate."""
 
     adam_beta1: float = 0.9
     """Adam beta1."""
@@ -170,12 +164,12 @@ class SAEConfig:
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
         if self.optimizer not in ("adam", "signsgd_schedulefree"):
             raise ValueError(f"optimizer must be 'adam' or 'signsgd_schedulefree', got {self.optimizer!r}")
-        if not 0 < self.encoder_init_scale < math.inf:
-            raise ValueError(f"encoder_init_scale must be positive and finite, got {self.encoder_init_scale}")
-        if not 0 < self.schedule_free_beta < 1:
-            raise ValueError(f"schedule_free_beta must lie in (0, 1), got {self.schedule_free_beta}")
-        if self.lr_reference_width is not None and self.lr_reference_width <= 0:
-            raise ValueError(f"lr_reference_width must be a positive integer or None, got {self.lr_reference_width}")
+        for name, ok, what in (("encoder_init_scale", 0 < self.encoder_init_scale < math.inf, "positive and finite"),
+                               ("schedule_free_beta", 0 < self.schedule_free_beta < 1, "in (0, 1)"),
+                               ("lr_reference_width", self.lr_reference_width is None or self.lr_reference_width > 0,
+                                "positive or None")):
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
         if self.b_dec_init not in ("zeros", "mean"):
             raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.apply_b_dec_to_input and (self.d_output != self.d_in or self.target_site):
@@ -305,10 +299,8 @@ class SAE(nn.Module):
 
     def check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(
-                f"{self.architecture} SAE expects activations with last dimension d_in={self.cfg.d_in}, "
-                f"got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"{self.architecture} SAE expects activations with last dimension "
+                             f"d_in={self.cfg.d_in}, got shape {tuple(x.shape)}")
 
     # -- training --------------------------------------------------------------------------
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
@@ -351,14 +343,12 @@ class SAE(nn.Module):
         """Called after each optimiser step (e.g. to clamp thresholds). Default: nothing."""
 
     def unit_decoder_rows_exactly(self) -> None:
-        """After an averaging optimiser, whose average of unit rows is not unit: rescale each
-        decoder row to unit norm where the architecture can compensate exactly (a per-latent
-        threshold scales with its latent). Default: nothing (a top-k choice would change)."""
+        """After an averaging optimiser (an average of unit rows is not unit): unit decoder rows where
+        the architecture compensates exactly. Default: nothing (a top-k choice would change)."""
 
     def unaveraged_parameters(self) -> dict[str, Any] | None:
-        """Parameters an averaging optimiser (schedule-free) must train without averaging, because
-        a controller steers their latest value (JumpReLU's thresholds under target_l0):
-        ``{"params": [...], "lr_factor": f}``, trained with RMS-normalised steps of f x lr. None: none."""
+        """``{"params": [...], "lr_factor": f}``: parameters a controller steers (JumpReLU's thresholds
+        under target_l0), trained unaveraged with RMS-normalised steps of f x lr. None: none."""
         return None
 
     def sparsity_coefficient(self) -> float | None:
