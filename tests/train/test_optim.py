@@ -147,7 +147,7 @@ def test_a_schedule_free_run_resumes_to_identical_weights(tmp_path):
 
 def test_steered_parameters_take_rms_normalised_steps_without_averaging():
     p, q = torch.nn.Parameter(torch.tensor([1.0, 1.0])), torch.nn.Parameter(torch.tensor([0.0]))
-    optimizer = ScheduleFreeSignSGD([{"params": [p]}, {"params": [q], "average": False, "rms": True,
+    optimizer = ScheduleFreeSignSGD([{"params": [p]}, {"params": [q], "average": False,
                                                         "lr_factor": 2.0}], lr=0.1, beta=0.9)
     p.grad, q.grad = torch.tensor([1.0, 1.0]), torch.tensor([4.0])
     optimizer.step()  # first RMS step: v = 0.001 g^2, bias-corrected to g^2, so the step is 2 lr sign(g)

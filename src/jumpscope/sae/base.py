@@ -158,18 +158,14 @@ class SAEConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_out is not None and self.d_out <= 0:
             raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
-        check_positive(self, *self.positive_fields)
+        check_positive(self, "encoder_init_scale", "lr_reference_width", *self.positive_fields)
         check_positive(self, *self.nonnegative_fields, zero_ok=True)
         if self.input_scaling not in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none"):
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
         if self.optimizer not in ("adam", "signsgd_schedulefree"):
             raise ValueError(f"optimizer must be 'adam' or 'signsgd_schedulefree', got {self.optimizer!r}")
-        for name, ok, what in (("encoder_init_scale", 0 < self.encoder_init_scale < math.inf, "positive and finite"),
-                               ("schedule_free_beta", 0 < self.schedule_free_beta < 1, "in (0, 1)"),
-                               ("lr_reference_width", self.lr_reference_width is None or self.lr_reference_width > 0,
-                                "positive or None")):
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
+        if not 0 < self.schedule_free_beta < 1:
+            raise ValueError(f"schedule_free_beta must be in (0, 1), got {self.schedule_free_beta}")
         if self.b_dec_init not in ("zeros", "mean"):
             raise ValueError(f"b_dec_init must be 'zeros' or 'mean', got {self.b_dec_init!r}")
         if self.apply_b_dec_to_input and (self.d_output != self.d_in or self.target_site):
