@@ -80,13 +80,13 @@ def timing_parser(doc: str, repeats_help: str):
     return parser
 
 
-def real_model_parser(doc: str, resumed: str, report_only: str):
-    """The parser of a benchmark on the real models in ../shared/data, with --models, --quick,
-    --threads, --resume and --report-only."""
+def real_model_parser(doc: str, resumed: str, report_only: str, models: tuple[str, ...] = ("stories", "minilm")):
+    """The parser of a benchmark on the real models in ../shared/data, with --models (default and
+    choices ``models``), --quick, --threads, --resume and --report-only."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["stories", "minilm"], choices=["stories", "minilm"])
+    parser.add_argument("--models", nargs="+", default=list(models), choices=list(models))
     parser.add_argument("--quick", action="store_true", help="a tenth of the token budget (a smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help=f"continue interrupted {resumed} from their checkpoints")

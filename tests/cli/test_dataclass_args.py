@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -68,3 +69,22 @@ def test_nested_options_in_their_own_group_and_their_errors(capsys) -> None:
         with pytest.raises(SystemExit):  # the outer config's own errors first
             dataclass_from_args_or_exit(parser, Outer, parser.parse_args(argv))
         assert f"prog: error: {message}" in capsys.readouterr().err
+
+
+@dataclass
+class Modes:
+    modes: tuple[Literal["plain", "fancy"], ...] = ("plain",)
+    """Modes, several allowed."""
+    sizes: tuple[int, ...] = ()
+    """Sizes; none given by default."""
+
+
+def test_a_tuple_of_literals_takes_several_choices_and_refuses_others(capsys) -> None:
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Modes)
+    assert dataclass_from_args(Modes, parser.parse_args(["--modes", "fancy", "plain"])).modes == ("fancy", "plain")
+    assert dataclass_from_args(Modes, parser.parse_args([])) == Modes()
+    assert "(default: none given)" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--modes", "plain", "odd"])
+    assert "invalid choice" in capsys.readouterr().err

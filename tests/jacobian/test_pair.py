@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import jumpscope
-from jumpscope.jacobian import JacobianSAE, JacobianSAEConfig, jacobian_active, mlp_function
+from jumpscope.jacobian import JacobianSAE, JacobianSAEConfig, mlp_function
 from jumpscope.models.harvest import Harvester
 from jumpscope.sae import StepContext
 from jumpscope.train import Trainer, TrainerConfig
+from jacobian_reference import autograd_jacobian
 from tiny_models import build as build_model
 
 LAYER = 1
@@ -29,21 +30,49 @@ def make_pair(model, **fields):
     return JacobianSAE(cfg).attach_mlp(mlp_function(model, LAYER))
 
 
-def test_the_pair_jacobian_is_the_core_jacobian_and_the_loss_has_every_term():
+@pytest.mark.parametrize("point", ["input", "reconstruction"])
+def test_the_pair_jacobian_at_either_point_is_the_autograd_jacobian(point):
     model, x, y = pair_data()
     pair = make_pair(model)
     ctx = StepContext(input_scale=2.0, output_scale=0.5)
-    J = pair.jacobian(x[:16] / 2.0, ctx)[0]
-    latents = pair.encode(x[:16] / 2.0)
-    x_raw = pair.decode(latents) * 2.0
-    y_scaled = pair.mlp(x_raw) / 0.5
-    reference = jacobian_active(pair.mlp, pair.W_dec, x_raw, latents.topk(4, dim=-1).indices, pair.output.W_enc,
-                                pair.output.pre_activation(y_scaled).topk(4, dim=-1).indices, 2.0, 0.5)
-    torch.testing.assert_close(J, reference)
-    out = pair.loss(x[:16] / 2.0, ctx, y[:16] / 0.5)
-    assert {"mse_in", "mse", "jacobian"} <= set(out.terms) and out.terms["jacobian"] > 0
-    out.loss.backward()
-    assert pair.W_dec.grad.abs().sum() > 0 and pair.output.W_enc.grad.abs().sum() > 0
+    J = pair.jacobian(x[:16] / 2.0, ctx, point=point)[0]
+    torch.testing.assert_close(J, autograd_jacobian(pair, x[:16], point, 2.0, 0.5), rtol=1e-4, atol=1e-6)
+    assert make_pair(model, jacobian_point=point).cfg.jacobian_point == point
+
+
+def test_at_the_true_input_the_penalty_reaches_only_the_references_parameters():
+    """The reference's J (weights gathered at the true input) trains the input SAE's decoder and the
+    output SAE's encoder; at the reconstruction the penalty also reaches the input encoder."""
+    model, x, y = pair_data()
+    reached = {}
+    for point in ("input", "reconstruction"):
+        pair = make_pair(model, jacobian_point=point, jacobian_coefficient=1.0)
+        pair.loss(x[:32], StepContext(), y[:32]).terms["jacobian"].backward()
+        reached[point] = {name for name, p in pair.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert reached["input"] == {"W_dec", "output.W_enc"}
+    assert {"W_enc", "b_enc", "W_dec", "output.W_enc"} <= reached["reconstruction"]
+
+
+def test_the_loss_has_every_term_and_the_paper_preset_is_the_references_pair():
+    model, x, y = pair_data()
+    pair = make_pair(model)
+    out = pair.loss(x[:16], StepContext(), y[:16])
+    assert {"mse_in", "mse", "jacobian", "aux_in", "aux_out"} <= set(out.terms) and out.terms["jacobian"] > 0
+    torch.testing.assert_close(out.loss, sum(out.terms.values()))
+    assert pair.cfg.jacobian_coefficient == 0.5 * 4 * 4 / 32  # the authors' 0.5 k^2 / d_model
+    paper = JacobianSAE(JacobianSAEConfig.preset("paper", d_in=32, d_sae=64, k=4, site=f"layers.{LAYER}.mlp_in",
+                                                 output_site=f"layers.{LAYER}.mlp_out")).attach_mlp(pair.mlp)
+    cfg = paper.cfg
+    assert (cfg.input_scaling, cfg.aux_coefficient, cfg.apply_b_dec_to_input, cfg.optimizer, cfg.lr) == \
+        ("none", 0.0, False, "adam", 5e-4)
+    for sae in (paper, paper.output):  # encoder = decoder^T at init, b_dec not subtracted
+        assert torch.equal(sae.W_enc, sae.W_dec.T)
+        torch.testing.assert_close(sae.pre_activation(x[:4]), x[:4] @ sae.W_enc + sae.b_enc)
+    out = paper.loss(x[:16], StepContext(), y[:16])
+    reconstruction = paper.decode(paper.encode(x[:16]))
+    torch.testing.assert_close(out.terms["mse_in"], torch.nn.functional.mse_loss(reconstruction, x[:16]))
+    torch.testing.assert_close(out.terms["mse"], torch.nn.functional.mse_loss(out.reconstruction, y[:16]))
+    assert float(out.terms["aux_in"]) == 0.0
 
 
 def train_pair(model, x, y, coefficient):
@@ -92,25 +121,46 @@ def test_jsae_command_trains_measures_and_writes_the_two_saes(tmp_path, capsys):
               "--batch-size", "256", "--init-sample-tokens", "512", "--no-progress", "--eval-tokens", "256",
               "--device", "cpu"]
     assert main(["jsae", *common, "--jacobian-coefficients", "0", "50", "--out", str(tmp_path / "run")]) == 0
-    pairs = json.loads((tmp_path / "run" / "summary.json").read_text())["pairs"]
-    assert set(pairs) == {"lambda_0", "lambda_50"}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    pairs = summary["pairs"]
+    assert set(pairs) == {"lambda_0", "lambda_50"} and summary["units"] == "raw"
     for row in pairs.values():
-        fractions = row["jacobian"]
-        assert list(fractions) == ["jacobian_above_0.005", "jacobian_above_0.01", "jacobian_above_0.02"]
-        assert 1 >= fractions["jacobian_above_0.005"] >= fractions["jacobian_above_0.01"] >= fractions[
-            "jacobian_above_0.02"] >= 0
+        measures = row["jacobian"]
+        assert measures["out_in_scale_ratio"] > 0
+        for point in ("at_input", "at_reconstruction"):
+            at = measures[point]
+            assert 1 >= at["above_0.005"] >= at["above_0.01"] >= at["above_0.015"] >= at["above_0.02"] >= 0
+            assert at["mean_abs"] > 0
         assert row["held_out"]["input"]["site"] == "layers.1.mlp_in" and "delta_lm_loss" in row["held_out"]["output"]
         shapes = row["strongest_functions"]
         assert len(shapes) == 8 and {s["shape"] for s in shapes} <= {"linear", "jumprelu-like", "other"}
         assert all(abs(s["jacobian"]) >= abs(shapes[-1]["jacobian"]) for s in shapes)  # strongest first
-    assert jumpscope.load(tmp_path / "run" / "lambda_50" / "output").cfg.site == "layers.1.mlp_out"
+    assert pairs["lambda_50"]["jacobian"]["at_input"]["mean_abs"] < pairs["lambda_0"]["jacobian"]["at_input"]["mean_abs"]
+    saved = jumpscope.load(tmp_path / "run" / "lambda_50" / "output")
+    assert saved.cfg.site == "layers.1.mlp_out" and saved.cfg.aux_coefficient == 0.0  # the paper recipe
     assert (tmp_path / "run" / "lambda_sweep.png").read_bytes().startswith(b"\x89PNG")
-    assert "| lambda | |J| > 0.005 |" in capsys.readouterr().out
-    assert main(["jsae", *common, "--randomize-model", "--out", str(tmp_path / "control")]) == 0
-    control = json.loads((tmp_path / "control" / "summary.json").read_text())
-    assert control["job"]["randomize_model"] and control["pairs"]["lambda_1"]["jacobian"] != pairs["lambda_0"]["jacobian"]
+    assert "| model | lambda | out/in scale |" in capsys.readouterr().out
+
+    # trained and both controls in one run: a folder each, one trade-off plot
+    assert main(["jsae", *common, "--controls", "none", "init", "redraw", "--recipe", "normalised",
+                 "--out", str(tmp_path / "controls")]) == 0
+    both = json.loads((tmp_path / "controls" / "summary.json").read_text())
+    assert list(both["controls"]) == ["none", "init", "redraw"] and both["units"] == "normalised"
+    lam = f"lambda_{0.5 * 4 * 4 / 32:g}"  # the default: 0.5 k^2 / d_model
+    ratios = {c: both["controls"][c]["pairs"][lam]["jacobian"]["out_in_scale_ratio"] for c in both["controls"]}
+    assert len(set(ratios.values())) == 3  # three different models
+    for control in ("none", "init", "redraw"):
+        assert (tmp_path / "controls" / control / lam / "input" / "cfg.json").exists()
+    assert (tmp_path / "controls" / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+
     assert main(["jsae", *common[:-7], "--layer", "9", "--out", str(tmp_path / "x")]) == 2
     assert "layer 9 out of range" in capsys.readouterr().err
+    assert main(["jsae", *common, "--controls", "none", "none", "--out", str(tmp_path / "y")]) == 2
+    assert "repeat" in capsys.readouterr().err
+    assert main(["jsae", *common, "--cache", str(tmp_path / "cache"), "--controls", "init",
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "activation cache holds the trained model" in capsys.readouterr().err
 
 
 def test_the_pair_is_not_an_ordinary_architecture_for_train_sweep_or_suite(tmp_path, capsys):
@@ -120,17 +170,3 @@ def test_the_pair_is_not_an_ordinary_architecture_for_train_sweep_or_suite(tmp_p
     assert "jumpscope jsae" in capsys.readouterr().err
     assert main(["sweep", "--archs", "jsae", "--out", str(tmp_path / "s")]) == 2
     assert "jumpscope jsae" in capsys.readouterr().err
-
-
-def test_randomize_weights_keeps_each_matrix_scale_and_no_structure():
-    from jumpscope.jobs.jsae import randomize_weights
-
-    model, _ = build_model("gpt2")
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    randomize_weights(model, seed=3)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            assert not torch.equal(p, before[name]), name
-            assert p.std().item() == pytest.approx(before[name].std().item(), rel=0.1), name
-        else:
-            assert torch.equal(p, before[name]), name  # norms and biases kept

@@ -161,6 +161,10 @@ def _argument_spec(tp: Any) -> dict[str, Any] | None:
             return None
         if element in (int, float, str):
             return {"type": _SCALARS[element], "nargs": nargs, "metavar": element.__name__.upper()}
+        if typing.get_origin(element) is Literal:
+            values = typing.get_args(element)
+            return {"type": _literal(values), "nargs": nargs, "choices": list(values),
+                    "metavar": "{" + ",".join(map(str, values)) + "}"}
     return None
 
 
@@ -178,7 +182,7 @@ def _format_default(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, (tuple, list)):
-        return " ".join(map(str, value))
+        return " ".join(map(str, value)) if value else "none given"
     return str(value)
 
 

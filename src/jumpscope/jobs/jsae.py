@@ -1,21 +1,26 @@
-"""``jumpscope jsae``: train a Jacobian SAE pair around one layer's MLP, then measure it.
+"""``jumpscope jsae``: train Jacobian SAE pairs around one layer's MLP, then measure them.
 
-Harvests ``layers.L.mlp_in`` and ``layers.L.mlp_out`` in one pass (or from ``--cache``), trains
-the pair with the ordinary trainer (checkpoints, resume, torchrun), and writes the two SAEs as
-ordinary TopK folders (``input/``, ``output/``) with ``summary.json`` / ``summary.md``: the
-Jacobian's sparsity on held-out tokens (fraction of |J| above 0.005 / 0.01 / 0.02), and each SAE's
-L0, FVU and the model's own measure with it spliced in. ``--randomize-model`` trains the same
-pair on a randomly re-initialised copy of the model: the paper's control.
+Harvests ``layers.L.mlp_in`` and ``layers.L.mlp_out`` in one pass (or from ``--cache``), trains one
+pair per lambda with the ordinary trainer (checkpoints, resume, torchrun), and writes the two SAEs
+as ordinary TopK folders (``lambda_X/input/``, ``lambda_X/output/``) with ``summary.json`` /
+``summary.md``: the Jacobian's sparsity on held-out tokens at the true MLP input and at the input
+SAE's reconstruction (fraction of |J| above 0.005 / 0.01 / 0.015 / 0.02 and mean |J|, beside the
+out/in scale ratio that raw |J| scales with), and each SAE's L0, FVU and the model's own measure
+with it spliced in. ``--controls none init redraw`` repeats it on randomly re-initialised copies of
+the model (the paper's control and ours, :mod:`jumpscope.models.randomize`), one folder each, and
+draws the trade-off curves of all of them on one plot.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -26,18 +31,23 @@ from ..evaluate.heldout import evaluate_saes, evaluation_windows, results_table
 from ..formats import save as save_format
 from ..jacobian import (JacobianSAE, JacobianSAEConfig, classify_response, jacobian_sparsity, latent_response,
                         mlp_function)
+from ..jacobian.report import DOWNSTREAM, sweep_plot, tradeoff_plot
 from ..models.harvest import harvest
+from ..models.randomize import CONTROLS, Control, randomize_model
 from ..safeio import write_text
 from ..sae.base import StepContext
-from .common import TrainingJobConfig, check_sparsity_fits, job_record, start_training_job, train_on_activations
+from .common import (JobStart, TrainingJobConfig, check_sparsity_fits, job_record, start_training_job,
+                     train_on_activations)
+
+THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
 
 
 @dataclass
 class JsaeJobConfig(TrainingJobConfig):
-    """Which MLP, how sparse, and where the results go."""
+    """Which MLP, how sparse, which recipe and controls, and where the results go."""
 
     layer: int | None = None
-    """The layer whose MLP the pair sits around; None: the middle layer."""
+    """The layer whose MLP the pairs sit around; None: the middle layer."""
 
     k: int = 32
     """Active latents per token in each SAE."""
@@ -45,61 +55,80 @@ class JsaeJobConfig(TrainingJobConfig):
     width: int | None = None
     """Latents per SAE; None: 8 x d_model."""
 
-    jacobian_coefficients: tuple[float, ...] = (1.0,)
+    jacobian_coefficients: tuple[float, ...] = ()
     """lambda, the weight of mean |J|: one pair per value, all trained on the same batches (0: the
-    same pair without the penalty). Several values also give the lambda sweep plot."""
+    same pair without the penalty; several values give the trade-off curves). None given: one pair
+    at the authors' rule 0.5 k^2 / d_model."""
+
+    recipe: Literal["paper", "normalised"] = "paper"
+    """'paper': the authors' reference settings (JacobianSAEConfig.preset('paper'): raw units,
+    per-element MSE, Adam 5e-4, no AuxK, no b_dec subtraction, encoder = decoder^T); 'normalised':
+    both sides scaled to E||x||^2 = 1 on our TopK recipe (AuxK, b_dec subtracted, summed MSE)."""
+
+    jacobian_point: Literal["input", "reconstruction"] = "input"
+    """Where the penalty linearises the MLP: the true input, detached (the reference's), or the
+    input SAE's reconstruction (moves with training). The measures report both points."""
+
+    controls: tuple[Control, ...] = ("none",)
+    """Models to train on: 'none' (the model itself), 'init' (every weight matrix redrawn from
+    N(0, 0.8/sqrt(d_model)), the reference's TransformerLens control), 'redraw' (each matrix at its
+    own std). Several: one folder each under --out and trade-off curves of all on one plot."""
 
     warmup_fraction: float = 0.05
     """lambda rises linearly from 0 over this fraction of the steps."""
-
-    randomize_model: bool = False
-    """Train on a randomly re-initialised copy of the model (the control)."""
 
     # This job's own defaults; the help text is TrainingJobConfig's.
     out: str = "runs/jsae"
     eval_tokens: int = 8_192
 
     def __post_init__(self) -> None:
-        if not self.jacobian_coefficients or any(c < 0 for c in self.jacobian_coefficients):
-            raise ConfigError("give one or more jacobian_coefficients >= 0")
+        if any(c < 0 for c in self.jacobian_coefficients):
+            raise ConfigError("every jacobian_coefficient must be >= 0")
         if not 0 <= self.warmup_fraction <= 1:
             raise ConfigError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if not self.controls or any(c not in CONTROLS for c in self.controls):
+            raise ConfigError(f"controls must be one or more of {', '.join(CONTROLS)}, got {' '.join(self.controls)}")
+        if len(set(self.controls)) != len(self.controls):
+            raise ConfigError(f"controls repeat a model: {' '.join(self.controls)}")
+        if self.recipe not in ("paper", "normalised"):
+            raise ConfigError(f"recipe must be 'paper' or 'normalised', got {self.recipe!r}")
         check_positive(self, "k", "width", "tokens", "eval_tokens")
         check_positive(self, "layer", zero_ok=True)
         check_sparsity_fits(self.width, k=self.k)
 
 
 @torch.no_grad()
-def randomize_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Re-draw every matrix from a normal with that matrix's own standard deviation (vectors such as
-    norm weights and biases are kept), so activations keep their scale but no learned structure."""
-    generator = torch.Generator().manual_seed(seed)
-    for parameter in model.parameters():
-        if parameter.dim() >= 2:
-            std = parameter.float().std().item()
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-
-
-@torch.no_grad()
 def held_out_mlp_inputs(source: ActivationSource, site: str, eval_tokens: int) -> list[Tensor]:
-    """The MLP-input rows of the held-out batches, harvested once for every pair's measures."""
+    """The MLP-input rows of the held-out batches (framing tokens such as BOS are never rows),
+    harvested once for every pair's measures."""
     return [chunk[site] for chunk in harvest(source.loaded.model, evaluation_windows(source, eval_tokens), [site])]
 
 
 @torch.no_grad()
-def held_out_jacobian_sparsity(pair: JacobianSAE, rows: list[Tensor], scale: float = 1.0) -> dict[str, float]:
-    """Fraction of |J| entries above each threshold over held-out MLP inputs ``rows``. The folded
-    pair gives J in raw units; ``scale`` = input scale / output scale turns it back into the units
-    it was trained in (normalised activations), where the paper's thresholds apply."""
-    fractions: dict[float, float] = {}
-    count = 0
+def held_out_jacobian(pair: JacobianSAE, rows: list[Tensor], scale: float = 1.0) -> dict[str, Any]:
+    """|J| measures over held-out MLP inputs ``rows`` (raw units) at both linearisation points:
+    ``{"at_input": {...}, "at_reconstruction": {...}, "out_in_scale_ratio": b / a}``, each point
+    with the fraction of entries above every threshold and ``mean_abs``. The folded pair gives J
+    in raw units; ``scale`` (input scale / output scale) turns it into the units it trained in.
+    b / a: the RMS norm of the MLP output over that of its input (raw |J| scales with it)."""
+    sums: dict[str, dict[str, float]] = {"at_input": {}, "at_reconstruction": {}}
+    count, in_sq, out_sq = 0, 0.0, 0.0
     for x in rows:
         x = x.to(pair.W_enc.device)
-        J = pair.jacobian(x, StepContext())[0]
-        for threshold, fraction in jacobian_sparsity(J * scale).items():
-            fractions[threshold] = fractions.get(threshold, 0.0) + fraction * x.shape[0]
+        in_sq += float(x.double().pow(2).sum())
+        out_sq += float(pair.mlp.to(x.dtype)(x).double().pow(2).sum())
+        for point in ("input", "reconstruction"):
+            J = pair.jacobian(x, StepContext(), point=point)[0] * scale
+            measures = {f"above_{t:g}": f for t, f in jacobian_sparsity(J, THRESHOLDS).items()}
+            measures["mean_abs"] = float(J.abs().mean())
+            into = sums[f"at_{point}"]
+            for name, value in measures.items():
+                into[name] = into.get(name, 0.0) + value * x.shape[0]
         count += x.shape[0]
-    return {f"jacobian_above_{threshold:g}": total / count for threshold, total in fractions.items()}
+    result: dict[str, Any] = {point: {name: total / count for name, total in values.items()}
+                              for point, values in sums.items()}
+    result["out_in_scale_ratio"] = math.sqrt(out_sq / max(in_sq, 1e-30))
+    return result
 
 
 @torch.no_grad()
@@ -108,7 +137,8 @@ def strongest_functions(pair: JacobianSAE, x: Tensor, count: int = 8, points: in
     its input latent to its output latent at that token (the input latent swept from 0 to twice
     its value, the others fixed; the output latent after ReLU), classified."""
     x = x.to(pair.W_enc.device)
-    J, in_active, out_active, x_raw = pair.jacobian(x, StepContext())
+    # at the reconstruction, where every latent has its own value: each curve passes through it
+    J, in_active, out_active, x_hat = pair.jacobian(x, StepContext(), point="reconstruction")
     latents = pair.encode(x)
     output = pair.output
     bias = output.b_enc - output.b_dec @ output.W_enc if output.cfg.apply_b_dec_to_input else output.b_enc
@@ -118,47 +148,38 @@ def strongest_functions(pair: JacobianSAE, x: Tensor, count: int = 8, points: in
         in_latent, out_latent = int(in_active[token, i]), int(out_active[token, j])
         base = float(latents[token, in_latent])
         values = torch.linspace(0.0, 2.0 * base, points)
-        response = torch.relu(latent_response(pair.mlp, pair.W_dec, output.W_enc, x_raw[token], in_latent, out_latent,
+        response = torch.relu(latent_response(pair.mlp, pair.W_dec, output.W_enc, x_hat[token], in_latent, out_latent,
                                               values, base_value=base, out_bias=bias))
         found.append({"token": token, "input_latent": in_latent, "output_latent": out_latent,
                       "jacobian": float(J[token, j, i]), "shape": classify_response(values, response)})
     return found
 
 
-def sweep_plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Reconstruction (FVU of each SAE) against the Jacobian's density, one point per lambda."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    dense = [row["jacobian"]["jacobian_above_0.01"] for row in rows.values()]
-    for side, marker in (("input", "o"), ("output", "s")):
-        ax.plot(dense, [row["held_out"][side]["fvu"] for row in rows.values()], marker=marker, label=f"{side} SAE")
-    for name, row, x in zip(rows, rows.values(), dense):
-        ax.annotate(name.replace("lambda_", "λ="), (x, row["held_out"]["output"]["fvu"]), fontsize=7)
-    ax.set_xlabel("fraction of |J| > 0.01 (held out; lower is sparser)")
-    ax.set_ylabel("FVU (held out)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
-             sae_fields: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
-    """Train and measure the pairs; returns the summary and its Markdown report."""
-    started = time.time()
-    out = Path(job.out)
-    start = start_training_job(job, activations, out / "training")
+def _control_start(start: JobStart, control: str, out: Path, activations: ActivationConfig) -> JobStart:
+    """The job start of one model: the loaded model itself, or a re-initialised copy of it, with
+    its own training folder."""
     loaded = start.loaded
-    if job.randomize_model:
-        randomize_weights(loaded.model)
-    layer = job.layer if job.layer is not None else loaded.model.config.num_hidden_layers // 2
-    mlp = mlp_function(loaded.model, layer)  # clear errors: layer out of range, not an MLP, not covered
+    if control != "none":
+        if activations.cache:
+            raise ConfigError(f"--controls {control}: an activation cache holds the trained model's activations; "
+                              "drop --cache to train on a randomised model")
+        loaded = dataclasses.replace(loaded, model=randomize_model(copy.deepcopy(loaded.model), control))
+    return dataclasses.replace(start, loaded=loaded,
+                               trainer=dataclasses.replace(start.trainer, out_dir=str(out / "training")))
+
+
+def _pair_config(job: JsaeJobConfig, d_in: int, sites: tuple[str, str], model: str, coefficient: float | None,
+                 warmup: int, sae_fields: dict[str, Any]) -> JacobianSAEConfig:
+    fields = {"d_in": d_in, "d_sae": job.width or 8 * d_in, "k": job.k, "site": sites[0], "output_site": sites[1],
+              "model": model, "jacobian_coefficient": coefficient, "sparsity_warmup_steps": warmup,
+              "jacobian_point": job.jacobian_point, **sae_fields}
+    return JacobianSAEConfig.preset("paper", **fields) if job.recipe == "paper" else JacobianSAEConfig(**fields)
+
+
+def _run_model(job: JsaeJobConfig, start: JobStart, control: str, out: Path, layer: int,
+               sae_fields: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """Train and measure every lambda's pair on one model (``control``); None on non-main processes."""
+    mlp = mlp_function(start.loaded.model, layer)  # clear errors: layer out of range, not an MLP, not covered
     sites = (f"layers.{layer}.mlp_in", f"layers.{layer}.mlp_out")
     source = start.source(sites)
     d_in = source.site_dims[sites[0]]
@@ -166,15 +187,12 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
         raise ValueError(f"the MLP's input ({d_in}) and output ({source.site_dims[sites[1]]}) widths differ")
     warmup = math.ceil(job.warmup_fraction * job.tokens / job.trainer.batch_size)
     pairs = {}
-    for coefficient in job.jacobian_coefficients:
-        cfg = JacobianSAEConfig(**{"d_in": d_in, "d_sae": job.width or 8 * d_in, "k": job.k, "site": sites[0],
-                                   "output_site": sites[1], "model": source.loaded.name,
-                                   "jacobian_coefficient": coefficient, "sparsity_warmup_steps": warmup,
-                                   **(sae_fields or {})})
-        pairs[f"lambda_{coefficient:g}"] = JacobianSAE(cfg).attach_mlp(mlp)
+    for coefficient in job.jacobian_coefficients or (None,):
+        cfg = _pair_config(job, d_in, sites, source.loaded.name, coefficient, warmup, sae_fields)
+        pairs[f"lambda_{cfg.jacobian_coefficient:g}"] = JacobianSAE(cfg).attach_mlp(mlp)
     trainer, trained = train_on_activations(pairs, source, job, start, inputs={name: sites for name in pairs})
     if not trainer.processes.is_main:  # under torchrun one process measures and writes
-        return {}, ""
+        return None
     split = {}
     for name, pair in trained.items():
         pair.attach_mlp(mlp)
@@ -188,31 +206,84 @@ def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
     for name, pair in trained.items():
         scale = trainer.input_scales[name] / trainer.output_scales[name]
         rows[name] = {"jacobian_coefficient": pair.cfg.jacobian_coefficient,
-                      "jacobian": held_out_jacobian_sparsity(pair, held_out, scale),
+                      "jacobian": held_out_jacobian(pair, held_out, scale),
                       "held_out": {side: results[f"{name}/{side}"] for side in ("input", "output")},
                       "strongest_functions": strongest_functions(pair, held_out[0])}
+    units = "raw" if job.recipe == "paper" else "normalised"
     title = (f"{source.loaded.name} layer {layer} ({mlp.kind} MLP, {mlp.activation})"
-             f"{' (randomised model)' if job.randomize_model else ''}")
+             f"{'' if control == 'none' else f', control {control!r}'}")
     if len(rows) > 1:
         sweep_plot(rows, out / "lambda_sweep.png", f"Jacobian SAE lambda sweep: {title}")
-    summary = {"job": job_record(job), "source": source.manifest(), "layer": layer, "mlp": mlp.kind,
-               "activation": mlp.activation, "pairs": rows, "training_window": trainer.final_summary(),
-               "seconds": time.time() - started}
-    lines = [f"# Jacobian SAE pairs: {title}", "", f"k {job.k}, d_sae {next(iter(pairs.values())).cfg.d_sae}, "
-             f"{job.tokens:,} tokens, held-out measures on {results[next(iter(split))]['n_tokens']:,} tokens", "",
-             "| lambda | |J| > 0.005 | > 0.01 | > 0.02 | FVU in | FVU out | L0 in | L0 out | strongest |J| shapes |",
-             "|" + " --- |" * 9]
-    for name, row in rows.items():
-        shapes = [f["shape"] for f in row["strongest_functions"]]
-        counts = ", ".join(f"{shapes.count(kind)} {kind}" for kind in ("linear", "jumprelu-like", "other")
-                           if kind in shapes)
-        held = row["held_out"]
-        lines.append(f"| {row['jacobian_coefficient']:g} | " + " | ".join(f"{v:.4f}" for v in row["jacobian"].values())
-                     + f" | {held['input']['fvu']:.4f} | {held['output']['fvu']:.4f} | {held['input']['l0']:.1f} | "
-                     f"{held['output']['l0']:.1f} | {counts} |")
-    table = "\n".join(lines) + "\n\n" + results_table(results, source.loaded.kind)
+    summary = {"job": job_record(job), "control": control, "source": source.manifest(), "layer": layer,
+               "mlp": mlp.kind, "activation": mlp.activation, "units": units, "kind": source.loaded.kind,
+               "pairs": rows, "training_window": trainer.final_summary()}
+    n_tokens = results[next(iter(split))]["n_tokens"]
+    table = (f"# Jacobian SAE pairs: {title}\n\nrecipe {job.recipe} (J in {units} units), k {job.k}, d_sae "
+             f"{next(iter(pairs.values())).cfg.d_sae}, {job.tokens:,} tokens, penalty at the {job.jacobian_point}; "
+             f"held-out measures on {n_tokens:,} tokens\n\n" + jacobian_table({control: rows}) + "\n"
+             + results_table(results, source.loaded.kind))
     if len(rows) > 1:
         table += "\n![lambda sweep](lambda_sweep.png)\n"
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_text(out / "summary.md", table)
+    return summary, table
+
+
+def jacobian_table(curves: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: per model and lambda, |J| at the true input and at the reconstruction, the out/in
+    scale ratio beside them, each SAE's FVU and the shapes of the strongest functions."""
+    lines = ["| model | lambda | out/in scale | |J|>0.005 | >0.01 | >0.02 | mean|J| | at recon.: >0.01 | mean|J| "
+             "| FVU in | FVU out | L0 in | strongest |J| shapes |", "|" + " --- |" * 13]
+    for control, rows in curves.items():
+        for row in rows.values():
+            shapes = [f["shape"] for f in row["strongest_functions"]]
+            counts = ", ".join(f"{shapes.count(kind)} {kind}" for kind in ("linear", "jumprelu-like", "other")
+                               if kind in shapes)
+            at_x, at_hat, held = row["jacobian"]["at_input"], row["jacobian"]["at_reconstruction"], row["held_out"]
+            lines.append(f"| {control} | {row['jacobian_coefficient']:g} | {row['jacobian']['out_in_scale_ratio']:.3f} | "
+                         f"{at_x['above_0.005']:.4f} | {at_x['above_0.01']:.4f} | {at_x['above_0.02']:.4f} | "
+                         f"{at_x['mean_abs']:.4g} | {at_hat['above_0.01']:.4f} | {at_hat['mean_abs']:.4g} | "
+                         f"{held['input']['fvu']:.4f} | {held['output']['fvu']:.4f} | {held['input']['l0']:.1f} | "
+                         f"{counts} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_jsae(job: JsaeJobConfig, activations: ActivationConfig | None = None,
+             sae_fields: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """Train and measure the pairs on every model of ``job.controls``; returns the summary and its
+    Markdown report (one model: written to --out; several: one folder each, plus the trade-off
+    curves and a combined report in --out)."""
+    started = time.time()
+    out = Path(job.out)
+    activations = activations or ActivationConfig()
+    several = len(job.controls) > 1
+    start = start_training_job(job, activations, out / "training")
+    layer = job.layer if job.layer is not None else start.loaded.model.config.num_hidden_layers // 2
+    mlp_function(start.loaded.model, layer)  # a bad layer fails before any training
+    reports: dict[str, tuple[dict[str, Any], str]] = {}
+    for control in job.controls:
+        folder = out / control if several else out
+        done = _run_model(job, _control_start(start, control, folder, activations), control, folder, layer,
+                          sae_fields or {})
+        if done is None:
+            return {}, ""
+        reports[control] = done
+    if not several:
+        summary, table = reports[job.controls[0]]
+        summary["seconds"] = time.time() - started
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
+        return summary, table
+    curves = {control: summary["pairs"] for control, (summary, _) in reports.items()}
+    first = next(iter(reports.values()))[0]
+    title = f"{Path(start.loaded.name).name} layer {layer} ({first['mlp']} MLP, {first['activation']}), J in {first['units']} units"
+    tradeoff_plot(curves, out / "tradeoff.png", f"Jacobian SAEs, trained vs random: {title}", first["kind"])
+    key = DOWNSTREAM.get(first["kind"], DOWNSTREAM["causal_lm"])[0]
+    summary = {"job": job_record(job), "layer": layer, "units": first["units"], "downstream_key": key,
+               "controls": {control: summary for control, (summary, _) in reports.items()},
+               "seconds": time.time() - started}
+    table = (f"# Jacobian SAEs, trained vs random: {title}\n\n" + jacobian_table(curves)
+             + "\n![trade-off curves](tradeoff.png)\n\n"
+             + "\n".join(f"- {control}: [{control}/summary.md]({control}/summary.md)" for control in reports) + "\n")
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_text(out / "summary.md", table)
     return summary, table
