@@ -13,7 +13,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "jumpscope"
 ORDER = [("errors",), ("safeio",), ("device",), ("sae",), ("data",), ("models",), ("activations",), ("train",),
-         ("formats",), ("evaluate", "analysis", "jacobian", "steer"), ("dashboard",), ("jobs",), ("cli",)]
+         ("formats",), ("evaluate", "analysis", "jacobian", "steer"), ("explain",), ("dashboard",), ("jobs",), ("cli",)]
 RANK = {stage: rank for rank, stages in enumerate(ORDER) for stage in stages}
 ENTRY_POINTS = {"__init__", "__main__"}  # the public API and `python -m jumpscope` gather every stage
 

@@ -147,7 +147,7 @@ def test_resume_is_exact(setup, tmp_path):
         collect_examples(model, sae, interrupted(), cfg, state_dir=tmp_path, progress=False)
     resumed = collect_examples(model, sae, batches, cfg, state_dir=tmp_path, resume=True, progress=False)
     for name in ("top_values", "top_tokens", "top_acts", "sample_values", "sample_tokens", "fire_count",
-                 "hist_counts"):
+                 "hist_counts", "random_tokens", "random_peaks"):
         assert torch.equal(getattr(resumed, name), getattr(found, name)), name
     assert resumed.n_tokens == found.n_tokens
 
@@ -186,3 +186,25 @@ def test_merging_window_by_window_finds_the_same_top_examples(setup):
     stepwise = collect_examples(model, sae, batches, small, progress=False)
     for name in ("top_values", "top_tokens", "fire_count", "hist_counts"):
         assert torch.equal(getattr(stepwise, name), getattr(found, name)), name
+
+
+def test_random_windows_hold_every_latents_peak_over_their_tokens(setup):
+    """Each kept random window is some corpus window's tokens around a counted position, and its
+    peaks are every latent's brute-force maximum over the counted tokens there (0: did not fire)."""
+    _, _, batches, cfg, found, ids, latents = setup
+    n_windows = ids.shape[0]
+    assert found.random_tokens.shape == (min(cfg.n_random, n_windows), cfg.width)
+    assert found.random_peaks.shape == (found.random_tokens.shape[0], latents.shape[-1])
+    T = ids.shape[1]
+    for tokens, peaks in zip(found.random_tokens, found.random_peaks):
+        matches = []
+        for window in range(n_windows):
+            for centre in range(1, T):  # position 0 (BOS) is never counted
+                around = torch.arange(centre - cfg.tokens_before, centre + cfg.tokens_after + 1)
+                inside = (around >= 0) & (around < T)
+                want = torch.where(inside, ids[window, around.clamp(0, T - 1)], torch.tensor(PAD_TOKEN))
+                if torch.equal(want.to(torch.int32), tokens):
+                    expected = latents[window, around[inside]].amax(dim=0).clamp(min=0)
+                    matches.append(torch.allclose(peaks, expected, atol=1e-6))
+        assert any(matches)
+    assert (found.random_peaks == 0).any() and (found.random_peaks > 0).any()  # both kinds of context exist

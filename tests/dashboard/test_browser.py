@@ -147,3 +147,33 @@ def test_index_shows_many_latents_a_page_at_a_time(browser: Browser, tmp_path: P
     assert browser.evaluate("document.querySelectorAll('.tok.peak').length") > 0
     assert_clean(browser, since)
     assert browser.console_errors(since_latent) == []
+
+
+def test_autointerp_explanations_show_search_sort_and_stay_text(browser: Browser, tmp_path: Path) -> None:
+    from jumpscope.dashboard import write_explanations
+
+    examples, vocab, lens = synthetic_inputs()
+    write_dashboard(tmp_path, examples, vocab, lens, progress=False, shard_size=16)
+    hostile = "<img src=x onerror=alert(1)> cats & dogs"
+    records = [{"latent": 1, "kind": "sae", "explanation": "the word cat", "scores": {
+                    "detection": {"accuracy": 0.9}, "fuzzing": {"accuracy": 0.7}, "simulation": {"correlation": 0.4}}},
+               {"latent": 2, "kind": "sae", "explanation": hostile, "scores": {"detection": {"accuracy": 0.6}}},
+               {"latent": 3, "kind": "sae", "explanation": "commas", "scores": {"detection": {"accuracy": 0.95}}}]
+    write_explanations(tmp_path, records)
+    since = open_page(browser, tmp_path / "index.html")
+    headers = browser.evaluate("[...document.querySelectorAll('#latents thead th')].map(t => t.textContent)")
+    assert headers[-4:] == ["explanation (autointerp)", "detection", "fuzzing", "simulation"]
+    assert type_search(browser, "word cat") == [1]  # searchable by explanation
+    assert type_search(browser, "cats & dogs") == [2]
+    assert type_search(browser, "") == list(range(D_SAE))
+    browser.evaluate("document.querySelector('th[data-sort=detection]').click()")  # best first, unscored last
+    ids = browser.evaluate(ROW_IDS)
+    assert ids[:3] == [3, 1, 2] and len(ids) == D_SAE
+    cells = browser.evaluate("[...document.querySelectorAll('#latents tbody tr')].slice(0, 3).map("
+                             "r => r.querySelector('td.explanation').textContent)")
+    assert cells == ["commas", "the word cat", hostile]  # the LLM's text, as text
+    assert_clean(browser, since)
+    since = open_page(browser, tmp_path / "latents" / "2.html")
+    assert browser.evaluate("document.querySelector('.explanation-text').textContent") == hostile
+    assert "detection 0.600" in browser.evaluate("document.querySelector('section.explanation').innerText")
+    assert_clean(browser, since)

@@ -98,7 +98,8 @@ def test_layout(site: Path) -> None:
     assert (site / "index.html").is_file()
     assert sorted(p.name for p in (site / "assets").iterdir()) == ["common.js", "index.js", "latent.js", "style.css"]
     assert sorted(p.name for p in (site / "data").iterdir()) == [
-        "meta.js", "shard_0.js", "shard_1.js", "shard_2.js", "summary.js", "vocab.js"]
+        "explanations.js", "meta.js", "shard_0.js", "shard_1.js", "shard_2.js", "summary.js", "vocab.js"]
+    assert (site / "data" / "explanations.js").read_text() == "jumpscopeExplanations({});\n"  # until autointerp
     assert sorted(int(p.stem) for p in (site / "latents").glob("*.html")) == list(range(D_SAE))
     page = (site / "latents" / "21.html").read_text()
     assert 'data-latent="21"' in page and "../data/shard_1.js" in page and len(page) < 700

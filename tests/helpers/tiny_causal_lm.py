@@ -9,10 +9,12 @@ CFG = dict(dim=32, hidden_dim=48, n_layers=3, n_heads=4, n_kv_heads=2, vocab_siz
 WORDS = ["hello", "abc", "bc", "aa", "lo", "hell", "cab", "hello,", "bell", "ace"]
 
 
-def write_tiny_causal_lm(folder, seed=0):
-    """Write ``model.bin`` and ``tok{VOCAB}.bin`` (found beside it) into ``folder``; returns the model path."""
+def write_tiny_causal_lm(folder, seed=0, seq_len=None):
+    """Write ``model.bin`` and ``tok{VOCAB}.bin`` (found beside it) into ``folder``; returns the model
+    path. ``seq_len``: the context length (default 64; a chat backend's prompts need thousands)."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(folder / "model.bin", CFG, make_weights(CFG, tied=True, seed=seed), tied=True)
+    cfg = CFG if seq_len is None else {**CFG, "seq_len": seq_len}
+    write_checkpoint(folder / "model.bin", cfg, make_weights(cfg, tied=True, seed=seed), tied=True)
     write_tokenizer(folder / f"tok{VOCAB}.bin")
     return folder / "model.bin"
 

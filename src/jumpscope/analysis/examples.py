@@ -32,7 +32,7 @@ from ..sae.base import SAE
 from .records import PAD_TOKEN, LatentExamples
 
 STATE = ("top_values", "top_tokens", "top_acts", "sample_keys", "sample_values", "sample_tokens", "sample_acts",
-         "fire_count", "hist_counts")
+         "fire_count", "hist_counts", "random_keys", "random_tokens", "random_peaks")
 
 
 @dataclass
@@ -44,6 +44,10 @@ class ExamplesConfig:
 
     n_sample: int = 20
     """Contexts kept per latent from a uniform random sample of those where it fired."""
+
+    n_random: int = 200
+    """Windows kept from a uniform random sample of all windows, with every latent's peak in each:
+    the non-activating contexts of a latent (those where its peak is 0) for autointerp scoring."""
 
     tokens_before: int = 10
     """Tokens shown before each example's peak token."""
@@ -68,8 +72,8 @@ class ExamplesConfig:
     """Seed of the random sample."""
 
     def __post_init__(self) -> None:
-        if self.n_top < 1 or self.n_sample < 0 or self.tokens_before < 0 or self.tokens_after < 0:
-            raise ValueError("n_top must be >= 1 and n_sample, tokens_before, tokens_after >= 0")
+        if self.n_top < 1 or min(self.n_sample, self.n_random, self.tokens_before, self.tokens_after) < 0:
+            raise ValueError("n_top must be >= 1 and n_sample, n_random, tokens_before, tokens_after >= 0")
         if self.hist_bins < 1 or not self.hist_range[0] < self.hist_range[1]:
             raise ValueError(f"need hist_bins >= 1 and an increasing hist_range, got {self.hist_range}")
 
@@ -91,6 +95,9 @@ class ExampleCollector:
         self.sample_values = torch.full((d_sae, cfg.n_sample), minus_inf)
         self.sample_tokens = torch.full((d_sae, cfg.n_sample, width), PAD_TOKEN, dtype=torch.int32)
         self.sample_acts = torch.zeros(d_sae, cfg.n_sample, width)
+        self.random_keys = torch.full((cfg.n_random,), minus_inf)
+        self.random_tokens = torch.full((cfg.n_random, width), PAD_TOKEN, dtype=torch.int32)
+        self.random_peaks = torch.zeros(cfg.n_random, d_sae)
         self.fire_count = torch.zeros(d_sae, dtype=torch.int64)
         self.hist_counts = torch.zeros(d_sae, cfg.hist_bins, dtype=torch.int64)
         self.hist_edges = torch.linspace(*cfg.hist_range, cfg.hist_bins + 1)
@@ -121,7 +128,33 @@ class ExampleCollector:
             keys = torch.rand(peak_values.shape, generator=generator).masked_fill(peak_values == float("-inf"),
                                                                                  float("-inf"))
             self._merge("sample", keys, peak_values, peak_positions, input_ids, latents)
+        if self.cfg.n_random:
+            self._merge_random(input_ids, mask, latents)
         self.adds += 1
+
+    def _merge_random(self, input_ids: Tensor, mask: Tensor, latents: Tensor) -> None:
+        """One random window around a random counted token of each context window joins a uniform
+        reservoir (largest random keys kept), with every latent's peak over the window's tokens."""
+        generator = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.adds) * 2 + 1)  # not the sample's
+        B, T = mask.shape
+        keys = torch.rand(B, generator=generator).masked_fill(~mask.any(dim=1), float("-inf"))
+        centres = torch.multinomial(mask.float() + (~mask.any(dim=1, keepdim=True)).float(), 1,
+                                    generator=generator)[:, 0]
+        n_kept = self.random_keys.shape[0]
+        merged, order = torch.cat([self.random_keys, keys]).topk(n_kept)
+        new = (order >= n_kept).nonzero()[:, 0]
+        if new.numel():
+            window = order[new] - n_kept
+            around = centres[window][:, None] + torch.arange(-self.cfg.tokens_before, self.cfg.tokens_after + 1)
+            inside = (around >= 0) & (around < T)
+            around = around.clamp(0, T - 1)
+            rows = window[:, None].expand_as(around)
+            counted = inside & mask[rows, around]
+            self.random_tokens = self.random_tokens[order.clamp(max=n_kept - 1)]
+            self.random_peaks = self.random_peaks[order.clamp(max=n_kept - 1)]
+            self.random_tokens[new] = input_ids[rows, around].to(torch.int32).masked_fill(~inside, PAD_TOKEN)
+            self.random_peaks[new] = latents[rows, around].masked_fill(~counted[..., None], 0.0).amax(dim=1).clamp(min=0)
+        self.random_keys = merged
 
     def _histogram(self, values: Tensor, latent_index: Tensor) -> None:
         bins = torch.bucketize(values.log10(), self.hist_edges[1:-1])  # 0 .. hist_bins - 1, ends included
@@ -172,6 +205,8 @@ class ExampleCollector:
             sample_acts=self.sample_acts.gather(1, order[..., None].expand(-1, -1, width)),
             fire_count=self.fire_count.clone(), hist_edges=self.hist_edges.clone(),
             hist_counts=self.hist_counts.clone(), n_tokens=self.n_tokens, peak_offset=self.cfg.tokens_before,
+            random_tokens=self.random_tokens[self.random_keys > float("-inf")].clone(),
+            random_peaks=self.random_peaks[self.random_keys > float("-inf")].clone(),
             meta={"config": asdict(self.cfg), **(meta or {})})
 
     def save_state(self, folder: Path) -> None:

@@ -67,6 +67,14 @@ class LatentExamples:
     meta: dict[str, Any] = field(default_factory=dict)
     """Where it came from: model, site, SAE, corpus, settings."""
 
+    random_tokens: Tensor | None = None
+    """[n_random, width] int32: windows from a uniform random sample of all windows (None in
+    records written before they were kept)."""
+
+    random_peaks: Tensor | None = None
+    """[n_random, d_sae] float32: each latent's peak over each random window (0: it did not fire
+    there, so the window is one of its non-activating contexts)."""
+
     @property
     def d_sae(self) -> int:
         return int(self.top_values.shape[0])
@@ -79,7 +87,8 @@ class LatentExamples:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path / "examples.safetensors", {name: getattr(self, name) for name in TENSOR_FIELDS})
+        tensors = {name: getattr(self, name) for name in TENSOR_FIELDS + OPTIONAL_FIELDS if getattr(self, name) is not None}
+        write_safetensors(path / "examples.safetensors", tensors)
         write_text(path / "examples.json", json.dumps({"n_tokens": self.n_tokens, "peak_offset": self.peak_offset,
                                                          "meta": self.meta}, indent=2))
 
@@ -91,7 +100,8 @@ class LatentExamples:
         missing = [name for name in TENSOR_FIELDS if name not in tensors]
         if missing:
             raise ValueError(f"{path / 'examples.safetensors'} lacks {', '.join(missing)}")
-        examples = cls(**{name: tensors[name] for name in TENSOR_FIELDS}, n_tokens=int(info["n_tokens"]),
+        examples = cls(**{name: tensors[name] for name in TENSOR_FIELDS},
+                       **{name: tensors.get(name) for name in OPTIONAL_FIELDS}, n_tokens=int(info["n_tokens"]),
                        peak_offset=int(info["peak_offset"]), meta=info.get("meta", {}))
         check_examples_shape(examples)
         return examples
@@ -99,6 +109,7 @@ class LatentExamples:
 
 TENSOR_FIELDS = ("top_values", "top_tokens", "top_acts", "sample_values", "sample_tokens", "sample_acts",
                  "fire_count", "hist_edges", "hist_counts")
+OPTIONAL_FIELDS = ("random_tokens", "random_peaks")
 
 
 @dataclass
@@ -167,6 +178,15 @@ def check_examples_shape(examples: LatentExamples) -> None:
             raise ValueError(f"LatentExamples.{name} has {tensor.shape[0]} latents, top_values has {d_sae}")
         if name.endswith(("_tokens", "_acts")) and tensor.shape[-1] != width:
             raise ValueError(f"LatentExamples.{name} windows are {tensor.shape[-1]} wide, top_tokens' are {width}")
+    if (examples.random_tokens is None) != (examples.random_peaks is None):
+        raise ValueError("LatentExamples has random_tokens without random_peaks or the other way round")
+    if examples.random_tokens is not None:
+        n = examples.random_tokens.shape[0]
+        if examples.random_tokens.dim() != 2 or examples.random_tokens.shape[1] != width:
+            raise ValueError(f"LatentExamples.random_tokens must be [n_random, {width}], "
+                             f"got {tuple(examples.random_tokens.shape)}")
+        if tuple(examples.random_peaks.shape) != (n, d_sae):
+            raise ValueError(f"LatentExamples.random_peaks must be [{n}, {d_sae}], got {tuple(examples.random_peaks.shape)}")
     if not 0 <= examples.peak_offset < width:
         raise ValueError(f"peak_offset {examples.peak_offset} is outside windows of width {width}")
     if examples.hist_counts.shape[1] + 1 != examples.hist_edges.shape[0]:

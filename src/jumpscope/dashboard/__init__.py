@@ -2,6 +2,6 @@
 every latent (density, max activation, peak tokens, logit lens; sortable, searchable) and one page
 per latent (activation histogram, logit lens, top and sampled examples with highlighted tokens)."""
 
-from .site import SHARD_SIZE, write_dashboard
+from .site import SHARD_SIZE, write_dashboard, write_explanations
 
-__all__ = ["SHARD_SIZE", "write_dashboard"]
+__all__ = ["SHARD_SIZE", "write_dashboard", "write_explanations"]

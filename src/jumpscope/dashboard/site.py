@@ -8,6 +8,8 @@ Layout of ``out_dir``::
     data/vocab.js           jumpscopeVocab({"<id>": "<token text>", ...}): only the ids used
     data/summary.js         jumpscopeSummary({...}): the index's columns for every latent
     data/shard_<n>.js       jumpscopeShard({...}): everything about latents n*S .. (n+1)*S - 1
+    data/explanations.js    jumpscopeExplanations({...}): autointerp's explanations and scores
+                            (empty until `jumpscope autointerp --examples <this folder>` fills it)
     assets/                 style.css, common.js, index.js, latent.js
 
 Data travels as ``<script src>`` files calling a global function, because a page opened from a
@@ -104,6 +106,7 @@ def index_html(title: str, has_logit_lens: bool) -> str:
 <script src="data/meta.js"></script>
 <script src="data/vocab.js"></script>
 <script src="data/summary.js"></script>
+<script src="data/explanations.js"></script>
 <script src="assets/index.js"></script>
 </body>
 </html>
@@ -117,6 +120,7 @@ def latent_html(latent: int, shard: int) -> str:
             f'data-latent="{latent}"><noscript>This dashboard needs JavaScript.</noscript>'
             f'<script src="../assets/common.js"></script><script src="../data/meta.js"></script>'
             f'<script src="../data/vocab.js"></script><script src="../data/shard_{shard}.js"></script>'
+            f'<script src="../data/explanations.js"></script>'
             f'<script src="../assets/latent.js"></script></body></html>\n')
 
 
@@ -177,10 +181,31 @@ def write_dashboard(out_dir: str | Path, examples: LatentExamples, vocab: list[s
         write(out_dir / "data" / f"shard_{shard}.js", script_call("jumpscopeShard", payload))
         for latent in range(payload["first"], payload["first"] + len(payload["latents"])):
             write(out_dir / "latents" / f"{latent}.html", latent_html(latent, shard))
+    if not (out_dir / "data" / "explanations.js").is_file():  # autointerp's, if any, stay
+        write(out_dir / "data" / "explanations.js", script_call("jumpscopeExplanations", {}))
     index = out_dir / "index.html"
     write(index, index_html(title, has_lens))
     return index
 
+
+def write_explanations(out_dir: str | Path, records: list[dict[str, Any]]) -> Path:
+    """Put autointerp ``records`` (as ``results.jsonl`` holds them) on a dashboard's index and latent
+    pages: ``data/explanations.js`` maps each latent id to its explanation and scores. The
+    explanation is an LLM's untrusted text: the pages render it as text only."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "data" / "meta.js").is_file():
+        raise ValueError(f"{out_dir} is not a jumpscope dashboard (no data/meta.js)")
+    table = {}
+    for record in records:
+        scores = record.get("scores", {})
+        table[str(int(record["latent"]))] = {
+            "explanation": record.get("explanation") or "",
+            "detection": scores.get("detection", {}).get("accuracy"),
+            "fuzzing": scores.get("fuzzing", {}).get("accuracy"),
+            "simulation": scores.get("simulation", {}).get("correlation")}
+    path = out_dir / "data" / "explanations.js"
+    write(path, script_call("jumpscopeExplanations", table))
+    return path
 
 def on_cpu(record: Any) -> Any:
     """A copy of a LatentExamples / LogitLens with every tensor on the CPU (no copy when already)."""

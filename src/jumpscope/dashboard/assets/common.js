@@ -3,17 +3,22 @@
  * The data files (data/*.js) call the jumpscope* functions below; they are <script src> files
  * because pages opened from file:// may not fetch() local files.
  *
- * SECURITY: token strings, the title and the source metadata are untrusted. They reach the page
+ * SECURITY: token strings, explanations, the title and the source metadata are untrusted. They reach the page
  * only through textContent / createTextNode / the title property, never through innerHTML.
  */
 "use strict";
 
-var jumpscope = { meta: null, vocab: null, summary: null, shards: {} };
+var jumpscope = { meta: null, vocab: null, summary: null, shards: {}, explanations: {} };
 
 function jumpscopeMeta(meta) { jumpscope.meta = meta; }
 function jumpscopeVocab(vocab) { jumpscope.vocab = vocab; }
 function jumpscopeSummary(summary) { jumpscope.summary = summary; }
 function jumpscopeShard(shard) { jumpscope.shards[shard.shard] = shard; }
+/* autointerp's explanations (an LLM's text: untrusted like the tokens) and scores, by latent id */
+function jumpscopeExplanations(explanations) { jumpscope.explanations = explanations || {}; }
+
+/** A score cell's text: 3 decimals, or a dash when there is none. */
+function scoreText(value) { return value === null || value === undefined ? "\u2013" : Number(value).toFixed(3); }
 
 var PAD_TOKEN = -1;
 var SVG_NS = "http://www.w3.org/2000/svg";

@@ -7,6 +7,8 @@
   var SEPARATOR = "\u0000";  // between tokens in the search text, so a query never spans two tokens
   var state = { query: "", filter: "all", sort: "id", desc: false, shown: PAGE };
   var latents = [], matches = [];
+  var SCORES = ["detection", "fuzzing", "simulation"];
+  var hasExplanations = false;
 
   function buildLatents() {
     var summary = jumpscope.summary;
@@ -14,8 +16,13 @@
       var peaks = summary.peak_tokens[id] || [];
       var promoted = summary.promoted ? summary.promoted[id] : [];
       var words = peaks.concat(promoted).map(tokenText);
-      return { id: id, fire: fire, density: densityOf(fire), max: summary.max_act[id], peaks: peaks,
-        promoted: promoted, kind: densityClass(fire), search: words.join(SEPARATOR).toLowerCase() };
+      var found = jumpscope.explanations[String(id)] || {};
+      var explanation = found.explanation || "";
+      var latent = { id: id, fire: fire, density: densityOf(fire), max: summary.max_act[id], peaks: peaks,
+        promoted: promoted, kind: densityClass(fire), explanation: explanation,
+        search: words.concat([explanation]).join(SEPARATOR).toLowerCase() };
+      SCORES.forEach(function (name) { latent[name] = typeof found[name] === "number" ? found[name] : null; });
+      return latent;
     });
   }
 
@@ -23,7 +30,7 @@
     var params = new URLSearchParams(location.hash.slice(1));
     if (params.has("q")) state.query = params.get("q");
     if (["all", "alive", "dead", "dense"].indexOf(params.get("f")) >= 0) state.filter = params.get("f");
-    if (["id", "density", "max"].indexOf(params.get("s")) >= 0) state.sort = params.get("s");
+    if (["id", "density", "max"].concat(SCORES).indexOf(params.get("s")) >= 0) state.sort = params.get("s");
     state.desc = params.get("d") === "1";
   }
 
@@ -39,7 +46,10 @@
   }
 
   function compare(a, b) {
-    var key = state.sort === "density" ? "fire" : state.sort === "max" ? "max" : "id";
+    var key = state.sort === "density" ? "fire" : state.sort === "id" ? "id" : state.sort;
+    if (SCORES.indexOf(key) >= 0 && (a[key] === null) !== (b[key] === null)) {
+      return a[key] === null ? 1 : -1;  // unscored latents last, whichever the direction
+    }
     var order = (a[key] - b[key]) || (a.id - b.id);
     return state.desc ? -order : order;
   }
@@ -84,6 +94,10 @@
     tr.appendChild(el("td", "num", fmt(latent.max)));
     tr.appendChild(chips(latent.peaks));
     if (jumpscope.meta.has_logit_lens) tr.appendChild(chips(latent.promoted));
+    if (hasExplanations) {
+      tr.appendChild(el("td", "explanation", latent.explanation));
+      SCORES.forEach(function (name) { tr.appendChild(el("td", "num", scoreText(latent[name]))); });
+    }
     return tr;
   }
 
@@ -119,12 +133,25 @@
       label: "fraction of tokens a latent fires on (log scale); dead latents: " + dead }));
   }
 
+  function addExplanationColumns() {
+    var header = document.querySelector("#latents thead tr");
+    header.appendChild(el("th", null, "explanation (autointerp)"));
+    SCORES.forEach(function (name) {
+      var th = el("th", "sortable", name);
+      th.dataset.sort = name;
+      header.appendChild(th);
+    });
+    document.getElementById("search").placeholder = "Filter by token or explanation";
+  }
+
   function start() {
     if (!jumpscope.meta || !jumpscope.summary || !jumpscope.vocab) {
       document.body.appendChild(el("p", "error", "The dashboard's data files (data/*.js) did not load."));
       return;
     }
     var meta = jumpscope.meta;
+    hasExplanations = Object.keys(jumpscope.explanations || {}).length > 0;
+    if (hasExplanations) addExplanationColumns();
     latents = buildLatents();
     var dead = latents.filter(function (l) { return l.kind === "dead"; }).length;
     var dense = latents.filter(function (l) { return l.kind === "dense"; }).length;

@@ -129,6 +129,16 @@
     main.appendChild(heading);
     if (meta.title) main.appendChild(el("p", "subtitle", meta.title));
     main.appendChild(stats(latent));
+    var found = (jumpscope.explanations || {})[String(id)];
+    if (found && found.explanation) {
+      var section = el("section", "explanation");
+      section.appendChild(el("h2", null, "Explanation (autointerp)"));
+      section.appendChild(el("p", "explanation-text", found.explanation));
+      section.appendChild(el("p", "muted", "detection " + scoreText(found.detection) + " \u00b7 fuzzing " +
+        scoreText(found.fuzzing) + " (balanced accuracy, chance 0.5) \u00b7 simulation " +
+        scoreText(found.simulation) + " (correlation)"));
+      main.appendChild(section);
+    }
     if (!latent.fire_count) {
       main.appendChild(el("p", "muted", "This latent never fired on the " + meta.n_tokens + " tokens scanned."));
     } else {
