@@ -8,9 +8,9 @@ import torch
 
 from jumpscope.analysis.records import PAD_TOKEN
 from jumpscope.explain.backend import ChatReply, TokenLogprobs
-from jumpscope.explain.prompts import (Context, contexts_from_examples, detection_request, explanation_request,
-                                       format_context, fuzzing_request, parse_detection, parse_explanation,
-                                       parse_fuzzing, parse_simulation, scaled_activation, simulation_request)
+from jumpscope.explain.detection_prompts import detection_request, fuzzing_request, parse_detection
+from jumpscope.explain.prompts import (Context, contexts_from_examples, explanation_request, format_context,
+                                       parse_explanation, parse_simulation, scaled_activation, simulation_request)
 
 STRINGS = ["The", " cat", " sat", " on", " mat", "<<", ">>", "\n"]
 
@@ -97,6 +97,10 @@ def test_explanation_request_shows_numbered_marked_examples_on_one_scale():
     ("Explanation:\n`__init__` methods", "`__init__` methods"),
     ("- dates in the past", "dates in the past"),
     ("\n\n  Answer: “feline nouns”  \n", "feline nouns"),
+    ("The marked tokens in these 12 examples have a common feature: the name 'Lily'", "the name 'Lily'"),
+    ("What the marked tokens have in common is: past-tense verbs", "past-tense verbs"),
+    ("Tokens that share a common theme - colours", "colours"),
+    ("words that have something in common", "words that have something in common"),
     ("", None),
     ("   \n ``` \n", None),
     (None, None),
@@ -108,73 +112,6 @@ def test_parse_explanation(text, expected):
 
 def test_parse_explanation_caps_the_length():
     assert len(parse_explanation("x" * 1000)) == 300
-
-
-def test_detection_request_shows_unmarked_numbered_contexts_and_asks_for_a_json_list():
-    contexts = [Context(["The", " cat"], [0.0, 3.0]), Context(["a", " dog"], [0.0, 0.0]),
-                Context(["x"], [1.0])]
-    req = detection_request("cats", contexts)
-    system, user = (m.content for m in req.messages)
-    assert "JSON list" in system and "0 or 1" in system
-    assert "Explanation: cats" in user
-    assert "Example 1:\nThe cat\n\nExample 2:\na dog\n\nExample 3:\nx\n\n" in user
-    assert "<<" not in user
-    assert "exactly 3 integers" in user
-
-
-def test_fuzzing_request_shows_the_marks():
-    contexts = [Context(["The", " cat"], [0.0, 3.0]), Context(["a", " dog"], [2.0, 0.0])]
-    req = fuzzing_request("cats", contexts)
-    user = req.messages[1].content
-    assert "Example 1:\nThe<< cat>>\n\nExample 2:\n<<a>> dog\n\n" in user
-    assert "Activations" not in user  # no values: they would give the right marks away
-    assert "JSON list" in req.messages[0].content and "exactly 2 integers" in user
-
-
-@pytest.mark.parametrize("text, n, expected", [
-    ("[1, 0, 1]", 3, [1, 0, 1]),
-    ("[1,0,1]", 3, [1, 0, 1]),
-    ("```json\n[0, 0, 1]\n```", 3, [0, 0, 1]),
-    ("Answer: [1,0,1]", 3, [1, 0, 1]),
-    ("Here is my answer:\n[true, false, true]\nThe first and last mention cats.", 3, [1, 0, 1]),
-    ('["yes", "no", "no"]', 3, [1, 0, 0]),
-    ("1. yes\n2. no\n3. yes", 3, [1, 0, 1]),
-    ("1: Yes\n2: No", 2, [1, 0]),
-    ("Example 1: 0\nExample 2: 1\nExample 3: 1", 3, [0, 1, 1]),
-    ("**1.** yes - mentions a cat\n**2.** no", 2, [1, 0]),
-    ("[2, 5]", 5, [0, 1, 0, 0, 1]),
-    ("2, 5", 5, [0, 1, 0, 0, 1]),
-    ("Examples [1, 3] match.", 4, [1, 0, 1, 0]),
-    ("1 0 1", 3, [1, 0, 1]),
-    ("[]", 3, [0, 0, 0]),
-    ("None.", 2, [0, 0]),
-    ("[1]", 1, [1]),
-    ("[1, 1]", 2, [1, 1]),  # a full-length label list, not the index list 'example 1 twice'
-    # unusable
-    ("[1, 0]", 3, None),
-    ("[1, 0, 1, 1]", 3, None),
-    ("[1, 1]", 5, None),  # neither n labels nor distinct indices
-    ("[2, 9]", 5, None),  # index out of range
-    ("1. yes\n2. no", 3, None),  # a numbered answer missing example 3
-    ("1: yes\n1: no\n2: no", 2, None),
-    ("I don't know", 3, None),
-    ("The answer depends on context.", 2, None),
-    ("", 2, None),
-    (None, 2, None),
-])
-def test_parse_detection(text, n, expected):
-    assert parse_detection(text, n) == expected
-
-
-@pytest.mark.parametrize("text, n, expected", [
-    ("[0, 1]", 2, [0, 1]),
-    ("Answer: [false, true, true]", 3, [0, 1, 1]),
-    ("1. no\n2. yes", 2, [0, 1]),
-    ("[0, 1, 0]", 2, None),
-    ("unsure", 2, None),
-])
-def test_parse_fuzzing(text, n, expected):
-    assert parse_fuzzing(text, n) == expected
 
 
 def test_simulation_request_asks_for_tab_lines_with_logprobs():

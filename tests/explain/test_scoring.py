@@ -7,9 +7,11 @@ import re
 
 import pytest
 
-from jumpscope.explain.backend import Backend, ChatReply
+import math
+
+from jumpscope.explain.backend import Backend, ChatReply, TokenLogprobs
 from jumpscope.explain.prompts import Context
-from jumpscope.explain.scoring import (HeldOut, detection_score, fuzzing_score, misplace_marks, pearson,
+from jumpscope.explain.scoring import (HeldOut, auc, detection_score, fuzzing_score, misplace_marks, pearson,
                                        simulation_score, split_examples)
 
 
@@ -141,6 +143,39 @@ def test_detection_is_deterministic_for_a_seed():
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def digit_reply(p_one):
+    """A one-digit reply whose first token puts probability ``p_one`` on '1' and the rest on '0'."""
+    top = {"1": math.log(p_one), "0": math.log(1 - p_one)}
+    token = "1" if p_one >= 0.5 else "0"
+    return ChatReply(text=token, logprobs=(TokenLogprobs(token, top[token], top),))
+
+
+def test_one_context_per_request_reads_the_log_odds_and_ranks_by_them():
+    act, non = make_contexts(n_act=9, n_non=7)
+    truth = {text(c): 1 for c in act} | {text(c): 0 for c in non}
+    # a scorer biased towards '1' (every answer is '1') that still ranks positives above negatives
+    biased = FakeBackend(lambda r: digit_reply(0.9 if truth[shown_examples(r)[0]] else 0.6))
+    result = detection_score(biased, "cats", act, non, batch_size=1)
+    assert result["requests"] == 16 == result["n"] and result["failed"] == 0
+    assert result["accuracy"] == 0.5 and result["tpr"] == 1.0 and result["tnr"] == 0.0
+    assert result["auc"] == 1.0
+    oracle = detection_score(FakeBackend(lambda r: digit_reply(0.8 if truth[shown_examples(r)[0]] else 0.2)),
+                             "cats", act, non, batch_size=1)
+    assert oracle["accuracy"] == 1.0 and oracle["auc"] == 1.0
+    constant = detection_score(FakeBackend(lambda r: digit_reply(0.7)), "cats", act, non, batch_size=1)
+    assert constant["accuracy"] == 0.5 and constant["auc"] == 0.5  # every pair a tie
+    # without logprobs the text answers, and there is no AUC
+    plain = detection_score(FakeBackend(lambda r: str(truth[shown_examples(r)[0]])), "cats", act, non, batch_size=1)
+    assert plain["accuracy"] == 1.0 and plain["auc"] is None
+
+
+def test_auc_counts_ties_half():
+    assert auc([(2.0, 1), (1.0, 0)]) == 1.0
+    assert auc([(1.0, 1), (2.0, 0)]) == 0.0
+    assert auc([(1.0, 1), (1.0, 0), (3.0, 1), (0.0, 0)]) == 0.875  # 3 wins, 1 tie of 4 pairs
+    assert auc([(1.0, 1)]) is None
 
 
 def test_detection_without_contexts_sends_nothing():

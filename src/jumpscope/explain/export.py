@@ -24,7 +24,11 @@ from ..safeio import write_text
 
 __all__ = ["flat_rows", "write_tables", "score_summary", "write_neuronpedia", "SCORE_COLUMNS"]
 
-SCORE_COLUMNS = (("detection", "accuracy"), ("fuzzing", "accuracy"), ("simulation", "correlation"))
+SCORE_COLUMNS = (("detection", "detection", "accuracy"), ("detection_auc", "detection", "auc"),
+                 ("fuzzing", "fuzzing", "accuracy"), ("fuzzing_auc", "fuzzing", "auc"),
+                 ("simulation", "simulation", "correlation"))
+"""(column, scorer, key in the scorer's record): every score a table or summary shows. The AUCs
+exist where one context went per request and the backend gave token logprobs."""
 
 
 def flat_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -35,8 +39,8 @@ def flat_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         usage = record.get("usage", {})
         row = {"latent": record["latent"], "kind": record["kind"], "explanation": record.get("explanation") or "",
                "skipped": record.get("skipped") or record.get("error") or ""}
-        for scorer, key in SCORE_COLUMNS:
-            row[scorer] = scores.get(scorer, {}).get(key)
+        for column, scorer, key in SCORE_COLUMNS:
+            row[column] = scores.get(scorer, {}).get(key)
         row.update(failed_requests=usage.get("failed", 0), requests=usage.get("requests", 0),
                    prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
                    seconds=record.get("seconds"))
@@ -74,11 +78,11 @@ def score_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]
         mine = [r for r in records if r["kind"] == kind]
         entry: dict[str, Any] = {"latents": len(mine), "explained": sum(bool(r.get("explanation")) for r in mine),
                                  "skipped": sum(bool(r.get("skipped")) for r in mine)}
-        for scorer, key in SCORE_COLUMNS:
+        for column, scorer, key in SCORE_COLUMNS:
             values = [r["scores"][scorer][key] for r in mine
                       if r.get("scores", {}).get(scorer, {}).get(key) is not None]
             mean, error = _mean_and_error(values)
-            entry[scorer] = {"mean": mean, "stderr": error, "n": len(values)}
+            entry[column] = {"mean": mean, "stderr": error, "n": len(values)}
         entry["seconds_per_latent"] = sum(r.get("seconds") or 0 for r in mine) / max(1, entry["explained"])
         tokens = sum(r.get("usage", {}).get("prompt_tokens", 0) + r.get("usage", {}).get("completion_tokens", 0)
                      for r in mine)
@@ -121,7 +125,7 @@ def write_neuronpedia(records: Sequence[dict[str, Any]], examples: LatentExample
                                 "tokens": [token_strings[int(t)] for t in tokens[keep]], "values": values,
                                 "maxValue": values[peak], "maxValueTokenIndex": peak, "minValue": min(values)})
         if record.get("explanation"):
-            scores = {scorer: record["scores"][scorer].get(key) for scorer, key in SCORE_COLUMNS
+            scores = {column: record["scores"][scorer].get(key) for column, scorer, key in SCORE_COLUMNS
                       if scorer in record.get("scores", {})}
             explanations.append({"modelId": model_id, "layer": source_id, "index": index,
                                  "description": record["explanation"], "explanationModelName": explainer,

@@ -53,8 +53,10 @@ class AutointerpConfig:
     simulation_contexts: int = 6
     """Held-out contexts the simulation scores (half activating, half not): one request each."""
 
-    batch_size: int = 10
-    """Contexts per detection / fuzzing request."""
+    batch_size: int | None = None
+    """Contexts per detection / fuzzing request. None: 1 with a local model (a small model cannot
+    answer a list in order, but answers one question, and its log-odds of 1 over 0 give an AUC
+    too), 10 with a server."""
 
     min_contexts: int = 4
     """A latent with fewer activating contexts than this is skipped (too few to explain and score)."""
@@ -65,8 +67,15 @@ class AutointerpConfig:
     seed: int = 0
     """Seed of every split and shuffle (per latent: seed + latent id)."""
 
+    @property
+    def contexts_per_request(self) -> int:
+        """``batch_size``, or 10 where it is None (the job sets it to 1 for a local model)."""
+        return self.batch_size or 10
+
     def __post_init__(self) -> None:
-        check_positive(self, "n_explain", "n_score", "batch_size", "min_contexts", "explainer_max_tokens")
+        check_positive(self, "n_explain", "n_score", "min_contexts", "explainer_max_tokens")
+        if self.batch_size is not None:
+            check_positive(self, "batch_size")
         check_positive(self, "simulation_contexts", zero_ok=True)
         unknown = [s for s in self.scorers if s not in ("detection", "fuzzing", "simulation")]
         if unknown:
@@ -153,10 +162,10 @@ def explain_latent(backend: Backend, task: LatentTask, cfg: AutointerpConfig) ->
         seed = cfg.seed + task.latent
         if "detection" in cfg.scorers:
             record["scores"]["detection"] = detection_score(tally, explanation, task.activating, task.non_activating,
-                                                            batch_size=cfg.batch_size, seed=seed)
+                                                            batch_size=cfg.contexts_per_request, seed=seed)
         if "fuzzing" in cfg.scorers:
             record["scores"]["fuzzing"] = fuzzing_score(tally, explanation, task.activating,
-                                                        batch_size=cfg.batch_size, seed=seed)
+                                                        batch_size=cfg.contexts_per_request, seed=seed)
         if "simulation" in cfg.scorers and cfg.simulation_contexts:
             half = math.ceil(cfg.simulation_contexts / 2)
             shown = task.activating[:half] + task.non_activating[:cfg.simulation_contexts - half]
@@ -226,13 +235,13 @@ def estimate(tasks: Sequence[LatentTask], cfg: AutointerpConfig) -> dict[str, in
         prompt_chars += sum(len(m.content) for m in explain.messages)
         completion += cfg.explainer_max_tokens
         shown_chars = sum(len("".join(c.tokens)) + 16 for c in task.activating + task.non_activating)
-        for scorer, batches in (("detection", math.ceil((len(task.activating) + len(task.non_activating))
-                                                        / cfg.batch_size)),
-                                ("fuzzing", math.ceil(len(task.activating) / cfg.batch_size))):
+        size = cfg.contexts_per_request
+        for scorer, batches in (("detection", math.ceil((len(task.activating) + len(task.non_activating)) / size)),
+                                ("fuzzing", math.ceil(len(task.activating) / size))):
             if scorer in cfg.scorers:
                 requests += batches
                 prompt_chars += shown_chars + 600 * batches
-                completion += 4 * cfg.batch_size * batches
+                completion += (4 * size + 24 if size > 1 else 2) * batches
         if "simulation" in cfg.scorers:
             shown = min(cfg.simulation_contexts, len(task.activating) + len(task.non_activating))
             requests += shown

@@ -4,10 +4,8 @@ Four tasks, in the style of OpenAI's explainer/simulator and EleutherAI's delphi
 
 * explanation: the explainer sees numbered contexts with the latent's firing tokens marked
   ``<<like this>>`` and their activations scaled 0-10, and answers with one short phrase;
-* detection: the scorer sees numbered *unmarked* contexts and answers a JSON list of 0/1, one per
-  context: does it contain what the explanation describes;
-* fuzzing: the scorer sees numbered *marked* contexts (some marks moved to wrong tokens) and
-  answers a JSON list of 0/1: are the marked tokens the ones the explanation describes;
+* detection and fuzzing (:mod:`jumpscope.explain.detection_prompts`): does a context contain
+  what the explanation describes; are its marked tokens the ones it describes;
 * simulation: the scorer sees one context's tokens, one per line, and answers one line per token,
   ``token<TAB>value`` with value an integer 0-10 (expected values from logprobs where given).
 
@@ -34,8 +32,7 @@ from ..analysis.records import PAD_TOKEN
 from .backend import ChatMessage, ChatReply, ChatRequest, TokenLogprobs
 
 __all__ = ["Context", "contexts_from_examples", "scaled_activation", "format_context", "explanation_request",
-           "parse_explanation", "detection_request", "parse_detection", "fuzzing_request", "parse_fuzzing",
-           "simulation_request", "parse_simulation", "MAX_EXPLANATION_CHARS"]
+           "parse_explanation", "simulation_request", "parse_simulation", "MAX_EXPLANATION_CHARS"]
 
 MAX_EXPLANATION_CHARS = 300
 """Longest explanation kept: a 'short phrase' that runs on is a paragraph of reasoning."""
@@ -145,6 +142,10 @@ def explanation_request(contexts: Sequence[Context], *, max_tokens: int = 120) -
 
 _LABEL = re.compile(r"^(?:\*\*)?(?:final\s+|short\s+)?(?:explanation|answer|feature|description|phrase)"
                     r"(?:\*\*)?\s*[:\-]\s*(?:\*\*(?=\s|$))?", re.I)
+# a restatement of the question before the answer, as small models write: 'The marked tokens in these
+# 12 examples have a common feature: ...', 'What they have in common is ...'
+_PREAMBLE = re.compile(r"^.{0,100}?\b(?:have|has|share|shares)\s+(?:in\s+common|a\s+common\s+"
+                       r"(?:feature|theme|pattern|property))(?:\s+(?:is|are))?\s*[:,-]\s*(?=\S)", re.I)
 _WRAPPERS = (("**", "**"), ("*", "*"), ("`", "`"), ('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"))
 
 
@@ -153,6 +154,7 @@ def _clean_phrase(line: str) -> str:
     for _ in range(4):  # '**Explanation:** "foo"' needs several rounds of label and wrapper stripping
         before = line
         line = _LABEL.sub("", line.strip()).strip()  # '**Explanation:**', '**Explanation**:', 'Answer -'
+        line = _PREAMBLE.sub("", line).strip()
         for left, right in _WRAPPERS:
             # only a matching pair: "the word 'not'" must keep its closing quote
             if len(line) >= len(left) + len(right) and line.startswith(left) and line.endswith(right):
@@ -164,12 +166,13 @@ def _clean_phrase(line: str) -> str:
 
 def parse_explanation(text: str | None) -> str | None:
     """The explanation in a reply: the first non-empty line once code fences, a label such as
-    'Explanation:', bullet markers and surrounding quotes or markdown are stripped; a line ending
+    'Explanation:', a restatement of the question ('The marked tokens have a common feature:'),
+    bullet markers and surrounding quotes or markdown are stripped; a line ending
     in ':' that has more lines after it is taken for a preamble ('Here is my explanation:') and
     skipped. Capped at MAX_EXPLANATION_CHARS; None when nothing is left."""
     if not text:
         return None
-    lines = [line.strip() for line in _strip_fences(text).splitlines() if line.strip()]
+    lines = [line.strip() for line in strip_fences(text).splitlines() if line.strip()]
     for i, line in enumerate(lines):
         phrase = _clean_phrase(line)
         if not phrase or (line.endswith(":") and i + 1 < len(lines)):
@@ -178,118 +181,12 @@ def parse_explanation(text: str | None) -> str | None:
     return None
 
 
-def _strip_fences(text: str) -> str:
+def strip_fences(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.strip().startswith("```"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Detection and fuzzing: one 0/1 per numbered context
-
-DETECTION_SYSTEM = (
-    "You are checking an explanation of a feature of a language model. You will get the explanation "
-    "and some numbered text examples. Some examples contain what the explanation describes and some "
-    "do not. For each example, in order, answer 1 if it contains what the explanation describes and "
-    "0 if it does not.\n\n"
-    "Answer with a JSON list of integers (0 or 1), exactly one per example, in the order of the "
-    "examples, for example [1, 0, 0, 1]. Nothing else.")
-
-FUZZING_SYSTEM = (
-    "You are checking an explanation of a feature of a language model. You will get the explanation "
-    "and some numbered text examples, each with some tokens marked like <<this>>. In some examples "
-    "the marks sit on the tokens the explanation describes; in others they were moved onto unrelated "
-    "tokens. For each example, in order, answer 1 if the marked tokens are ones the explanation "
-    "describes and 0 if they are not.\n\n"
-    "Answer with a JSON list of integers (0 or 1), exactly one per example, in the order of the "
-    "examples, for example [1, 0, 0, 1]. Nothing else.")
-
-
-def _binary_request(system: str, explanation: str, texts: list[str]) -> ChatRequest:
-    n = len(texts)
-    user = (f"Explanation: {explanation}\n\n{numbered(texts)}\n\n"
-            f"Answer with a JSON list of exactly {n} integers (0 or 1), one per example, in order.")
-    return request(system, user, max_tokens=4 * n + 24)
-
-
-def detection_request(explanation: str, contexts: Sequence[Context]) -> ChatRequest:
-    """Ask which of ``contexts`` (shown unmarked) contain what ``explanation`` describes."""
-    return _binary_request(DETECTION_SYSTEM, explanation, [format_context(c, mark=False) for c in contexts])
-
-
-def fuzzing_request(explanation: str, contexts_with_marks: Sequence[Context]) -> ChatRequest:
-    """Ask, for each context (shown with its act > 0 tokens marked), whether the marked tokens are
-    the ones ``explanation`` describes."""
-    return _binary_request(FUZZING_SYSTEM, explanation,
-                           [format_context(c, mark=True) for c in contexts_with_marks])
-
-
-_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "yes": 1, "no": 0, "y": 1, "n": 0}
-_LINE = re.compile(r"^[\s\-*>]*(?:\*\*)?(?:example|ex\.?|text)?\s*#?(\d+)(?:\*\*)?\s*[:.)=\-]\s*(?:\*\*)?\s*"
-                   r"(yes|no|true|false|1|0|y|n)\b", re.I | re.M)
-
-
-def _items(body: str) -> list[str]:
+def split_items(body: str) -> list[str]:
     return [item.strip().strip("'\"").lower() for item in re.split(r"[,;\s]+", body.strip()) if item.strip()]
-
-
-def _as_labels(body: str, n: int) -> list[int] | None:
-    items = _items(body)
-    if len(items) != n or any(item not in _WORDS for item in items):
-        return None
-    return [_WORDS[item] for item in items]
-
-
-def _as_indices(body: str, n: int) -> list[int] | None:
-    """1-based example numbers ('[2, 5]'): the examples that match. Numbers must be distinct and
-    within 1..n, or the list is not an index list."""
-    items = _items(body)
-    if not all(item.isdigit() for item in items):
-        return None
-    numbers = [int(item) for item in items]
-    if len(set(numbers)) != len(numbers) or not all(1 <= k <= n for k in numbers):
-        return None
-    return [int(k in numbers) for k in range(1, n + 1)]
-
-
-def _parse_binary(text: str | None, n: int) -> list[int] | None:
-    if not text or n < 0:
-        return None
-    text = _strip_fences(text)
-    bodies = re.findall(r"\[([^\[\]]*)\]", text)
-    # a full-length list of labels wins over everything: it is what the prompt asks for
-    for body in bodies:
-        if (labels := _as_labels(body, n)) is not None:
-            return labels
-    lines: dict[int, int] = {}
-    for match in _LINE.finditer(text):
-        k, label = int(match.group(1)), _WORDS[match.group(2).lower()]
-        if lines.setdefault(k, label) != label:
-            return None  # the same example answered both ways
-    if lines:
-        return [lines[k] for k in range(1, n + 1)] if set(lines) == set(range(1, n + 1)) else None
-    for body in bodies:
-        if (labels := _as_indices(body, n)) is not None:
-            return labels
-    # a bare answer: '1, 0, 1', '2, 5', 'none', possibly after 'Answer:'
-    bare = re.sub(r"^\s*(?:answer|output|result)s?\s*[:\-]\s*", "", text.strip(), flags=re.I).strip().rstrip(".")
-    if bare.lower() in {"none", "none of them"}:
-        return [0] * n
-    if bare and re.fullmatch(r"[\w\s,;'\"]+", bare):
-        return _as_labels(bare, n) or _as_indices(bare, n)
-    return None
-
-
-def parse_detection(text: str | None, n: int) -> list[int] | None:
-    """One 0/1 per example from a detection reply, or None. Accepted: a JSON list of n 0/1 or
-    booleans (anywhere in the text, code fences and prose around it allowed); numbered lines
-    ('1: yes', '2. no', 'Example 3: 1') covering 1..n; a list of the matching examples' 1-based
-    numbers ('[2, 5]' or bare '2, 5'); a bare '1 0 1' or 'none'."""
-    return _parse_binary(text, n)
-
-
-def parse_fuzzing(text: str | None, n: int) -> list[int] | None:
-    """One 0/1 per example from a fuzzing reply (1: the marks fit the explanation), or None;
-    the same answer forms as :func:`parse_detection`."""
-    return _parse_binary(text, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,14 +265,14 @@ def parse_simulation(reply: ChatReply | None, n_tokens: int) -> list[float] | No
     written. A JSON list of n integers is accepted too. Values above 10 count as 10."""
     if reply is None or reply.text is None:
         return None
-    text = _strip_fences(reply.text)
+    text = strip_fences(reply.text)
     spans = _value_spans(text)
     if len(spans) == n_tokens and n_tokens > 0:
         values = [float(min(10, int(text[a:b]))) for a, b in spans]
     else:
         values = None
         for body in re.findall(r"\[([^\[\]]*)\]", text):
-            items = _items(body)
+            items = split_items(body)
             if len(items) == n_tokens and n_tokens > 0 and all(item.isdigit() for item in items):
                 values = [float(min(10, int(item))) for item in items]
                 break

@@ -6,6 +6,9 @@
   non-activating ones? Balanced accuracy (mean of true-positive and true-negative rates).
 * :func:`fuzzing_score`: can it tell correctly marked activating contexts from ones whose marks
   were moved to other tokens? Balanced accuracy.
+* With one context per request and token logprobs, both also report the AUC of the scorer's
+  log-odds of '1' over '0' (threshold-free: a small scorer biased towards one answer scores 0.5
+  accuracy yet can still rank the contexts).
 * :func:`simulation_score`: can it predict the activation on every token? Pearson correlation of
   predicted and true activations over all tokens.
 
@@ -24,11 +27,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backend import Backend, ChatReply, ChatRequest
-from .prompts import (Context, detection_request, fuzzing_request, parse_detection, parse_fuzzing,
-                      parse_simulation, simulation_request)
+from .detection_prompts import detection_request, fuzzing_request, judgement_margin, parse_detection, parse_fuzzing
+from .prompts import Context, parse_simulation, simulation_request
 
 __all__ = ["HeldOut", "split_examples", "detection_score", "fuzzing_score", "simulation_score", "pearson",
-           "misplace_marks"]
+           "misplace_marks", "auc"]
 
 
 @dataclass
@@ -126,6 +129,17 @@ def _balanced_batches(positives: list[Context], negatives: list[Context], batch_
     return batches
 
 
+def auc(margins: Sequence[tuple[float, int]]) -> float | None:
+    """Area under the ROC curve of (score, label) pairs: the chance that a random positive scores
+    above a random negative, ties counting half; None without both labels."""
+    positives = [m for m, label in margins if label]
+    negatives = [m for m, label in margins if not label]
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
 def _binary_score(backend: Backend, explanation: str, batches: list[list[tuple[Context, int]]],
                   make: Callable[[str, list[Context]], ChatRequest],
                   parse: Callable[[str | None, int], list[int] | None]) -> dict[str, Any]:
@@ -133,11 +147,16 @@ def _binary_score(backend: Backend, explanation: str, batches: list[list[tuple[C
     replies = _complete(backend, requests)
     counts = {"tp": 0, "fn": 0, "tn": 0, "fp": 0}
     failed = 0
+    margins: list[tuple[float, int]] = []
     for batch, reply in zip(batches, replies):
-        answers = parse(reply.text, len(batch))
+        # one context per request: the log-odds of '1' over '0' decide where the backend gives them
+        margin = judgement_margin(reply) if len(batch) == 1 else None
+        answers = [int(margin > 0)] if margin is not None else parse(reply.text, len(batch))
         if answers is None:
             failed += 1
             continue
+        if margin is not None:
+            margins.append((margin, batch[0][1]))
         for (_, label), answer in zip(batch, answers):
             counts[("tp" if answer else "fn") if label else ("fp" if answer else "tn")] += 1
     positives, negatives = counts["tp"] + counts["fn"], counts["tn"] + counts["fp"]
@@ -147,7 +166,7 @@ def _binary_score(backend: Backend, explanation: str, batches: list[list[tuple[C
     # kind only (a latent that fires in every window has no negatives) accuracy says nothing: None
     accuracy = (tpr + tnr) / 2 if tpr is not None and tnr is not None else None
     return {"accuracy": accuracy, "n": positives + negatives, "failed": failed, "requests": len(requests),
-            "tpr": tpr, "tnr": tnr}
+            "tpr": tpr, "tnr": tnr, "auc": auc(margins)}
 
 
 def detection_score(backend: Backend, explanation: str, activating: Sequence[Context],

@@ -38,7 +38,7 @@ from ..device import resolve_device
 from ..errors import ConfigError, check_positive
 from ..explain.client import CachedBackend, OpenAICompatibleBackend
 from ..explain.controls import RandomDirections, WithControls
-from ..explain.export import score_summary, write_neuronpedia, write_tables
+from ..explain.export import SCORE_COLUMNS, score_summary, write_neuronpedia, write_tables
 from ..explain.local import TransformersChatBackend
 from ..explain.pipeline import AutointerpConfig, estimate, latent_tasks, run_latents
 from ..formats.loading import load_saes, model_of
@@ -179,6 +179,9 @@ def run_autointerp(job: AutointerpJobConfig, activations: ActivationConfig | Non
     """Collect (or reuse) examples, explain and score the latents, write every output."""
     started = time.time()
     out = Path(job.out)
+    if job.autointerp.batch_size is None:  # one question at a time for a small local model
+        job = dataclasses.replace(job, autointerp=dataclasses.replace(job.autointerp,
+                                                                      batch_size=10 if job.base_url else 1))
     corpus_given = activations is not None if corpus_given is None else corpus_given
     activations = activations or ActivationConfig()
     name, sae = next(iter(load_saes([job.sae], job.site, activations.allow_network).items()))
@@ -256,9 +259,13 @@ def _as_dashboard(job: AutointerpJobConfig) -> Any:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
+    shown = [column for column, _, _ in SCORE_COLUMNS
+             if any(entry[column]["mean"] is not None for entry in summary["scores"].values())
+             or column in ("detection", "fuzzing", "simulation")]
     lines = [f"# Autointerp: {summary['sae']}", "", f"explainer and scorer: `{summary['explainer']}`", "",
-             "| latents | explained | skipped | detection | fuzzing | simulation | s / latent | tokens / latent |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| latents | explained | skipped | " + " | ".join(c.replace("_", " ") for c in shown)
+             + " | s / latent | tokens / latent |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in shown) + " | ---: | ---: |"]
 
     def cell(score: dict[str, Any]) -> str:
         if score["mean"] is None:
@@ -268,9 +275,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
     for kind, entry in summary["scores"].items():
         lines.append(f"| {'SAE' if kind == 'sae' else 'random-direction controls'} ({entry['latents']}) | "
-                     f"{entry['explained']} | {entry['skipped']} | {cell(entry['detection'])} | "
-                     f"{cell(entry['fuzzing'])} | {cell(entry['simulation'])} | {entry['seconds_per_latent']:.1f} | "
-                     f"{entry['tokens_per_latent']:.0f} |")
-    lines += ["", "Detection and fuzzing: balanced accuracy (chance 0.5); simulation: correlation of predicted "
+                     f"{entry['explained']} | {entry['skipped']} | " + " | ".join(cell(entry[c]) for c in shown)
+                     + f" | {entry['seconds_per_latent']:.1f} | {entry['tokens_per_latent']:.0f} |")
+    lines += ["", "Detection and fuzzing: balanced accuracy (chance 0.5); their AUC (one context per request, "
+              "from the scorer's log-odds of 1 over 0; chance 0.5); simulation: correlation of predicted "
               "and true activations (chance 0). Mean ± standard error over latents."]
     return "\n".join(lines) + "\n"
