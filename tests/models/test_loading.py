@@ -127,3 +127,38 @@ def test_llama2c_checkpoint(tmp_path):
     assert lm.name == str(path.resolve()) and os.path.isabs(lm.name)
     acts = Harvester(lm, ["layers.1.resid_post", "layers.0.attn_z"]).activations(torch.tensor([[1, 5, 7, 9]]))
     assert acts["layers.1.resid_post"].shape == (1, 4, dim) and acts["layers.0.attn_z"].shape == (1, 4, dim)
+
+
+def test_device_map_is_refused_without_cuda_and_for_single_file_formats(tmp_path, monkeypatch):
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+    model.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="has none; leave it out on a CPU-only machine"):
+        load_model(tmp_path / "gpt2", device_map="auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (tmp_path / "model.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match="applies to transformers models"):
+        load_model(tmp_path / "model.bin", device_map="auto")
+    with pytest.raises(ValueError, match="must be 'auto'"):
+        load_model(tmp_path / "gpt2", device_map="balanced")
+
+
+def test_device_map_auto_reaches_transformers_and_the_model_still_computes(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    model.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+    real = tf.AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        kwargs.pop("device_map", None)  # no GPU here to spread it over
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained", recording)
+    lm = load_model(tmp_path / "gpt2", device_map="auto", device="cpu")
+    assert seen == ["auto"]
+    ids = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, model(ids).logits)

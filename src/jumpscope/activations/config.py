@@ -44,6 +44,11 @@ class ActivationConfig:
     dtype: str = "float32"
     """Model dtype: float32, bfloat16 or float16."""
 
+    device_map: Literal["auto"] | None = None
+    """'auto': spread a transformers model too large for one GPU over this machine's GPUs
+    (accelerate places its layers; each SAE then runs on its site's layer's device). None: the
+    whole model on --device. Refused without CUDA, and for GGUF and llama2.c files."""
+
     shuffle_buffer_tokens: int = 65_536
     """Activations held in the shuffle buffer (memory is bounded by this, whatever the total)."""
 
@@ -76,6 +81,8 @@ class ActivationConfig:
         check_positive(self, "model_batch_size", "shuffle_buffer_tokens", "eval_every", "cache_shard_rows")
         if self.context_size is not None and self.context_size < 2:
             raise ConfigError(f"context_size must be at least 2, got {self.context_size}")
+        if self.device_map not in (None, "auto"):
+            raise ConfigError(f"device_map must be 'auto' or none, got {self.device_map!r}")
         if not self.outlier_norm_factor >= 0 or self.outlier_norm_factor == float("inf"):
             raise ConfigError(f"outlier_norm_factor must be finite and >= 0 (0: off), got {self.outlier_norm_factor}")
         if 0 < self.outlier_norm_factor <= 1:

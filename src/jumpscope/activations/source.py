@@ -2,15 +2,21 @@
 
 One forward per batch of windows feeds every site. One context window in ``eval_every`` is held
 out for evaluation and never trained on (by window, so a single-document corpus splits too).
+
+Under torchrun (``processes`` with ``world_size`` > 1) each process runs the model on its own
+share of the batches of windows (batch i on process i mod world size) and the rows are gathered,
+in corpus order, on every process (:func:`gather_in_order`): every process then holds the stream a
+one-process run harvests, while the forward passes, the dominant cost, are split.
 Training activations far above their batch's median norm (``outlier_norm_factor``; attention-sink
 positions with massive activations) are dropped and counted (:func:`drop_outliers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -25,13 +31,51 @@ from ..models.loading import LoadedModel, load_model
 from ..models.sites import parse_site
 from .config import ActivationConfig
 
-__all__ = ["ActivationSource", "ReplayableStream", "Split", "context_size_for", "default_site", "drop_outliers",
-           "inlier_mask", "load_source_model", "max_positions", "split_windows"]
+__all__ = ["ActivationSource", "Processes", "ReplayableStream", "Split", "context_size_for", "default_site",
+           "drop_outliers", "gather_in_order", "inlier_mask", "load_source_model", "max_positions", "split_windows"]
 
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "heldout", "all"]
 """Which context windows: the training part, the held-out part, or all of them."""
+
+
+class Processes(Protocol):
+    """What the source needs of the processes it shares the text with (the trainer's process
+    group, :mod:`jumpscope.train.distributed`, has it; so does a plain one-process stand-in)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_object(self, value: Any) -> list[Any]: ...
+
+    def broadcast_object(self, value: Any, src: int = 0) -> Any: ...
+
+
+class OneProcess:
+    """No other processes."""
+
+    rank, world_size = 0, 1
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return [value]
+
+    def broadcast_object(self, value: Any, src: int = 0) -> Any:
+        return value
+
+
+def gather_in_order(local: Iterable[dict[str, Tensor]], processes: Processes) -> Iterator[dict[str, Tensor]]:
+    """The chunks of every process in global order, on every process, where process r holds
+    chunks r, r + W, r + 2W, ... (W = world size) of one stream: one all-gather per round, until
+    every process has run out. Every process must consume the result to the same point (they do:
+    they all see the same rows)."""
+    mine = iter(local)
+    while True:
+        chunk = next(mine, None)
+        parts = processes.all_gather_object(None if chunk is None else {k: v.cpu() for k, v in chunk.items()})
+        if all(part is None for part in parts):
+            return
+        yield from (part for part in parts if part is not None)
 
 
 def default_site(loaded: LoadedModel) -> str:
@@ -102,15 +146,18 @@ def drop_outliers(chunks: Iterable[dict[str, Tensor]], factor: float, counts: Co
 
 def load_source_model(cfg: ActivationConfig, device: str = "cpu") -> LoadedModel:
     """The model ``cfg`` names, loaded as the activation source will use it."""
-    return load_model(cfg.model, dtype=cfg.dtype, device=device, allow_network=cfg.allow_network)
+    return load_model(cfg.model, dtype=cfg.dtype, device=device, allow_network=cfg.allow_network,
+                      device_map=cfg.device_map)
 
 
 class ActivationSource:
     """Activations of ``sites`` of a model over a corpus, as ``{site: Tensor [n, d]}`` chunks."""
 
     def __init__(self, cfg: ActivationConfig, sites: Iterable[str] = (), device: str = "cpu",
-                 loaded: LoadedModel | None = None):
+                 loaded: LoadedModel | None = None, processes: Processes | None = None):
+        """``processes``: the torchrun processes sharing the text (None: this one alone)."""
         self.cfg = cfg
+        self.processes = processes or OneProcess()
         self.loaded = loaded or load_source_model(cfg, device)
         if self.loaded.tokenizer is None:
             raise ValueError(f"model {self.loaded.name} has no tokenizer; it cannot read text")
@@ -126,6 +173,8 @@ class ActivationSource:
                                   encoding=cfg.encoding, encoding_errors=cfg.encoding_errors)
         self.outliers: Counter = Counter()
         """Training rows harvested by this source ('rows') and dropped as norm outliers ('dropped')."""
+        self.forward_tokens = 0
+        """Tokens this process ran through the model (its share of the windows under torchrun)."""
 
     def windows(self, split: Split = "train") -> Iterator[tuple]:
         """Batches of context windows: the training part ('train'), the one-in-``eval_every``
@@ -142,10 +191,23 @@ class ActivationSource:
     def chunks(self, split: Split = "train") -> Iterator[dict]:
         """Unshuffled activation chunks of the ``split`` windows (see :meth:`windows`), in corpus order;
         the 'train' split without norm outliers (``cfg.outlier_norm_factor``)."""
-        chunks = harvest(self.loaded.model, self.windows(split), self.sites)
+        chunks = self.harvest(self.windows(split))
         if split != "train" or not self.cfg.outlier_norm_factor:
             return chunks
         return drop_outliers(chunks, self.cfg.outlier_norm_factor, self.outliers)
+
+    def harvest(self, windows: Iterable[tuple]) -> Iterator[dict[str, Tensor]]:
+        """The sites' rows of every batch of ``windows``, in order; under torchrun this process
+        runs the model on its share of the batches only and the rows are gathered."""
+        world, rank = self.processes.world_size, self.processes.rank
+        mine = windows if world == 1 else (batch for i, batch in enumerate(windows) if i % world == rank)
+        chunks = harvest(self.loaded.model, self._counted(mine), self.sites)
+        return chunks if world == 1 else gather_in_order(chunks, self.processes)
+
+    def _counted(self, windows: Iterable[tuple]) -> Iterator[tuple]:
+        for batch in windows:
+            self.forward_tokens += int(batch[0].numel())
+            yield batch
 
     def training_stream(self, total_tokens: int, batch_size: int, progress: bool = True) -> Iterable:
         """A replayable shuffled stream for the trainer (from the cache when one is configured).
@@ -183,8 +245,11 @@ class ActivationSource:
                              + "; ".join(different) + "); use another --cache folder")
 
     def fill_cache(self, total_tokens: int, progress: bool = True) -> None:
-        """Write at least ``total_tokens`` activations to the cache, resuming a partial one."""
+        """Write at least ``total_tokens`` activations to the cache, resuming a partial one. Under
+        torchrun every process runs the model on its share of the windows and the main process
+        writes the rows, in the order one process would (the cache is the same at any count)."""
         folder = self.cfg.cache
+        main = self.processes.rank == 0
         if is_complete(folder):
             reader = CacheReader(folder)
             self.check_cache(reader)
@@ -195,19 +260,24 @@ class ActivationSource:
         manifest = {key: value for key, value in self.manifest().items()
                     if key not in ("outliers_dropped", "rows_harvested")}  # counts of this process, not the cache's
         writer = CacheWriter(folder, self.site_dims, shard_rows=self.cfg.cache_shard_rows, metadata=manifest,
-                             model=self.loaded.name, corpus=manifest["corpus"], context_size=self.context_size)
+                             model=self.loaded.name, corpus=manifest["corpus"], context_size=self.context_size) \
+            if main else None
         from tqdm.auto import tqdm
 
-        with writer, tqdm(total=total_tokens, initial=writer.tokens_done, unit="tok", desc="harvesting (to the cache)",
-                          unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
-            done = writer.tokens_done  # counted here: a disabled bar counts nothing
-            for chunk in skip_rows(self.chunks(), writer.tokens_done):
-                writer.write(chunk)
+        start = self.processes.broadcast_object(writer.tokens_done if writer is not None else None)
+        with writer if writer is not None else contextlib.nullcontext(), \
+                tqdm(total=total_tokens, initial=start, unit="tok", desc="harvesting (to the cache)", unit_scale=True,
+                     disable=not (progress and main), dynamic_ncols=True) as bar:
+            done = start  # counted here: a disabled bar counts nothing
+            for chunk in skip_rows(self.chunks(), start):
+                if writer is not None:
+                    writer.write(chunk)
                 rows = next(iter(chunk.values())).shape[0]
                 bar.update(max(0, min(rows, total_tokens - done)))  # the last chunk overshoots
                 done += rows
                 if done >= total_tokens:
                     break
+        self.processes.all_gather_object(None)  # no process reads the cache before it is complete
 
 
 class ReplayableStream:

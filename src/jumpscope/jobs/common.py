@@ -17,6 +17,7 @@ from ..evaluate.downstream import ABLATIONS, parse_ablations
 from ..models.loading import LoadedModel
 from ..sae import SAE, architectures, config_class
 from ..train import Trainer, TrainerConfig
+from ..train.distributed import process_group_from_env
 
 __all__ = ["TrainingJobConfig", "JobStart", "check_arch", "check_sparsity_fits", "start_training_job",
            "train_on_activations", "trainer_config", "job_record"]
@@ -103,8 +104,10 @@ class JobStart:
     loaded: LoadedModel
 
     def source(self, sites: Any) -> ActivationSource:
-        """The activation source of ``sites`` on the already loaded model."""
-        return ActivationSource(self.activations, sites, device=str(self.device), loaded=self.loaded)
+        """The activation source of ``sites`` on the already loaded model; under torchrun each
+        process runs the model on its own share of the text."""
+        return ActivationSource(self.activations, sites, device=str(self.device), loaded=self.loaded,
+                                processes=process_group_from_env(self.device))
 
 
 def start_training_job(job: TrainingJobConfig, activations: ActivationConfig | None,

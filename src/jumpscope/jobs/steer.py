@@ -104,6 +104,10 @@ class SteerJobConfig:
     dtype: str = "float32"
     """Model dtype: float32, bfloat16 or float16."""
 
+    device_map: Literal["auto"] | None = None
+    """'auto': spread a transformers model too large for one GPU over this machine's GPUs (the
+    SAE runs on its site's layer's device); refused without CUDA. None: the model on --device."""
+
     allow_network: bool = False
     """Allow downloads from the Hugging Face hub (model and SAE)."""
 
@@ -192,7 +196,8 @@ def steer_results(job: SteerJobConfig) -> dict[str, Any]:
     site = sae.cfg.site
     model_spec = model_of(job.model, {name: sae})
     device = resolve_device(job.device)
-    loaded = load_model(model_spec, dtype=job.dtype, device=device, allow_network=job.allow_network)
+    loaded = load_model(model_spec, dtype=job.dtype, device=device, allow_network=job.allow_network,
+                        device_map=job.device_map)
     if loaded.kind != "causal_lm" or loaded.tokenizer is None:
         raise ValueError(f"{loaded.name}: steering generation needs a causal LM with a tokenizer "
                          f"(this is {'an encoder' if loaded.kind != 'causal_lm' else 'a model without tokenizer'})")

@@ -87,8 +87,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
 
-def _finish(model: nn.Module, tokenizer: Any, name: str, kind: str, device: torch.device) -> LoadedModel:
-    model = model.to(device).eval()
+def _finish(model: nn.Module, tokenizer: Any, name: str, kind: str, device: torch.device | None) -> LoadedModel:
+    """Eval mode, gradients off, on ``device`` (None: where a device map put it)."""
+    model = (model if device is None else model.to(device)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(model, tokenizer, name, kind)
@@ -107,7 +108,7 @@ def _is_causal_lm(config: Any) -> bool:
 
 
 def load_transformers_folder(spec: str, source: str, name: str, dtype: torch.dtype, device: torch.device,
-                       local_only: bool, tokenizer_required: bool) -> LoadedModel:
+                       local_only: bool, tokenizer_required: bool, device_map: str | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -122,7 +123,9 @@ def load_transformers_folder(spec: str, source: str, name: str, dtype: torch.dty
     auto = AutoModelForCausalLM if causal else AutoModel
     dtype_key = "dtype" if _TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     try:
-        model = auto.from_pretrained(source, config=config, local_files_only=local_only, **{dtype_key: dtype})
+        placement = {} if device_map is None else {"device_map": device_map}
+        model = auto.from_pretrained(source, config=config, local_files_only=local_only, **{dtype_key: dtype},
+                                     **placement)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{spec}: cannot load the {getattr(config, 'model_type', '?')} model "
                              f"with {auto.__name__}: {e}") from e
@@ -135,7 +138,18 @@ def load_transformers_folder(spec: str, source: str, name: str, dtype: torch.dty
             if tokenizer_required:
                 raise ModelLoadError(f"{spec}: cannot load its tokenizer: {e}") from e
             warnings.warn(f"{spec}: no usable tokenizer ({type(e).__name__}: {e}); tokenizer is None", stacklevel=3)
-    return _finish(model, tokenizer, name, "causal_lm" if causal else "encoder", device)
+    return _finish(model, tokenizer, name, "causal_lm" if causal else "encoder", None if device_map else device)
+
+
+def check_device_map(device_map: str | None) -> None:
+    """Refuse a device map that cannot apply here: only 'auto', and only with CUDA devices."""
+    if device_map is None:
+        return
+    if device_map != "auto":
+        raise ValueError(f"device_map must be 'auto' (or none), got {device_map!r}")
+    if not torch.cuda.is_available():
+        raise ValueError("--device-map auto spreads a model over this machine's GPUs, and it has none; "
+                         "leave it out on a CPU-only machine")
 
 
 def minilm_path() -> Path:
@@ -150,8 +164,12 @@ def minilm_path() -> Path:
 
 
 def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               allow_network: bool = False) -> LoadedModel:
-    """Load ``spec`` (see the module docstring) in eval mode, gradients off, as ``dtype`` on ``device``."""
+               allow_network: bool = False, device_map: str | None = None) -> LoadedModel:
+    """Load ``spec`` (see the module docstring) in eval mode, gradients off, as ``dtype`` on ``device``.
+    ``device_map='auto'``: a transformers model spread over this machine's GPUs by accelerate
+    (layer by layer; ``device`` is then ignored); refused on a machine without CUDA, and for GGUF
+    and llama2.c files, which load onto one device."""
+    check_device_map(device_map)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     text = os.fspath(spec)
     if not text:
@@ -164,12 +182,16 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
             if text.lower() != MINILM_NAME.lower():
                 raise
         else:
-            return load_transformers_folder(text, str(folder), MINILM_NAME, torch_dtype, dev, True, True)
+            return load_transformers_folder(text, str(folder), MINILM_NAME, torch_dtype, dev, True, True, device_map)
+    path = Path(text).expanduser()
+    one_file = path.is_file() or (path.is_dir() and not (path / "config.json").is_file())
+    if device_map and (text.lower() == "smollm2" or one_file):
+        raise ValueError(f"{text}: --device-map applies to transformers models (a folder with config.json or a hub "
+                         "id); GGUF and llama2.c files load onto one device (--device)")
     if text.lower() == "smollm2":
         from .gguf import SMOLLM2_NAME, load_gguf, smollm2_path
 
         return load_gguf(text, smollm2_path(), SMOLLM2_NAME, torch_dtype, dev)
-    path = Path(text).expanduser()
     if path.is_file():
         from .gguf import GGUF_MAGIC, is_gguf, load_gguf
 
@@ -193,7 +215,8 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                 return load_gguf(text, found, str(path.resolve()), torch_dtype, dev)
             raise ModelLoadError(f"{text}: folder has no config.json (expected a folder written by "
                                  "transformers' save_pretrained) and no .gguf file")
-        return load_transformers_folder(text, str(path), str(path.resolve()), torch_dtype, dev, True, False)
+        return load_transformers_folder(text, str(path), str(path.resolve()), torch_dtype, dev, True, False,
+                                        device_map)
     if text.startswith((".", "/", "~")) or text.endswith(".bin") or os.sep + os.sep in text or text.count("/") > 1:
         raise ModelLoadError(f"{text}: no such file or folder (and not a hub id of the form org/name)")
-    return load_transformers_folder(text, text, text, torch_dtype, dev, not allow_network, False)
+    return load_transformers_folder(text, text, text, torch_dtype, dev, not allow_network, False, device_map)

@@ -15,6 +15,7 @@ splicing and ablations: any ``Tensor -> Tensor`` function per site.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -44,19 +45,20 @@ def check_sae_fits(sae: SAE, site_name: str, model: Any) -> None:
 def reconstruct(sae: SAE, x: Tensor, keep_error: bool = False, edit: LatentEdit | None = None,
                 target: Tensor | None = None) -> Tensor:
     """The SAE's replacement for ``target`` (default: ``x`` itself; a transcoder's output site),
-    predicted from activations ``x`` (any leading shape), in the target's dtype."""
+    predicted from activations ``x`` (any leading shape), in the target's dtype and on its device
+    (a model spread over several GPUs may hold a site on another device than the SAE)."""
     target = x if target is None else target
     if x.shape[-1] != sae.cfg.d_in:
         raise ValueError(f"SAE with d_in={sae.cfg.d_in} cannot splice into activations of width {x.shape[-1]}"
                          f"{f' (it was trained on {sae.cfg.site!r})' if sae.cfg.site else ''}")
-    flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
+    flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.device, sae.W_enc.dtype)
     latents = sae.encode(flat)
     out = sae.predict(flat, edit(latents) if edit is not None else latents)
     if keep_error:
         clean = out if edit is None else sae.predict(flat, latents)
         # target + (edited - clean): exactly the target where the edit changes nothing
-        out = target.reshape(-1, target.shape[-1]).to(out.dtype) + (out - clean)
-    return out.reshape(*target.shape[:-1], out.shape[-1]).to(target.dtype)
+        out = target.reshape(-1, target.shape[-1]).to(out.device, out.dtype) + (out - clean)
+    return out.reshape(*target.shape[:-1], out.shape[-1]).to(target.device, target.dtype)
 
 
 def at_positions(transform: Transform, positions: Tensor | None, site_name: str) -> Transform:
@@ -103,6 +105,7 @@ def splice(model: Any, saes: Mapping[str, SAE], *, keep_error: bool = False,
     inputs: dict[str, Tensor] = {}
     for site_name, sae in saes.items():
         check_sae_fits(sae, site_name, model)
+        place_on_site_device(sae, model, site_name)
         edit = (edits or {}).get(site_name)
         source = sae.cfg.site if sae.cfg.target_site else None
         if source is not None and source not in transforms:
@@ -119,6 +122,19 @@ def splice(model: Any, saes: Mapping[str, SAE], *, keep_error: bool = False,
 
         transforms[site_name] = transform
     return replace_sites(model, transforms, positions=positions)
+
+
+def place_on_site_device(sae: SAE, model: Any, site_name: str) -> None:
+    """Move ``sae`` to the device of its site's layer where a device map spread the model over
+    several devices (``--device-map auto``), so the splice moves no activations between them."""
+    module_root = unwrap(model)
+    placed = set(getattr(module_root, "hf_device_map", {}).values())
+    if len(placed) < 2:
+        return
+    module = resolve_module(module_root, parse_site(site_name, module_root))
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if tensor is not None and tensor.device != sae.W_enc.device:
+        sae.to(tensor.device)
 
 
 def _capture(store: dict[str, Tensor], site_name: str) -> Transform:
