@@ -61,7 +61,7 @@ def one_process(root):
 
 @pytest.fixture(scope="module")
 def launch(root, one_process):
-    done = torchrun(root, "live_data,live_saes,cache_data,read_data")
+    done = torchrun(root, "live_data,live_saes,cache_data,read_data,job")
     if done.returncode:
         pytest.fail(f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return root / "results"
@@ -141,6 +141,22 @@ def test_a_killed_run_resumes_with_another_process_count_to_the_same_weights(roo
     assert_close(cached["weights"], one_process["cache_data"]["weights"])
     assert partial is None or not partial.get("complete")
     assert CacheReader(root / "killcache").total_tokens == CacheReader(root / "cache_1").total_tokens
+
+
+def test_the_train_job_under_torchrun_trains_and_evaluates_as_one_process(launch, root):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = worker.run_job(root, root / "runs" / "job_1")
+    finally:
+        torch.set_num_threads(threads)
+    for rank in (0, 1):
+        assert_close(load_file(str(launch / f"job.rank{rank}.safetensors")), single["weights"])
+    two = json.loads((root / "runs" / "job_2" / "summary.json").read_text())["held_out"][worker.SITE]
+    one = json.loads((root / "runs" / "job_1" / "summary.json").read_text())["held_out"][worker.SITE]
+    assert two["n_tokens"] == one["n_tokens"] > 0
+    for key in ("fvu", "l0", "mse", "dead_fraction", "delta_lm_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
 def test_gather_in_order_interleaves_the_processes_shares():

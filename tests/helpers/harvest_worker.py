@@ -11,6 +11,7 @@ ROOT holds ``model/`` and ``corpus.txt`` (written by the test). Scenarios:
 - ``cache_data``: fill ROOT/cache_<world size> (every process harvests its share, the main
   process writes), then train from it;
 - ``read_data`` / ``readtwo_data``: train from ROOT/cache_1 / cache_2, a cache one / two processes wrote;
+- ``job``: `jumpscope train` (:func:`run_job`) into ROOT/runs/job_2;
 - ``kill_data`` / ``killcache_data``: as live_data / cache_data (into ROOT/killcache), but the last
   process SIGKILLs itself once its model has run on KILL_AFTER batches of windows; a later run
   (any process count) resumes the same folder.
@@ -101,6 +102,19 @@ def run(scenario: str, root: Path, results: Path, processes=None, resume: bool =
     return {"weights": flat_state(trained), **record}
 
 
+def run_job(root: Path, out: Path) -> dict:
+    """`jumpscope train` itself (JumpReLU at target L0 on the Adam preset): the job finds the
+    processes, splits the harvest and evaluates on the main process; returns its summary."""
+    from jumpscope.jobs.train import TrainJobConfig, run_train
+
+    job = TrainJobConfig(site=(SITE,), width=64, target_l0=6, preset="adam", tokens=BATCH * STEPS, eval_tokens=512,
+                         ablations=("none",), out=str(out), device="cpu",
+                         trainer=TrainerConfig(batch_size=BATCH, init_sample_tokens=2 * BATCH, progress=False,
+                                               checkpoint_every=5, log_every=5))
+    trained, _ = run_train(job, activations(root))
+    return {"weights": flat_state(trained)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, required=True)
@@ -110,7 +124,11 @@ def main() -> None:
     results = args.root / "results"
     results.mkdir(parents=True, exist_ok=True)
     for scenario in args.scenarios.split(","):
-        run(scenario, args.root, results)
+        if scenario == "job":
+            state = run_job(args.root, args.root / "runs" / "job_2")["weights"]
+            save_file(state, str(results / f"job.rank{os.environ.get('RANK', '0')}.safetensors"))
+        else:
+            run(scenario, args.root, results)
 
 
 if __name__ == "__main__":
