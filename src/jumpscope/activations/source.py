@@ -3,12 +3,13 @@
 One forward per batch of windows feeds every site. One context window in ``eval_every`` is held
 out for evaluation and never trained on (by window, so a single-document corpus splits too).
 
+Training activations far above their batch's median norm (``outlier_norm_factor``; attention-sink
+positions with massive activations) are dropped and counted (:func:`drop_outliers`).
+
 Under torchrun (``processes`` with ``world_size`` > 1) each process runs the model on its own
 share of the batches of windows (batch i on process i mod world size) and the rows are gathered,
 in corpus order, on every process (:func:`gather_in_order`): every process then holds the stream a
 one-process run harvests, while the forward passes, the dominant cost, are split.
-Training activations far above their batch's median norm (``outlier_norm_factor``; attention-sink
-positions with massive activations) are dropped and counted (:func:`drop_outliers`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Processes(Protocol):
 
 
 class OneProcess:
-    """No other processes."""
+    """No other processes (the trainer's SingleProcess sits in a later stage: this one is all the
+    source needs of it)."""
 
     rank, world_size = 0, 1
 
