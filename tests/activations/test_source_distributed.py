@@ -143,19 +143,24 @@ def test_a_killed_run_resumes_with_another_process_count_to_the_same_weights(roo
     assert CacheReader(root / "killcache").total_tokens == CacheReader(root / "cache_1").total_tokens
 
 
-def test_the_train_job_under_torchrun_trains_and_evaluates_as_one_process(launch, root):
+def test_the_train_job_under_torchrun_splits_training_and_evaluation_and_matches_one_process(launch, root):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         single = worker.run_job(root, root / "runs" / "job_1")
     finally:
         torch.set_num_threads(threads)
+    shares = []
     for rank in (0, 1):
         assert_close(load_file(str(launch / f"job.rank{rank}.safetensors")), single["weights"])
+        shares.append(json.loads((launch / f"job.rank{rank}.json").read_text())["eval_tokens_seen"])
+    # each process evaluated its own share of the held-out windows
+    assert sum(shares) == single["eval_tokens_seen"] > 0 and 0 < shares[1] <= shares[0] < sum(shares)
     two = json.loads((root / "runs" / "job_2" / "summary.json").read_text())["held_out"][worker.SITE]
     one = json.loads((root / "runs" / "job_1" / "summary.json").read_text())["held_out"][worker.SITE]
     assert two["n_tokens"] == one["n_tokens"] > 0
-    for key in ("fvu", "l0", "mse", "dead_fraction", "delta_lm_loss"):
+    for key in ("fvu", "l0", "mse", "dead_fraction", "delta_lm_loss", "kl_div", "ce_loss_recovered_zero",
+                "ce_loss_recovered_mean", "n_predictions"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 

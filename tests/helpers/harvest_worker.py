@@ -108,11 +108,25 @@ def run_job(root: Path, out: Path) -> dict:
     from jumpscope.jobs.train import TrainJobConfig, run_train
 
     job = TrainJobConfig(site=(SITE,), width=64, target_l0=6, preset="adam", tokens=BATCH * STEPS, eval_tokens=512,
-                         ablations=("none",), out=str(out), device="cpu",
+                         ablations=("zero", "mean"), out=str(out), device="cpu",
                          trainer=TrainerConfig(batch_size=BATCH, init_sample_tokens=2 * BATCH, progress=False,
                                                checkpoint_every=5, log_every=5))
-    trained, _ = run_train(job, activations(root))
-    return {"weights": flat_state(trained)}
+    import jumpscope.evaluate.heldout as heldout
+
+    seen = [0]
+    real = heldout.harvest
+
+    def counting(model, windows, sites, **kwargs):  # the held-out windows this process runs the model on
+        windows = list(windows)
+        seen[0] += sum(int(batch[0].numel()) for batch in windows)
+        return real(model, windows, sites, **kwargs)
+
+    heldout.harvest = counting
+    try:
+        trained, _ = run_train(job, activations(root))
+    finally:
+        heldout.harvest = real
+    return {"weights": flat_state(trained), "eval_tokens_seen": seen[0]}
 
 
 def main() -> None:
@@ -125,8 +139,10 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     for scenario in args.scenarios.split(","):
         if scenario == "job":
-            state = run_job(args.root, args.root / "runs" / "job_2")["weights"]
-            save_file(state, str(results / f"job.rank{os.environ.get('RANK', '0')}.safetensors"))
+            done = run_job(args.root, args.root / "runs" / "job_2")
+            rank = os.environ.get("RANK", "0")
+            save_file(done["weights"], str(results / f"job.rank{rank}.safetensors"))
+            (results / f"job.rank{rank}.json").write_text(json.dumps({"eval_tokens_seen": done["eval_tokens_seen"]}))
         else:
             run(scenario, args.root, results)
 

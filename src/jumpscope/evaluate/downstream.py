@@ -75,15 +75,46 @@ def sentence_embeddings(model: Any, input_ids: Tensor, attention_mask: Tensor) -
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
+class Share:
+    """This process's part of an evaluation under torchrun: batch i goes to process i mod world
+    size, and :meth:`sum` adds numbers up over the processes (in rank order, so every process gets
+    the same result). The default is one process with everything."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, gather: Callable[[Any], list[Any]] | None = None):
+        self.rank, self.world_size, self.gather = rank, world_size, gather or (lambda value: [value])
+
+    def mine(self, items: Sequence[Any]) -> list[Any]:
+        return list(items[self.rank::self.world_size])
+
+    def sum(self, values: Any) -> Any:
+        """``values`` (a number, a list of numbers, a tensor or a dict of them) summed over the processes."""
+        parts = self.gather(values)
+        if isinstance(values, dict):
+            return {key: self.sum_of([part[key] for part in parts]) for key in values}
+        if isinstance(values, list):
+            return [self.sum_of([part[i] for part in parts]) for i in range(len(values))]
+        return self.sum_of(parts)
+
+    @staticmethod
+    def sum_of(parts: list[Any]) -> Any:
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+
 @torch.inference_mode()
-def site_means(model: Any, batches: Iterable[Any], sites: Sequence[str]) -> dict[str, Tensor]:
-    """Mean activation of each site over the ordinary tokens of ``batches`` (float64 sums)."""
-    sums: dict[str, Tensor] = {}
+def site_means(model: Any, batches: Iterable[Any], sites: Sequence[str], share: Share | None = None) -> dict[str, Tensor]:
+    """Mean activation of each site over the ordinary tokens of ``batches`` (float64 sums; with a
+    ``share``, ``batches`` are this process's and the sums are over every process's)."""
+    sums: dict[str, Tensor] = {site: torch.zeros((), dtype=torch.float64) for site in sites}
     count = 0
     for chunk in harvest(model, batches, sites):
         for site, rows in chunk.items():
-            sums[site] = sums.get(site, 0) + rows.double().sum(0)
+            sums[site] = sums[site] + rows.double().sum(0).cpu()
         count += next(iter(chunk.values())).shape[0]
+    if share is not None and share.world_size > 1:
+        sums, count = share.sum(sums), share.sum(count)
     if count == 0:
         raise ValueError("no ordinary tokens in the evaluation batches to take site means over")
     return {site: (total / count).float() for site, total in sums.items()}
@@ -108,14 +139,18 @@ class _Passes:
     against it; ``tick`` advances the progress bar once per forward."""
 
     def __init__(self, model: Any, causal: bool, batches: list, splice_special: bool, chunk: int | None,
-                 tick: Callable[[], None]):
-        self.model, self.causal, self.batches, self.chunk, self.tick = model, causal, batches, chunk, tick
+                 tick: Callable[[], None], mine: list | None = None):
+        """``mine``: the batches this process runs (default all); ``batches[0]`` decides, on every
+        process alike, whether the LM head reproduces the logits."""
+        self.model, self.causal, self.chunk, self.tick = model, causal, chunk, tick
+        self.batches = batches if mine is None else mine
         self.unpacked = []
-        for batch in batches:
+        for batch in self.batches:
             ids, train, attention = unpack_batch(batch)
             attention = torch.ones_like(train) if attention is None else attention
             self.unpacked.append((ids, train, attention, None if splice_special else train & attention))
-        ids, _, attention, _ = self.unpacked[0]
+        ids, _, attention = unpack_batch(batches[0])
+        attention = torch.ones_like(ids) if attention is None else attention
         self.via_head = causal and head_reproduces_logits(model, ids, attention, chunk)
 
     def per_batch(self) -> list[int]:
@@ -165,14 +200,16 @@ class _Passes:
 def spliced_measures(model: Any, kind: str, batches: Iterable[Any], groups: Mapping[str, Mapping[str, SAE]], *,
                      ablations: Sequence[str] = ABLATIONS, means: Mapping[str, Tensor] | None = None,
                      splice_special: bool = False, progress: bool = False, cache: PassCache | None = None,
-                     chunk: int | None = None) -> dict[str, dict[str, Any]]:
+                     chunk: int | None = None, share: Share | None = None) -> dict[str, dict[str, Any]]:
     """The model's own measures for each group of SAEs spliced in together (``{name: {site: sae}}``).
 
     ``kind`` is ``"causal_lm"`` or ``"encoder"``. ``means`` (per site) default to the mean
     activations over ``batches`` (one extra pass) when a mean ablation is asked for. ``progress``
     shows a bar over the forward passes. ``cache`` keeps the clean and ablation passes (which do
     not depend on the SAEs) for later calls on the same text. ``chunk``: positions per
-    log-softmax (default: a memory budget, see :mod:`.readout`).
+    log-softmax (default: a memory budget, see :mod:`.readout`). ``share``: this process's part
+    of the batches under torchrun (every process passes the same ``batches``; each runs its own
+    share and the sums are added up over the processes; no pass cache then).
     """
     from tqdm.auto import tqdm
 
@@ -185,8 +222,11 @@ def spliced_measures(model: Any, kind: str, batches: Iterable[Any], groups: Mapp
     batches = list(batches)
     if not batches:
         raise ValueError("no scored tokens or sequences in the evaluation batches")
+    share = share or Share()
+    if share.world_size > 1:
+        cache = None  # each process's share is another text: nothing to keep for a later evaluation
     site_sets = {name: tuple(sorted(saes)) for name, saes in groups.items()}
-    passes = _Passes(model, causal, batches, splice_special, chunk, lambda: bar.update(1))
+    passes = _Passes(model, causal, batches, splice_special, chunk, lambda: bar.update(1), share.mine(batches))
     module = unwrap(model)
     width = module.get_output_embeddings().weight.shape[1] if passes.via_head else None
     dtype = next(module.parameters()).dtype if causal else torch.float32
@@ -199,14 +239,15 @@ def spliced_measures(model: Any, kind: str, batches: Iterable[Any], groups: Mapp
                 for key in todo}
     ablated = {key: cache.total(settings[key]) if cache is not None else None for key in todo}
     todo = {key for key, total in ablated.items() if total is None}
-    bar = tqdm(total=len(batches) * ((clean is None) + len(todo) + len(groups)), desc="evaluating", unit="pass",
-               disable=not progress)
+    bar = tqdm(total=len(passes.batches) * ((clean is None) + len(todo) + len(groups)), desc="evaluating",
+               unit="pass", disable=not progress)
     if clean is None:
         clean = passes.clean()
         if cacheable:
             cache.save_clean(clean_key, clean)
     if means is None and any(a == "mean" for _, a in todo):
-        means = site_means(model, batches, sorted({s for sites, a in todo if a == "mean" for s in sites}))
+        means = site_means(model, passes.batches, sorted({s for sites, a in todo if a == "mean" for s in sites}),
+                           share=share)
     for sites, a in sorted(todo):
         hooks = {s: _ablation(a, means or {}, s) for s in sites}
         ablated[sites, a] = passes.total(lambda positions: replace_sites(model, hooks, positions=positions), clean,
@@ -217,14 +258,22 @@ def spliced_measures(model: Any, kind: str, batches: Iterable[Any], groups: Mapp
     for name, saes in groups.items():
         spliced[name], kl[name] = passes.total(lambda positions: splice(model, saes, positions=positions), clean)
     bar.close()
-    count = clean.count
+    count, clean_total = clean.count, clean.total
+    if share.world_size > 1:  # every sum over every process's batches
+        keys = sorted(ablated)
+        sums = share.sum([count, clean_total, *(ablated[k] for k in keys), *(spliced[n] for n in groups),
+                          *(kl[n] for n in groups)])
+        count, clean_total = sums[0], sums[1]
+        ablated = dict(zip(keys, sums[2:2 + len(keys)]))
+        spliced = dict(zip(groups, sums[2 + len(keys):2 + len(keys) + len(groups)]))
+        kl = dict(zip(groups, sums[2 + len(keys) + len(groups):]))
     if count == 0:
         raise ValueError("no scored tokens or sequences in the evaluation batches")
     results = {}
     for name in groups:
         sites = site_sets[name]
         if causal:
-            clean_ce, ce = clean.total / count, spliced[name] / count
+            clean_ce, ce = clean_total / count, spliced[name] / count
             row: dict[str, Any] = {"ce_clean": clean_ce, "ce_spliced": ce, "delta_lm_loss": ce - clean_ce,
                                    "kl_div": kl[name] / count, "n_predictions": int(count)}
             for a in ablations:

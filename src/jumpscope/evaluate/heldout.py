@@ -23,7 +23,7 @@ from ..models.harvest import harvest
 from ..models.splice import check_sae_fits
 from ..sae import SAE
 from ..sae.metrics import StreamingMetrics, dead_label, dead_sample_warning
-from .downstream import ABLATIONS, parse_ablations, spliced_measures
+from .downstream import ABLATIONS, Share, parse_ablations, spliced_measures
 from .passcache import PassCache, text_digest
 
 __all__ = ["TOGETHER", "evaluation_windows", "replaced_site", "evaluate_saes", "warn_small_dead_sample",
@@ -66,8 +66,13 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
     """Held-out core metrics and spliced measures per SAE (keyed like ``saes``; each at its
     ``cfg.site``, a transcoder reading ``cfg.site`` and replacing ``cfg.target_site``).
     ``ablations``: as :func:`.downstream.parse_ablations` takes them. ``cache_dir`` keeps the
-    clean and ablation passes for later evaluations of the same text (see :mod:`.passcache`)."""
+    clean and ablation passes for later evaluations of the same text (see :mod:`.passcache`).
+    Under torchrun (``source.processes``) every process must call this: each runs the model on its
+    share of the held-out windows, the sums are added up over the processes, and every process
+    returns the same results (one process's, to float rounding)."""
     ablations = parse_ablations(ablations)
+    processes = source.processes
+    share = Share(processes.rank, processes.world_size, processes.all_gather_object)
     model = source.loaded.model
     for name, sae in saes.items():
         if not sae.cfg.site:
@@ -79,7 +84,7 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
     sites = sorted({site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site})
     factor, outliers = source.cfg.outlier_norm_factor, 0
     with torch.inference_mode():
-        for chunk in harvest(model, windows, sites):
+        for chunk in harvest(model, share.mine(windows), sites):
             keep = inlier_mask(chunk, factor) if factor else None
             outliers += 0 if keep is None else int((~keep).sum())
             for name, sae in saes.items():
@@ -93,6 +98,11 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
                 elif bool(keep.any()):
                     kept = keep.to(x.device)
                     metrics[name].update(target[kept], reconstruction[kept], latents[kept])
+    if share.world_size > 1:
+        for table in (metrics, all_rows):
+            for name, m in table.items():
+                m.load_state_dict(share.sum({key: value.cpu() for key, value in m.state_dict().items()}))
+        outliers = share.sum(outliers)
     groups = {name: {replaced_site(sae): sae} for name, sae in saes.items()}
     replaced = sorted({replaced_site(sae) for sae in saes.values()})
     if together and len(saes) > 1:
@@ -100,10 +110,10 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
             raise ValueError("--together needs SAEs at different sites; several of these share a site")
         groups[TOGETHER] = {replaced_site(sae): sae for sae in saes.values()}
     cache = None
-    if cache_dir is not None:
+    if cache_dir is not None and share.world_size == 1:  # the processes' shares are different texts
         cache = PassCache(cache_dir, source.loaded.name, model, source.loaded.kind, text_digest(windows))
     measures = spliced_measures(model, source.loaded.kind, windows, groups, ablations=ablations, progress=progress,
-                                cache=cache)
+                                cache=cache, share=share)
     results = {}
     for name, sae in saes.items():
         where = sae.cfg.site if not sae.cfg.target_site else f"{sae.cfg.site} -> {sae.cfg.target_site}"

@@ -191,16 +191,17 @@ def _run_model(job: JsaeJobConfig, start: JobStart, control: str, out: Path, lay
         cfg = _pair_config(job, d_in, sites, source.loaded.name, coefficient, warmup, sae_fields)
         pairs[f"lambda_{cfg.jacobian_coefficient:g}"] = JacobianSAE(cfg).attach_mlp(mlp)
     trainer, trained = train_on_activations(pairs, source, job, start, inputs={name: sites for name in pairs})
-    if not trainer.processes.is_main:  # under torchrun one process measures and writes
-        return None
+    main = trainer.processes.is_main  # under torchrun every process evaluates its share; the main one measures
     split = {}
     for name, pair in trained.items():
         pair.attach_mlp(mlp)
-        for side, sae in zip(("input", "output"), pair.split()):
-            save_format(sae, out / name / side, format="native")
-            split[f"{name}/{side}"] = sae
-    results = evaluate_saes(source, split, job.eval_tokens, ablations=job.ablations, progress=trainer.cfg.progress,
-                            cache_dir=out / "eval_cache")
+        split.update({f"{name}/{side}": sae for side, sae in zip(("input", "output"), pair.split())})
+    results = evaluate_saes(source, split, job.eval_tokens, ablations=job.ablations,
+                            progress=trainer.cfg.progress and main, cache_dir=out / "eval_cache")
+    if not main:
+        return None
+    for key, sae in split.items():
+        save_format(sae, out / key, format="native")
     held_out = held_out_mlp_inputs(source, sites[0], job.eval_tokens)
     rows = {}
     for name, pair in trained.items():

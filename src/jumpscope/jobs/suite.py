@@ -179,10 +179,11 @@ def run_suite(suite: SuiteConfig, activations: ActivationConfig | None = None,
     source = start.source(sites)
     saes = build_suite(suite, source, pairs, sae_fields or {})
     trainer, trained = train_on_activations(saes, source, suite, start)
-    if not trainer.processes.is_main:  # under torchrun one process evaluates and writes the release
+    main = trainer.processes.is_main  # under torchrun every process evaluates its share; the main one writes
+    results = evaluate_saes(source, trained, suite.eval_tokens, ablations=suite.ablations,
+                            progress=trainer.cfg.progress and main, cache_dir=out / "eval_cache")
+    if not main:
         return [], ""
-    results = evaluate_saes(source, trained, suite.eval_tokens, ablations=suite.ablations, progress=trainer.cfg.progress,
-                            cache_dir=out / "eval_cache")
     kind = source.loaded.kind
     rows = write_release(out, trained, results, suite, kind)
     table = index_table(rows, kind)

@@ -113,10 +113,11 @@ def run_sweep(sweep: SweepConfig, activations: ActivationConfig | None = None,
     saes = build_sweep(sweep, site, d_in, source.loaded.name, sae_fields)
     trainer, trained = train_on_activations(saes, source, sweep, start)
     trained_seconds = time.time() - started
-    if not trainer.processes.is_main:  # under torchrun one process evaluates, plots and reports
+    main = trainer.processes.is_main  # under torchrun every process evaluates its share; the main one reports
+    results = evaluate_saes(source, trained, sweep.eval_tokens, ablations=sweep.ablations,
+                            progress=trainer.cfg.progress and main, cache_dir=out / "eval_cache")
+    if not main:
         return [], ""
-    results = evaluate_saes(source, trained, sweep.eval_tokens, ablations=sweep.ablations, progress=trainer.cfg.progress,
-                            cache_dir=out / "eval_cache")
     training = trainer.final_summary()
     points = [{**point, "site": site, "held_out": results[point["name"]],
                "training_window": training.get(point["name"], {})} for point in sweep_points(sweep)]

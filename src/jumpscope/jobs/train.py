@@ -155,8 +155,9 @@ def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
     source = start.source(sites)
     saes = build_saes(job, source, sae_fields or {}, targets)
     trainer, trained = train_on_activations(saes, source, job, start)
-    if not trainer.processes.is_main:  # under torchrun one process evaluates and writes the summary
+    main = trainer.processes.is_main  # under torchrun every process evaluates its share; the main one writes
+    results = evaluate_saes(source, trained, job.eval_tokens, ablations=job.ablations,
+                            progress=trainer.cfg.progress and main, cache_dir=out / "eval_cache")
+    if not main:
         return trained, ""
-    results = evaluate_saes(source, trained, job.eval_tokens, ablations=job.ablations, progress=trainer.cfg.progress,
-                            cache_dir=out / "eval_cache")
     return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started)
