@@ -100,6 +100,8 @@ def test_explanation_request_shows_numbered_marked_examples_on_one_scale():
     ("The marked tokens in these 12 examples have a common feature: the name 'Lily'", "the name 'Lily'"),
     ("What the marked tokens have in common is: past-tense verbs", "past-tense verbs"),
     ("Tokens that share a common theme - colours", "colours"),
+    ("The marked tokens in these 12 examples have in common that they are dates", "they are dates"),
+    ("The 12 examples share a common trait: years", "years"),
     ("words that have something in common", "words that have something in common"),
     ("", None),
     ("   \n ``` \n", None),

@@ -145,7 +145,8 @@ _LABEL = re.compile(r"^(?:\*\*)?(?:final\s+|short\s+)?(?:explanation|answer|feat
 # a restatement of the question before the answer, as small models write: 'The marked tokens in these
 # 12 examples have a common feature: ...', 'What they have in common is ...'
 _PREAMBLE = re.compile(r"^.{0,100}?\b(?:have|has|share|shares)\s+(?:in\s+common|a\s+common\s+"
-                       r"(?:feature|theme|pattern|property))(?:\s+(?:is|are))?\s*[:,-]\s*(?=\S)", re.I)
+                       r"(?:feature|theme|pattern|property|trait))(?:\s+(?:is|are))?\s*(?:[:,-]|\bthat\b)\s*(?=\S)",
+                       re.I)
 _WRAPPERS = (("**", "**"), ("*", "*"), ("`", "`"), ('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"))
 
 
