@@ -14,7 +14,6 @@ one-process run harvests, while the forward passes, the dominant cost, are split
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
 from typing import Any, Iterable, Iterator, Literal, Protocol
@@ -25,6 +24,7 @@ from torch import Tensor
 from ..data.batch import skip_rows
 from ..data.buffer import counted, shuffled
 from ..data.cache import CacheReader, CacheWriter, is_complete
+from ..data.cache_shared import SharedCacheWriter
 from ..data.corpus import open_corpus
 from ..data.tokens import batch_windows, pack_tokens
 from ..models.harvest import harvest
@@ -248,8 +248,9 @@ class ActivationSource:
 
     def fill_cache(self, total_tokens: int, progress: bool = True) -> None:
         """Write at least ``total_tokens`` activations to the cache, resuming a partial one. Under
-        torchrun every process runs the model on its share of the windows and the main process
-        writes the rows, in the order one process would (the cache is the same at any count)."""
+        torchrun every process runs the model on its share of the windows and writes its share of
+        the shards (:class:`~jumpscope.data.cache_shared.SharedCacheWriter`): the cache is the same
+        at any process count."""
         folder = self.cfg.cache
         main = self.processes.rank == 0
         if is_complete(folder):
@@ -261,19 +262,17 @@ class ActivationSource:
             return
         manifest = {key: value for key, value in self.manifest().items()
                     if key not in ("outliers_dropped", "rows_harvested")}  # counts of this process, not the cache's
-        writer = CacheWriter(folder, self.site_dims, shard_rows=self.cfg.cache_shard_rows, metadata=manifest,
-                             model=self.loaded.name, corpus=manifest["corpus"], context_size=self.context_size) \
-            if main else None
+        options = dict(shard_rows=self.cfg.cache_shard_rows, metadata=manifest, model=self.loaded.name,
+                       corpus=manifest["corpus"], context_size=self.context_size)
+        writer = CacheWriter(folder, self.site_dims, **options) if self.processes.world_size == 1 else \
+            SharedCacheWriter(folder, self.site_dims, processes=self.processes, **options)
         from tqdm.auto import tqdm
 
-        start = self.processes.broadcast_object(writer.tokens_done if writer is not None else None)
-        with writer if writer is not None else contextlib.nullcontext(), \
-                tqdm(total=total_tokens, initial=start, unit="tok", desc="harvesting (to the cache)", unit_scale=True,
-                     disable=not (progress and main), dynamic_ncols=True) as bar:
-            done = start  # counted here: a disabled bar counts nothing
-            for chunk in skip_rows(self.chunks(), start):
-                if writer is not None:
-                    writer.write(chunk)
+        with writer, tqdm(total=total_tokens, initial=writer.tokens_done, unit="tok", desc="harvesting (to the cache)",
+                          unit_scale=True, disable=not (progress and main), dynamic_ncols=True) as bar:
+            done = writer.tokens_done  # counted here: a disabled bar counts nothing
+            for chunk in skip_rows(self.chunks(), writer.tokens_done):
+                writer.write(chunk)
                 rows = next(iter(chunk.values())).shape[0]
                 bar.update(max(0, min(rows, total_tokens - done)))  # the last chunk overshoots
                 done += rows

@@ -173,20 +173,30 @@ class CacheWriter:
             self._pending, self._pending_rows = [], 0
 
     def _flush(self, rows: int) -> None:
+        self._record(self._store(*self._take(rows)))
+
+    def _take(self, rows: int) -> tuple[int, dict[str, Tensor]]:
+        """(the next shard's index, its first ``rows`` pending rows), removed from the pending ones."""
         joined = {site: torch.cat([part[site] for part in self._pending]) for site in self.sites}
         shard = {site: value[:rows].contiguous() for site, value in joined.items()}
         rest = {site: value[rows:] for site, value in joined.items()}
         self._pending_rows -= rows
         self._pending = [rest] if self._pending_rows else []
-        index = len(self.manifest["shards"])
+        return len(self.manifest["shards"]), shard
+
+    def _store(self, index: int, shard: dict[str, Tensor]) -> dict[str, Any]:
+        """Write shard ``index``; its manifest entry."""
         name = f"shard_{index:05d}.safetensors"
         # one metadata key only: safetensors orders several keys arbitrarily, and the bytes (and
         # sha256) of a resumed write must equal those of an uninterrupted one
         data = safetensors_bytes(shard, metadata={"shard_index": str(index)})
         atomic_write(self.folder / name, lambda temp: Path(temp).write_bytes(data))
-        self.manifest["shards"].append({"file": name, "rows": rows, "bytes": len(data),
-                                        "sha256": hashlib.sha256(data).hexdigest()})
-        self.manifest["total_tokens"] += rows
+        return {"file": name, "rows": next(iter(shard.values())).shape[0], "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest()}
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.manifest["shards"].append(entry)
+        self.manifest["total_tokens"] += entry["rows"]
         self._save_manifest()
 
     def _save_manifest(self) -> None:
