@@ -26,6 +26,8 @@ chunk of positions at a time (:mod:`.readout`), so memory does not grow with the
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -90,17 +92,10 @@ class Share:
         """``values`` (a number, a list of numbers, a tensor or a dict of them) summed over the processes."""
         parts = self.gather(values)
         if isinstance(values, dict):
-            return {key: self.sum_of([part[key] for part in parts]) for key in values}
+            return {key: functools.reduce(operator.add, [part[key] for part in parts]) for key in values}
         if isinstance(values, list):
-            return [self.sum_of([part[i] for part in parts]) for i in range(len(values))]
-        return self.sum_of(parts)
-
-    @staticmethod
-    def sum_of(parts: list[Any]) -> Any:
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total
+            return [functools.reduce(operator.add, [part[i] for part in parts]) for i in range(len(values))]
+        return functools.reduce(operator.add, parts)
 
 
 @torch.inference_mode()
