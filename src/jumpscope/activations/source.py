@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Iterable, Iterator, Literal, Protocol
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from ..data.batch import skip_rows
 from ..data.buffer import counted, shuffled
 from ..data.cache import CacheReader, CacheWriter, is_complete
 from ..data.cache_shared import SharedCacheWriter
+from ..data.processes import OneProcess, Processes
 from ..data.corpus import open_corpus
 from ..data.tokens import batch_windows, pack_tokens
 from ..models.harvest import harvest
@@ -32,38 +33,13 @@ from ..models.loading import LoadedModel, load_model
 from ..models.sites import parse_site
 from .config import ActivationConfig
 
-__all__ = ["ActivationSource", "Processes", "ReplayableStream", "Split", "context_size_for", "default_site",
+__all__ = ["ActivationSource", "ReplayableStream", "Split", "context_size_for", "default_site",
            "drop_outliers", "gather_in_order", "inlier_mask", "load_source_model", "max_positions", "split_windows"]
 
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "heldout", "all"]
 """Which context windows: the training part, the held-out part, or all of them."""
-
-
-class Processes(Protocol):
-    """What the source needs of the processes it shares the text with (the trainer's process
-    group, :mod:`jumpscope.train.distributed`, has it; so does a plain one-process stand-in)."""
-
-    rank: int
-    world_size: int
-
-    def all_gather_object(self, value: Any) -> list[Any]: ...
-
-    def broadcast_object(self, value: Any, src: int = 0) -> Any: ...
-
-
-class OneProcess:
-    """No other processes (the trainer's SingleProcess sits in a later stage: this one is all the
-    source needs of it)."""
-
-    rank, world_size = 0, 1
-
-    def all_gather_object(self, value: Any) -> list[Any]:
-        return [value]
-
-    def broadcast_object(self, value: Any, src: int = 0) -> Any:
-        return value
 
 
 def gather_in_order(local: Iterable[dict[str, Tensor]], processes: Processes) -> Iterator[dict[str, Tensor]]:

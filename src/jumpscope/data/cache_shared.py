@@ -11,17 +11,12 @@ manifest lists (a shard written but not yet listed is removed as a stray).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping
 
 from .cache import CacheWriter
+from .processes import Processes
 
 __all__ = ["SharedCacheWriter"]
-
-
-class Processes(Protocol):
-    rank: int
-    world_size: int
-    all_gather_object: Callable[[Any], list[Any]]
 
 
 class SharedCacheWriter(CacheWriter):

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..data.processes import OneProcess, Processes
 from ..errors import ConfigError
 from ..models.harvest import harvest, unpack_batch
 from ..models.hookpoints import unwrap
@@ -82,15 +83,16 @@ class Share:
     size, and :meth:`sum` adds numbers up over the processes (in rank order, so every process gets
     the same result). The default is one process with everything."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, gather: Callable[[Any], list[Any]] | None = None):
-        self.rank, self.world_size, self.gather = rank, world_size, gather or (lambda value: [value])
+    def __init__(self, processes: Processes | None = None):
+        self.processes = processes or OneProcess()
+        self.rank, self.world_size = self.processes.rank, self.processes.world_size
 
     def mine(self, items: Sequence[Any]) -> list[Any]:
         return list(items[self.rank::self.world_size])
 
     def sum(self, values: Any) -> Any:
         """``values`` (a number, a list of numbers, a tensor or a dict of them) summed over the processes."""
-        parts = self.gather(values)
+        parts = self.processes.all_gather_object(values)
         if isinstance(values, dict):
             return {key: functools.reduce(operator.add, [part[key] for part in parts]) for key in values}
         if isinstance(values, list):

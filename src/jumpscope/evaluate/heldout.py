@@ -71,8 +71,7 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
     share of the held-out windows, the sums are added up over the processes, and every process
     returns the same results (one process's, to float rounding)."""
     ablations = parse_ablations(ablations)
-    processes = source.processes
-    share = Share(processes.rank, processes.world_size, processes.all_gather_object)
+    share = Share(source.processes)
     model = source.loaded.model
     for name, sae in saes.items():
         if not sae.cfg.site:
