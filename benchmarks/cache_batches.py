@@ -16,10 +16,19 @@ from jumpscope.sae.metrics import StreamingMetrics
 
 
 class Provider:
+    """The first ``steps`` batches of ``batch_size`` shuffled rows of the cache. A budget beyond the
+    cache takes further passes over it: pass p shuffles with ``seed + p`` (pass 0 is ``seed``, so a
+    one-pass run is unchanged) and every pass ends at its last full batch."""
+
     def __init__(self, cache: str, site: str, seed: int, buffer_rows: int, batch_size: int, steps: int):
-        self.stream = CacheReader(cache).iterate(site=site, shuffle_shards=True, seed=seed, buffer_rows=buffer_rows,
-                                                 batch_size=batch_size)
-        self.steps, self.handed, self.digest, self.stamps = steps, 0, hashlib.sha256(), []
+        self.reader, self.site, self.seed = CacheReader(cache), site, seed
+        self.buffer_rows, self.batch_size = buffer_rows, batch_size
+        self.steps, self.handed, self.passes, self.digest, self.stamps = steps, 0, 0, hashlib.sha256(), []
+        self.stream = self._pass(0)
+
+    def _pass(self, index: int):
+        return self.reader.iterate(site=self.site, shuffle_shards=True, seed=self.seed + index,
+                                   buffer_rows=self.buffer_rows, batch_size=self.batch_size)
 
     def __iter__(self):
         return self
@@ -27,7 +36,13 @@ class Provider:
     def __next__(self) -> torch.Tensor:
         if self.handed >= self.steps:
             raise StopIteration
-        batch = next(self.stream)
+        batch = next(self.stream, None)
+        if batch is None or batch.shape[0] < self.batch_size:  # the pass is over: start the next
+            self.passes += 1
+            self.stream = self._pass(self.passes)
+            batch = next(self.stream, None)
+            if batch is None or batch.shape[0] < self.batch_size:
+                raise RuntimeError(f"the cache holds fewer than {self.batch_size} rows")
         self.digest.update(batch.contiguous().numpy().tobytes())
         self.handed += 1
         self.stamps.append(time.perf_counter())

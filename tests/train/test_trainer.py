@@ -282,3 +282,33 @@ def test_transcoders_with_mean_b_dec_init_keep_a_zero_output_bias_at_init():
     assert torch.equal(sae.b_dec, torch.zeros(5))
     with pytest.raises(ValueError, match="apply_b_dec_to_input is for SAEs.*set it to False for a transcoder"):
         adam_build("topk", d_in=D_IN, d_out=5, d_sae=16, k=2)
+
+
+def test_jumprelu_with_target_l0_ends_at_it_on_the_last_training_rows():
+    # Sign descent's averaged weights: the saved SAE differs from the point the controller steered.
+    batches = list(stream(40, rows=128))
+    trainer = Trainer({"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3)},
+                      config(total_tokens=128 * 40, calibration_tokens=1024))
+    sae = trainer.fit(batches)["jump"]
+    last = torch.cat(batches[-8:])  # raw rows: the returned SAE has the input scale folded in
+    l0 = (sae.encode(last) > 0).sum(-1).double().mean().item()
+    assert 3 - 0.02 <= l0 <= 3
+    summary = trainer.final_summary()["jump"]
+    assert summary["calibration_l0_after"] == pytest.approx(l0, abs=1e-6)
+    assert summary["calibration_l0_before"] != pytest.approx(3, abs=0.02)  # there was something to do
+
+
+def test_run_resumed_within_the_calibration_rows_ends_identical(tmp_path):
+    # Checkpoint at step 37 of 40, calibration on the last 4 batches: the resumed run must be handed
+    # batch 36 again (untrained) to calibrate on the same rows.
+    def saes():
+        return {"jump": adam_build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, seed=1)}
+
+    settings = dict(checkpoint_every=37, calibration_tokens=4 * 128)
+    reference = Trainer(saes(), config(**settings)).fit(stream(40, rows=128))
+    with pytest.raises(Crash):  # one 128-row item per step: the crash comes at step 39
+        Trainer(saes(), config(tmp_path, **settings)).fit(crashing(stream(40, rows=128), after=39))
+    resumed_trainer = Trainer(saes(), config(tmp_path, **settings))
+    resumed = resumed_trainer.fit(stream(40, rows=128), resume=True)
+    assert len(resumed_trainer.recent) == 4  # 3 trained after the checkpoint + 1 handed again
+    assert_same_weights(reference, resumed)

@@ -338,6 +338,12 @@ class SAE(nn.Module):
     def after_step(self) -> None:
         """Called after each optimiser step (e.g. to clamp thresholds). Default: nothing."""
 
+    def calibrate(self, x: Tensor, ctx: StepContext) -> dict[str, float] | None:
+        """After the last step, on the saved weights and the last training rows ``x`` (scaled): adjust
+        what the run was asked to reach. Only unaveraged parameters and buffers may change. Returns
+        what changed (logged, and in the run's summary); None (the default): nothing."""
+        return None
+
     def unit_decoder_rows_exactly(self) -> None:
         """After an averaging optimiser (an average of unit rows is not unit): unit decoder rows where
         the architecture compensates exactly. Default: nothing (a top-k choice would change)."""

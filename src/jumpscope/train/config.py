@@ -34,6 +34,10 @@ class TrainerConfig:
     """Tokens at the end of training over which the final metrics and feature densities are
     measured. None: the last 10% of the run, at most 2M tokens."""
 
+    calibration_tokens: int = 8192
+    """Rows at the end of the run (the last batches, at least one) on which each SAE calibrates
+    after the last step, on its saved weights (JumpReLU: its thresholds to target_l0)."""
+
     log_every: int = 50
     """Write a JSONL log line (and refresh the progress bar) every this many steps."""
 
@@ -60,7 +64,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "total_tokens", "batch_size", "init_sample_tokens", "log_every", "dead_tokens",
-                 "final_metrics_tokens")
+                 "final_metrics_tokens", "calibration_tokens")
         check_positive(self, "checkpoint_every", zero_ok=True)
         if self.total_tokens < self.batch_size:
             raise ConfigError(f"total_tokens ({self.total_tokens}) is smaller than one batch "

@@ -1,5 +1,6 @@
 """The training loop. It knows no architecture: it calls ``sae.loss``, the decoder-norm helpers,
-``init_from_data``, ``after_step`` and ``fold_scaling`` of the SAE base class, and nothing else.
+``init_from_data``, ``after_step``, ``calibrate`` and ``fold_scaling`` of the SAE base class, and
+nothing else.
 
 Many SAEs train at once on the same batches (a sweep pays for the data once); each has its own
 Adam, schedules and input scale. A killed run resumes from its last checkpoint and ends with
@@ -27,6 +28,7 @@ from ..device import resolve_device
 from ..sae.base import SAE
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import check_finite, rebatch
+from .calibration import RecentRows, averaged_weights, calibration_batches
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
@@ -106,6 +108,8 @@ class Trainer:
                               for n, s in self.saes.items()}
         self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir else None
         self.batch_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.recent = RecentRows(calibration_batches(self.cfg.calibration_tokens, self.cfg.batch_size))
+        self.calibrations: dict[str, dict[str, float]] = {}
         self.loss_finite = {name: torch.ones((), dtype=torch.bool, device=self.device) for name in self.saes}
 
     # -- public -------------------------------------------------------------------------------
@@ -124,14 +128,16 @@ class Trainer:
                                       "or choose another output folder")
             self._load(checkpoint)
             log.info("resuming from step %d (%d tokens)", self.step, self.step * self.cfg.batch_size)
-        cfg = self.cfg
+        cfg, first_step = self.cfg, self.step
         if self.step == 0 and self.processes.is_main:
             for name, sae in self.saes.items():
                 for line in schedule_warnings(name, sae, cfg.total_steps):
                     log.warning(line)
         if self.step >= cfg.total_steps:  # a finished run: nothing to replay
             batches = iter(())
-        stream = rebatch(batches, cfg.batch_size, self.widths, start_row=self.step * cfg.batch_size)
+        # resumed within the calibration's last batches: those before the step are replayed untrained
+        untrained = min(self.step, max(0, self.recent.kept.maxlen - (cfg.total_steps - self.step)))
+        stream = rebatch(batches, cfg.batch_size, self.widths, start_row=(self.step - untrained) * cfg.batch_size)
         if not self.input_scales:
             stream = self._initialise(stream)
         is_main = self.processes.is_main
@@ -144,6 +150,10 @@ class Trainer:
             for batch in stream:
                 if self.step >= cfg.total_steps:
                     break
+                if untrained:
+                    self.recent.add(*self._local_rows(batch))
+                    untrained -= 1
+                    continue
                 if self.device.type == "cpu":  # free here: fail now, naming the step
                     check_finite(batch, self.step)
                 else:  # an on-device flag, read at the sync points below (no host sync per batch)
@@ -151,6 +161,8 @@ class Trainer:
                         self.device)
                 rows = self._train_step(batch)
                 self.step += 1
+                if self.step == cfg.total_steps:  # before the last log line and checkpoint
+                    self._calibrate()
                 logging_step = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
                 checkpoint_step = checkpoint is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                 if logging_step or checkpoint_step or self.device.type == "cpu":
@@ -161,6 +173,8 @@ class Trainer:
                     self._save(checkpoint)
         if self.step < cfg.total_steps:
             log.warning("the data ran out after %d of %d steps", self.step, cfg.total_steps)
+            if self.step > first_step:  # trained here: the SAEs end now
+                self._calibrate()
         if checkpoint is not None:
             self._save(checkpoint)
         return self._finish()
@@ -192,7 +206,8 @@ class Trainer:
 
     def final_summary(self) -> dict[str, dict[str, Any]]:
         """Metrics over the last ``final_metrics_window`` tokens, per SAE, in raw units."""
-        return {name: metrics.compute() for name, metrics in self.final_metrics.items() if metrics.n_tokens}
+        return {name: {**metrics.compute(), **{f"calibration_{k}": v for k, v in self.calibrations.get(name, {}).items()}}
+                for name, metrics in self.final_metrics.items() if metrics.n_tokens}
 
     # -- steps --------------------------------------------------------------------------------
     def _initialise(self, stream: Iterator[Batch]) -> Iterator[Batch]:
@@ -231,12 +246,17 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _local_rows(self, batch: Batch) -> tuple[Batch, float]:
+        """This process's rows of the batch, on the device, and their share of the batch."""
+        batch = {key: value.to(self.device, torch.float32, non_blocking=True) for key, value in batch.items()}
+        return shard_batch(batch, self.batch_sharers.rank, self.batch_sharers.world_size)
+
     def _train_step(self, batch: Batch) -> dict[str, dict[str, float]]:
         cfg = self.cfg
         total = cfg.total_steps
-        batch = {key: value.to(self.device, torch.float32, non_blocking=True) for key, value in batch.items()}
         sharers = self.batch_sharers
-        batch, weight = shard_batch(batch, sharers.rank, sharers.world_size)  # this process's rows
+        batch, weight = self._local_rows(batch)
+        self.recent.add(batch, weight)
         logging_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == total
         in_final_window = (total - self.step) * cfg.batch_size <= cfg.final_metrics_window
         rows: dict[str, dict[str, float]] = {}
@@ -289,6 +309,20 @@ class Trainer:
                     "lr": lr, "sparsity_scale": ctx.sparsity_scale,
                 }
         return rows
+
+    def _calibrate(self) -> None:
+        """Each SAE's ``calibrate`` on its saved (averaged) weights and the last training rows."""
+        for name, sae in self.saes.items():
+            scale_in, scale_out = self.input_scales[name], self.output_scales[name]
+            ctx = step_context(self.batch_sharers, self.recent.weight, self.cfg.batch_size, step=self.step,
+                               input_scale=scale_in, output_scale=scale_out)
+            with averaged_weights(self.optimizers[name]):
+                note = sae.calibrate(self.recent.rows(self.routes[name][0]) / scale_in, ctx)
+            if note:
+                self.calibrations[name] = note
+                if self.processes.is_main:
+                    log.info("SAE %r calibrated on the last %d rows: %s", name, len(self.recent) * self.cfg.batch_size,
+                             ", ".join(f"{k} {v:.4g}" for k, v in note.items()))
 
     def _raise_if_nonfinite(self) -> None:
         """Fail on NaN/inf before anything is logged or checkpointed (one host sync); every
