@@ -212,6 +212,23 @@ def test_batchtopk_eval_encode_uses_the_threshold():
     assert ((f > 0).sum(-1) != 4).any()  # the threshold, not a per-token top-k
 
 
+@pytest.mark.parametrize("estimated", [True, False])
+def test_batchtopk_calibration_sets_the_threshold_for_a_mean_l0_of_k(estimated):
+    sae = randomized(BatchTopKSAE, bias=0.2, calibrate_l0=True)
+    if estimated:
+        sae.loss(sample(seed=4), StepContext())  # the running estimate, else 0 (never estimated)
+    x = sample(2000, seed=5)
+    note = sae.calibrate(x, StepContext())
+    assert sae.training  # the mode is restored
+    sae.eval()
+    l0 = (sae.encode(x) > 0).sum(-1).double().mean().item()
+    assert 4 - 0.01 <= l0 <= 4 and note["l0_after"] == pytest.approx(l0)
+    # the threshold the whole rows' batch top-k would keep: the (4 n)-th largest ReLU'd pre-activation
+    kth = pre_reference(sae, x).clamp(min=0).reshape(-1).sort(descending=True).values[4 * len(x) - 1]
+    assert sae.threshold.item() == pytest.approx(kth.item(), rel=5e-4)
+    assert randomized(BatchTopKSAE).calibrate(x, StepContext()) is None  # off by default: the paper's estimator
+
+
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 def test_batchtopk_export_is_an_exactly_equivalent_jumprelu(apply_b_dec):
     sae = randomized(BatchTopKSAE, bias=0.2, apply_b_dec_to_input=apply_b_dec)

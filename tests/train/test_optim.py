@@ -164,6 +164,18 @@ def test_steered_parameters_take_rms_normalised_steps_without_averaging():
     assert groups[1]["params"][0] is sae.threshold_raw and groups[1]["lr_factor"] == sae.cfg.threshold_lr_factor
 
 
+def test_steered_parameters_may_take_sign_steps_instead():
+    q = torch.nn.Parameter(torch.tensor([0.0, 1.0, 2.0]))
+    optimizer = ScheduleFreeSignSGD([{"params": [q], "average": False, "lr_factor": 3.0, "step": "sign"}],
+                                    lr=0.1, beta=0.9)
+    for grad in ([4.0, -0.01, 0.0], [0.5, -2.0, 1.0]):  # the size of the gradient plays no part
+        q.grad = torch.tensor(grad)
+        optimizer.step()
+    assert torch.allclose(q.detach(), torch.tensor([-0.6, 1.6, 1.7]))
+    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4, threshold_step="sign")
+    assert make_optimizer(sae).param_groups[1]["step"] == "sign"
+
+
 def test_averaged_weights_restores_the_training_point_bit_for_bit():
     from jumpscope.train.calibration import averaged_weights
 

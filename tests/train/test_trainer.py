@@ -284,31 +284,30 @@ def test_transcoders_with_mean_b_dec_init_keep_a_zero_output_bias_at_init():
         adam_build("topk", d_in=D_IN, d_out=5, d_sae=16, k=2)
 
 
-def test_jumprelu_with_target_l0_ends_at_it_on_the_last_training_rows():
+def test_jumprelu_with_target_l0_ends_at_it_on_training_rows_spread_over_the_run():
     # Sign descent's averaged weights: the saved SAE differs from the point the controller steered.
     batches = list(stream(40, rows=128))
     trainer = Trainer({"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3)},
-                      config(total_tokens=128 * 40, calibration_tokens=1024))
+                      config(total_tokens=128 * 40, calibration_tokens=1000))
     sae = trainer.fit(batches)["jump"]
-    last = torch.cat(batches[-8:])  # raw rows: the returned SAE has the input scale folded in
-    l0 = (sae.encode(last) > 0).sum(-1).double().mean().item()
+    # step s keeps rows floor(1000 s / 40) .. floor(1000 (s + 1) / 40): 25 from the start of every batch
+    sample = torch.cat([batch[:25] for batch in batches])
+    l0 = (sae.encode(sample) > 0).sum(-1).double().mean().item()  # raw rows: the scale is folded in
     assert 3 - 0.02 <= l0 <= 3
     summary = trainer.final_summary()["jump"]
     assert summary["calibration_l0_after"] == pytest.approx(l0, abs=1e-6)
     assert summary["calibration_l0_before"] != pytest.approx(3, abs=0.02)  # there was something to do
 
 
-def test_run_resumed_within_the_calibration_rows_ends_identical(tmp_path):
-    # Checkpoint at step 37 of 40, calibration on the last 4 batches: the resumed run must be handed
-    # batch 36 again (untrained) to calibrate on the same rows.
+def test_resumed_run_calibrates_on_the_sample_its_checkpoint_kept(tmp_path):
     def saes():
         return {"jump": adam_build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, seed=1)}
 
-    settings = dict(checkpoint_every=37, calibration_tokens=4 * 128)
+    settings = dict(checkpoint_every=30, calibration_tokens=40 * 10)
     reference = Trainer(saes(), config(**settings)).fit(stream(40, rows=128))
-    with pytest.raises(Crash):  # one 128-row item per step: the crash comes at step 39
-        Trainer(saes(), config(tmp_path, **settings)).fit(crashing(stream(40, rows=128), after=39))
-    resumed_trainer = Trainer(saes(), config(tmp_path, **settings))
-    resumed = resumed_trainer.fit(stream(40, rows=128), resume=True)
-    assert len(resumed_trainer.recent) == 4  # 3 trained after the checkpoint + 1 handed again
+    with pytest.raises(Crash):  # one 128-row item per step: the crash comes at step 35
+        Trainer(saes(), config(tmp_path, **settings)).fit(crashing(stream(40, rows=128), after=35))
+    saved = load_file(tmp_path / "checkpoint.safetensors")["trainer.calibration.input"]
+    assert saved.shape == (300, D_IN)  # 10 rows from each of the 30 steps before the checkpoint
+    resumed = Trainer(saes(), config(tmp_path, **settings)).fit(stream(40, rows=128), resume=True)
     assert_same_weights(reference, resumed)

@@ -339,9 +339,9 @@ class SAE(nn.Module):
         """Called after each optimiser step (e.g. to clamp thresholds). Default: nothing."""
 
     def calibrate(self, x: Tensor, ctx: StepContext) -> dict[str, float] | None:
-        """After the last step, on the saved weights and the last training rows ``x`` (scaled): adjust
-        what the run was asked to reach. Only unaveraged parameters and buffers may change. Returns
-        what changed (logged, and in the run's summary); None (the default): nothing."""
+        """After the last step, on the saved weights and a sample ``x`` of the training rows (scaled):
+        adjust what the run was asked to reach. Only unaveraged parameters and buffers may change.
+        Returns what changed (logged, and in the run's summary); None (the default): nothing."""
         return None
 
     def unit_decoder_rows_exactly(self) -> None:
@@ -349,8 +349,9 @@ class SAE(nn.Module):
         the architecture compensates exactly. Default: nothing (a top-k choice would change)."""
 
     def unaveraged_parameters(self) -> dict[str, Any] | None:
-        """``{"params": [...], "lr_factor": f}``: parameters a controller steers (JumpReLU's thresholds
-        under target_l0), trained unaveraged with RMS-normalised steps of f x lr. None: none."""
+        """``{"params": [...], "lr_factor": f, "step": "rms" | "sign"}``: parameters a controller steers
+        (JumpReLU's thresholds under target_l0), trained unaveraged with RMS-normalised (or sign)
+        steps of f x lr. None: none."""
         return None
 
     def sparsity_coefficient(self) -> float | None:

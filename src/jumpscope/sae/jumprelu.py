@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
+from .calibrate import l0_factor, mean_l0
 from .recipes import ADAM_RECIPE, TunedSignDescentRecipe
 from .registry import register
 
@@ -123,9 +124,13 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
 
     calibrate_l0: bool = True
     """With target_l0: after the last step, scale every threshold by one factor so that the saved
-    (averaged) SAE's mean L0 on the last training rows is target_l0 (TrainerConfig.calibration_tokens).
+    (averaged) SAE's mean L0 on a sample of the training rows is target_l0 (calibration_tokens).
     Short runs end with the controller still settling (SmolLM2, 122 steps: L0 28.7 for 32); the
     factor is logged. preset('paper') leaves the thresholds as trained."""
+
+    threshold_step: Literal["rms", "sign"] = "rms"
+    """How the unaveraged thresholds step under sign descent with target_l0: 'rms' (the
+    RMS-normalised steps above) or 'sign' (sign steps of threshold_lr_factor x lr)."""
 
     target_l0_coefficient: float = 1000.0
     """Strength of the target-L0 penalty. With sign descent it must outweigh the squared error's
@@ -181,6 +186,8 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
             value = getattr(self, name)
             if value is not None and not 0 < value < self.d_sae:
                 raise ValueError(f"{name} must lie in (0, d_sae={self.d_sae}), got {value}")
+        if self.threshold_step not in ("rms", "sign"):
+            raise ValueError(f"threshold_step must be 'rms' or 'sign', got {self.threshold_step!r}")
         if self.sparsity_loss not in ("l0", "tanh"):
             raise ValueError(f"sparsity_loss must be 'l0' or 'tanh', got {self.sparsity_loss!r}")
         if self.target_l0 is not None and self.sparsity_loss != "l0":
@@ -316,35 +323,18 @@ class JumpReLUSAE(SAE):
         if self.cfg.target_l0 is None:
             return None
         return {"params": [self.log_threshold if self.cfg.log_threshold else self.threshold_raw],
-                "lr_factor": self.cfg.threshold_lr_factor}
+                "lr_factor": self.cfg.threshold_lr_factor, "step": self.cfg.threshold_step}
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, ctx: StepContext) -> dict[str, float] | None:
-        """Every threshold times one factor e^s so that the mean L0 on ``x`` is target_l0: a latent
-        fires at e^s when log(z / theta) > s, so a histogram of those log-ratios (2^16 bins over
-        [-8, 8], summed over processes) gives L0 at every s in one encoder pass over the rows,
-        without holding their pre-activations; s is the lowest bin edge where L0 <= target_l0."""
+        """Every threshold times one factor so that the mean L0 on ``x`` is target_l0 (sae/calibrate.py)."""
         cfg = self.cfg
         if cfg.target_l0 is None or not cfg.calibrate_l0:
             return None
         flat = x.reshape(-1, cfg.d_in)
-        chunks = flat.split(max(1, (1 << 24) // cfg.d_sae))  # at most 16M pre-activations at a time
-        threshold, span, bins = self.threshold.clone(), 8.0, 1 << 16
-        histogram = torch.zeros(bins, dtype=torch.float64, device=flat.device)
-        for chunk in chunks:
-            log_ratio = (self.pre_activation(chunk).clamp_min(0) / threshold).log()  # -inf where z <= 0
-            histogram += torch.histc(log_ratio.clamp(max=span), bins, -span, span).double()
-        mean = ctx.batch_mean if ctx.batch_mean is not None else (lambda value: value)
-        above = mean(histogram / flat.shape[0]).flip(0).cumsum(0).flip(0)  # mean L0 at each bin's lower edge
-        reached = (above <= cfg.target_l0).nonzero()
-        before = self._mean_l0(chunks, mean)
-        factor = math.exp(-span + (int(reached[0]) if len(reached) else bins - 1) * 2 * span / bins)
-        self.set_threshold(threshold * factor)
-        return {"l0_before": before, "l0_after": self._mean_l0(chunks, mean), "threshold_factor": factor}
-
-    def _mean_l0(self, chunks: tuple[Tensor, ...], mean: Any) -> float:
-        active = sum((self.pre_activation(c) > self.threshold).sum(dtype=torch.float64) for c in chunks)
-        return float(mean(active / sum(c.shape[0] for c in chunks)))
+        factor, before = l0_factor(self.pre_activation, flat, self.threshold.detach().clone(), cfg.target_l0, ctx)
+        self.set_threshold(self.threshold * factor)
+        return {"l0_before": before, "l0_after": mean_l0(self.encode, flat, ctx, cfg.d_sae), "threshold_factor": factor}
 
     def after_step(self) -> None:
         if not self.cfg.log_threshold:

@@ -1,22 +1,23 @@
-"""After the last step: each SAE's ``calibrate`` hook, on its saved (averaged) weights and the last
-training rows.
+"""After the last step: each SAE's ``calibrate`` hook, on its saved (averaged) weights and a
+sample of the training rows.
 
 Why: a target the run was asked to reach (JumpReLU's ``target_l0``) is steered at the training
 point, while the saved SAE is the schedule-free average of the iterates, and a controller still
 settling at the end of a short run leaves the mean L0 short of the target (28.7 for 32 after 122
 steps on SmolLM2; benchmarks/README.md). One adjustment on rows the SAE trained on closes that gap.
 
-The rows are this process's slices of the last batches. A run resumed within those last batches
-is handed them again (the trainer replays them without training), so it calibrates on the same
-rows as an uninterrupted run and ends with the same weights.
+The rows are spread evenly over the whole run (step s of T gives rows floor(s n / T) to
+floor((s + 1) n / T) of the n kept, from the start of its batch): the last batches alone come from
+the few shards the shuffle read last (one or two books of a corpus), whose L0 differs from the
+corpus's by a few percent. Every process sees each whole batch, so every process keeps the same
+sample and calibrates alike without talking to the others; the sample travels in the checkpoint,
+so a resumed run calibrates on the same rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections import deque
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -25,27 +26,50 @@ from ..data.batch import Batch
 from .optim import ScheduleFreeSignSGD
 
 
-class RecentRows:
-    """This process's slices of the last ``batches`` batches, with their share of each batch."""
+class CalibrationSample:
+    """``rows`` training rows of the batch entries ``keys``, spread evenly over ``total_steps``
+    batches of ``batch_size`` (at most every row of the run)."""
 
-    def __init__(self, batches: int):
-        self.kept: deque[Batch] = deque(maxlen=max(1, batches))
-        self.weight = 1.0
+    def __init__(self, keys: Iterable[str], rows: int, total_steps: int, batch_size: int):
+        self.keys, self.total_steps = sorted(set(keys)), int(total_steps)
+        self.rows = min(int(rows), self.total_steps * int(batch_size))
+        self.kept: dict[str, Tensor] = {}
+        self.filled = 0
 
-    def add(self, batch: Batch, weight: float) -> None:
-        self.kept.append(batch)
-        self.weight = weight
+    def slots(self, step: int) -> tuple[int, int]:
+        """The rows of the sample that step ``step`` fills."""
+        return step * self.rows // self.total_steps, (step + 1) * self.rows // self.total_steps
 
-    def rows(self, key: str) -> Tensor:
-        return torch.cat([batch[key] for batch in self.kept])
+    def add(self, step: int, batch: Batch) -> None:
+        start, end = self.slots(step)
+        if end <= start:
+            return
+        for key in self.keys:
+            part = batch[key]
+            if key not in self.kept:
+                self.kept[key] = part.new_zeros((self.rows, part.shape[1]))
+            self.kept[key][start:end] = part[: end - start]
+        self.filled = end
+
+    def sample(self, key: str) -> Tensor:
+        return self.kept[key][: self.filled]
 
     def __len__(self) -> int:
-        return len(self.kept)
+        return self.filled
 
+    def state(self) -> dict[str, Tensor]:
+        """Tensors for the checkpoint (the filled rows)."""
+        return {f"calibration.{key}": value[: self.filled].detach().cpu() for key, value in self.kept.items()}
 
-def calibration_batches(calibration_tokens: int, batch_size: int) -> int:
-    """Batches to keep for ``calibration_tokens`` rows (at least one)."""
-    return max(1, math.ceil(calibration_tokens / batch_size))
+    def restore(self, tensors: dict[str, Tensor], device: torch.device) -> None:
+        """The rows a checkpoint kept (none from a checkpoint written before samples were kept)."""
+        for key in self.keys:
+            saved = tensors.get(f"calibration.{key}")
+            if saved is None or saved.shape[0] > self.rows:
+                continue
+            self.kept[key] = saved.new_zeros((self.rows, saved.shape[1])).to(device)
+            self.kept[key][: saved.shape[0]] = saved.to(device)
+            self.filled = saved.shape[0]
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ leaves the previous checkpoint intact. Nothing here unpickles.
 
 The layout: SAE number i (in the order of ``names``) owns the tensors ``sae{i}.model.*`` (its
 weights), ``sae{i}.optim.*`` (its optimiser), ``sae{i}.since_fired`` (tokens since each latent
-fired) and ``sae{i}.final.*`` (the final-window metric sums); the header's JSON holds the step,
+fired) and ``sae{i}.final.*`` (the final-window metric sums); ``trainer.*`` are the trainer's own
+tensors (the calibration sample, :mod:`.calibration`); the header's JSON holds the step,
 the names, the input/output scales, the optimisers' param groups, the trainer config and what
 must match to resume (:func:`resume_configs`).
 """
@@ -113,9 +114,10 @@ def resume_configs(saes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def save_training(path: Path, step: int, parts: Mapping[str, tuple], names: list[str], trainer: dict[str, Any],
-                  configs: dict[str, dict[str, Any]]) -> None:
-    """Write every SAE's :meth:`TrainingState.portable` part (by name) in one checkpoint."""
-    tensors: dict[str, Tensor] = {}
+                  configs: dict[str, dict[str, Any]], trainer_tensors: Mapping[str, Tensor] | None = None) -> None:
+    """Write every SAE's :meth:`TrainingState.portable` part (by name), and the trainer's own
+    tensors, in one checkpoint."""
+    tensors: dict[str, Tensor] = {f"trainer.{key}": value for key, value in (trainer_tensors or {}).items()}
     groups, input_scales, output_scales = {}, {}, {}
     for index, name in enumerate(names):
         sae_tensors, groups[name], input_scales[name], output_scales[name] = parts[name]
@@ -126,10 +128,10 @@ def save_training(path: Path, step: int, parts: Mapping[str, tuple], names: list
 
 
 def load_training(path: Path, configs: dict[str, dict[str, Any]], must_match: Mapping[str, Any]
-                  ) -> tuple[int, dict[str, SavedState], dict[str, float], dict[str, float]]:
-    """(step, each SAE's saved state by name, input scales, output scales), after checking that
-    the SAEs' configs and the trainer fields in ``must_match`` are those the checkpoint was
-    written with."""
+                  ) -> tuple[int, dict[str, SavedState], dict[str, float], dict[str, float], dict[str, Tensor]]:
+    """(step, each SAE's saved state by name, input scales, output scales, the trainer's tensors),
+    after checking that the SAEs' configs and the trainer fields in ``must_match`` are those the
+    checkpoint was written with."""
     tensors, state = load_checkpoint(path)
     try:
         if state["configs"] != configs:
@@ -142,7 +144,7 @@ def load_training(path: Path, configs: dict[str, dict[str, Any]], must_match: Ma
         saved = {name: SavedState(_under(tensors, f"sae{index}."), state["param_groups"][name])
                  for index, name in enumerate(state["names"])}
         return (int(state["step"]), saved, {k: float(v) for k, v in state["input_scales"].items()},
-                {k: float(v) for k, v in state["output_scales"].items()})
+                {k: float(v) for k, v in state["output_scales"].items()}, _under(tensors, "trainer."))
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"checkpoint {path} is missing part of its state ({error!r}); delete it to start over") \
             from None

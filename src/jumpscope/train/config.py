@@ -35,8 +35,8 @@ class TrainerConfig:
     measured. None: the last 10% of the run, at most 2M tokens."""
 
     calibration_tokens: int = 8192
-    """Rows at the end of the run (the last batches, at least one) on which each SAE calibrates
-    after the last step, on its saved weights (JumpReLU: its thresholds to target_l0)."""
+    """Training rows, spread evenly over the run, on which each SAE calibrates after the last
+    step on its saved weights (JumpReLU: its thresholds to target_l0); kept in the checkpoint."""
 
     log_every: int = 50
     """Write a JSONL log line (and refresh the progress bar) every this many steps."""

@@ -71,8 +71,12 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
     def _latest_step(self, group: dict, params: list, lr: float) -> None:
         """Unaveraged parameters: steps of ``lr_factor`` x lr normalised by a running RMS of the
         gradient (Adam with beta1 0, beta2 0.999, bias-corrected), which shrink where the gradient
-        is intermittent, as a threshold's is when few inputs fall in its kernel."""
+        is intermittent, as a threshold's is when few inputs fall in its kernel; or, with
+        ``step="sign"``, plain sign steps of that size."""
         lr = lr * group.get("lr_factor", 1.0)
+        if group.get("step") == "sign":
+            torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
+            return
         group["rms_steps"] = group.get("rms_steps", 0) + 1
         correction = 1 - 0.999 ** group["rms_steps"]
         for p in params:
@@ -119,7 +123,7 @@ def make_optimizer(sae: SAE) -> torch.optim.Optimizer:
         groups = [{"params": [p for p in sae.parameters() if id(p) not in latest]}]
         if latest:
             groups.append({"params": [p for p in sae.parameters() if id(p) in latest], "average": False,
-                           "lr_factor": steered.get("lr_factor", 1.0)})
+                           "lr_factor": steered.get("lr_factor", 1.0), "step": steered.get("step", "rms")})
         return ScheduleFreeSignSGD(groups, lr=peak_lr(sae), beta=cfg.schedule_free_beta)
     return torch.optim.Adam(sae.parameters(), lr=peak_lr(sae), betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps)

@@ -25,10 +25,10 @@ from torch import Tensor
 
 from ..data.batch import INPUT, TARGET, Batch
 from ..device import resolve_device
-from ..sae.base import SAE
+from ..sae.base import SAE, StepContext
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import check_finite, rebatch
-from .calibration import RecentRows, averaged_weights, calibration_batches
+from .calibration import CalibrationSample, averaged_weights
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
@@ -108,7 +108,7 @@ class Trainer:
                               for n, s in self.saes.items()}
         self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir else None
         self.batch_finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self.recent = RecentRows(calibration_batches(self.cfg.calibration_tokens, self.cfg.batch_size))
+        self.calibration_sample: CalibrationSample | None = None  # once the routes are known
         self.calibrations: dict[str, dict[str, float]] = {}
         self.loss_finite = {name: torch.ones((), dtype=torch.bool, device=self.device) for name in self.saes}
 
@@ -135,9 +135,7 @@ class Trainer:
                     log.warning(line)
         if self.step >= cfg.total_steps:  # a finished run: nothing to replay
             batches = iter(())
-        # resumed within the calibration's last batches: those before the step are replayed untrained
-        untrained = min(self.step, max(0, self.recent.kept.maxlen - (cfg.total_steps - self.step)))
-        stream = rebatch(batches, cfg.batch_size, self.widths, start_row=(self.step - untrained) * cfg.batch_size)
+        stream = rebatch(batches, cfg.batch_size, self.widths, start_row=self.step * cfg.batch_size)
         if not self.input_scales:
             stream = self._initialise(stream)
         is_main = self.processes.is_main
@@ -150,10 +148,6 @@ class Trainer:
             for batch in stream:
                 if self.step >= cfg.total_steps:
                     break
-                if untrained:
-                    self.recent.add(*self._local_rows(batch))
-                    untrained -= 1
-                    continue
                 if self.device.type == "cpu":  # free here: fail now, naming the step
                     check_finite(batch, self.step)
                 else:  # an on-device flag, read at the sync points below (no host sync per batch)
@@ -203,6 +197,9 @@ class Trainer:
                     raise ValueError(f"SAEs reading {key!r} disagree on its width: {widths[key]} vs {width} "
                                      f"({name!r})")
         self.widths = widths
+        self.calibration_sample = CalibrationSample((self.routes[name][0] for name in self.all_saes),
+                                                    self.cfg.calibration_tokens, self.cfg.total_steps,
+                                                    self.cfg.batch_size)
 
     def final_summary(self) -> dict[str, dict[str, Any]]:
         """Metrics over the last ``final_metrics_window`` tokens, per SAE, in raw units."""
@@ -246,17 +243,13 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _local_rows(self, batch: Batch) -> tuple[Batch, float]:
-        """This process's rows of the batch, on the device, and their share of the batch."""
-        batch = {key: value.to(self.device, torch.float32, non_blocking=True) for key, value in batch.items()}
-        return shard_batch(batch, self.batch_sharers.rank, self.batch_sharers.world_size)
-
     def _train_step(self, batch: Batch) -> dict[str, dict[str, float]]:
         cfg = self.cfg
         total = cfg.total_steps
+        batch = {key: value.to(self.device, torch.float32, non_blocking=True) for key, value in batch.items()}
+        self.calibration_sample.add(self.step, batch)  # from the whole batch: the same on every process
         sharers = self.batch_sharers
-        batch, weight = self._local_rows(batch)
-        self.recent.add(batch, weight)
+        batch, weight = shard_batch(batch, sharers.rank, sharers.world_size)  # this process's rows
         logging_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == total
         in_final_window = (total - self.step) * cfg.batch_size <= cfg.final_metrics_window
         rows: dict[str, dict[str, float]] = {}
@@ -311,17 +304,18 @@ class Trainer:
         return rows
 
     def _calibrate(self) -> None:
-        """Each SAE's ``calibrate`` on its saved (averaged) weights and the last training rows."""
+        """Each SAE's ``calibrate`` on its saved (averaged) weights and the sample of training rows
+        (every process holds the same sample: no collectives, the same result everywhere)."""
+        sample = self.calibration_sample
         for name, sae in self.saes.items():
             scale_in, scale_out = self.input_scales[name], self.output_scales[name]
-            ctx = step_context(self.batch_sharers, self.recent.weight, self.cfg.batch_size, step=self.step,
-                               input_scale=scale_in, output_scale=scale_out)
+            ctx = StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out)
             with averaged_weights(self.optimizers[name]):
-                note = sae.calibrate(self.recent.rows(self.routes[name][0]) / scale_in, ctx)
+                note = sae.calibrate(sample.sample(self.routes[name][0]) / scale_in, ctx)
             if note:
                 self.calibrations[name] = note
                 if self.processes.is_main:
-                    log.info("SAE %r calibrated on the last %d rows: %s", name, len(self.recent) * self.cfg.batch_size,
+                    log.info("SAE %r calibrated on %d training rows spread over the run: %s", name, len(sample),
                              ", ".join(f"{k} {v:.4g}" for k, v in note.items()))
 
     def _raise_if_nonfinite(self) -> None:
@@ -361,10 +355,10 @@ class Trainer:
             parts = gather_by_name(self.processes, parts, self.all_saes)
         if self.processes.is_main:
             save_training(path, self.step, parts, list(self.all_saes), self.cfg.to_dict(),
-                          resume_configs(self.all_saes))
+                          resume_configs(self.all_saes), self.calibration_sample.state())
 
     def _load(self, path: Path) -> None:
-        step, states, input_scales, output_scales = load_training(
+        step, states, input_scales, output_scales, trainer_tensors = load_training(
             path, resume_configs(self.all_saes), {key: getattr(self.cfg, key) for key in ("batch_size", "total_tokens")})
         keeps_metrics = self.batch_sharers.is_main  # one process per batch holds the reduced metrics
         for name, sae in self.saes.items():
@@ -373,6 +367,7 @@ class Trainer:
                                                           self.device)
         self.step = step
         self.input_scales, self.output_scales = input_scales, output_scales
+        self.calibration_sample.restore(trainer_tensors, self.device)
 
     # -- output -------------------------------------------------------------------------------
     def _finish(self) -> dict[str, SAE]:
