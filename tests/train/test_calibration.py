@@ -30,3 +30,54 @@ def test_sample_is_capped_at_the_rows_of_the_run_and_restores_from_its_state():
     fresh = CalibrationSample(["x"], rows=8, total_steps=3, batch_size=4)
     fresh.restore({}, torch.device("cpu"))  # a checkpoint from before samples were kept: nothing
     assert len(fresh) == 0
+
+
+def _trained_topk():
+    import jumpscope
+    from jumpscope.sae import StepContext
+    from jumpscope.train.optim import make_optimizer
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
+    sae = jumpscope.build("topk", d_in=8, d_sae=16, k=3)
+    sae.init_from_data(x)
+    optimizer = make_optimizer(sae)
+    for batch in x.split(64) * 3:
+        optimizer.zero_grad()
+        sae.loss(batch, StepContext()).loss.backward()
+        optimizer.step()
+        sae.normalize_decoder_rows()
+    return sae, optimizer, x
+
+
+def _set_points(sae, optimizer, y, x):
+    """Parameters (the training point) y and an average x: z = y + (x - y) / (1 - 1/beta)."""
+    beta = optimizer.param_groups[0]["beta"]
+    with torch.no_grad():
+        for name, param in sae.named_parameters():
+            param.copy_(y[name])
+            optimizer.state[param]["z"].copy_(y[name] + (x[name] - y[name]) / (1 - 1 / beta))
+
+
+def test_the_better_of_average_and_training_point_is_kept():
+    from jumpscope.train.calibration import keep_better_point, sample_fvu
+
+    sae, optimizer, x = _trained_topk()
+    good = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    bad = {name: p + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for name, p in good.items()}
+    _set_points(sae, optimizer, y=good, x=bad)  # the average is the worse: the training point is kept
+    note = keep_better_point(sae, optimizer, x, x)
+    assert note["kept_training_point"] == 1.0 and note["sample_fvu_training_point"] < note["sample_fvu_average"]
+    optimizer.use_average()
+    for name, param in sae.named_parameters():
+        assert torch.equal(param, good[name]), name  # the "average" is now exactly the training point
+    assert sample_fvu(sae, x, x) == note["sample_fvu_training_point"]
+
+    sae, optimizer, x = _trained_topk()
+    _set_points(sae, optimizer, y=bad, x=good)  # the training point is the worse: the average stays
+    note = keep_better_point(sae, optimizer, x, x)
+    assert note["kept_training_point"] == 0.0 and note["sample_fvu_average"] < note["sample_fvu_training_point"]
+    optimizer.use_average()
+    for name, param in sae.named_parameters():
+        assert torch.allclose(param, good[name], atol=1e-4), name
+    assert keep_better_point(sae, optimizer, x, x) == {}  # nothing to choose while the average is in place

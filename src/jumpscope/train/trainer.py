@@ -28,7 +28,7 @@ from ..device import resolve_device
 from ..sae.base import SAE, StepContext
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import check_finite, rebatch
-from .calibration import CalibrationSample, averaged_weights
+from .calibration import CalibrationSample, averaged_weights, keep_better_point
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
@@ -197,7 +197,7 @@ class Trainer:
                     raise ValueError(f"SAEs reading {key!r} disagree on its width: {widths[key]} vs {width} "
                                      f"({name!r})")
         self.widths = widths
-        self.calibration_sample = CalibrationSample((self.routes[name][0] for name in self.all_saes),
+        self.calibration_sample = CalibrationSample((key for name in self.all_saes for key in self.routes[name] if key),
                                                     self.cfg.calibration_tokens, self.cfg.total_steps,
                                                     self.cfg.batch_size)
 
@@ -304,14 +304,19 @@ class Trainer:
         return rows
 
     def _calibrate(self) -> None:
-        """Each SAE's ``calibrate`` on its saved (averaged) weights and the sample of training rows
-        (every process holds the same sample: no collectives, the same result everywhere)."""
+        """On the sample of training rows, for each SAE: the better of the averaged weights and the
+        training point, then ``calibrate`` on the weights to be saved (every process holds the same
+        sample: no collectives, the same result everywhere)."""
         sample = self.calibration_sample
         for name, sae in self.saes.items():
             scale_in, scale_out = self.input_scales[name], self.output_scales[name]
+            (input_key, target_key), optimizer = self.routes[name], self.optimizers[name]
+            rows = sample.sample(input_key) / scale_in
+            targets = sample.sample(target_key) / scale_out if target_key else rows
+            note = keep_better_point(sae, optimizer, rows, targets)
             ctx = StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out)
-            with averaged_weights(self.optimizers[name]):
-                note = sae.calibrate(sample.sample(self.routes[name][0]) / scale_in, ctx)
+            with averaged_weights(optimizer):
+                note.update(sae.calibrate(rows, ctx) or {})
             if note:
                 self.calibrations[name] = note
                 if self.processes.is_main:
