@@ -1,5 +1,6 @@
 """The calibration sample: rows spread evenly over the run, from every whole batch, kept in checkpoints."""
 
+import pytest
 import torch
 
 from jumpscope.train.calibration import CalibrationSample
@@ -60,13 +61,14 @@ def _set_points(sae, optimizer, y, x):
 
 
 def test_the_better_of_average_and_training_point_is_kept():
-    from jumpscope.train.calibration import keep_better_point, sample_fvu
+    from jumpscope.sae import StepContext
+    from jumpscope.train.calibration import finish_point, sample_fvu
 
     sae, optimizer, x = _trained_topk()
     good = {name: p.detach().clone() for name, p in sae.named_parameters()}
     bad = {name: p + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for name, p in good.items()}
     _set_points(sae, optimizer, y=good, x=bad)  # the average is the worse: the training point is kept
-    note = keep_better_point(sae, optimizer, x, x)
+    note = finish_point(sae, optimizer, x, x, StepContext())
     assert note["kept_training_point"] == 1.0 and note["sample_fvu_training_point"] < note["sample_fvu_average"]
     optimizer.use_average()
     for name, param in sae.named_parameters():
@@ -75,9 +77,33 @@ def test_the_better_of_average_and_training_point_is_kept():
 
     sae, optimizer, x = _trained_topk()
     _set_points(sae, optimizer, y=bad, x=good)  # the training point is the worse: the average stays
-    note = keep_better_point(sae, optimizer, x, x)
+    note = finish_point(sae, optimizer, x, x, StepContext())
     assert note["kept_training_point"] == 0.0 and note["sample_fvu_average"] < note["sample_fvu_training_point"]
     optimizer.use_average()
     for name, param in sae.named_parameters():
         assert torch.allclose(param, good[name], atol=1e-4), name
-    assert keep_better_point(sae, optimizer, x, x) == {}  # nothing to choose while the average is in place
+    assert finish_point(sae, optimizer, x, x, StepContext()) == {}  # nothing to choose (TopK: nothing to calibrate)
+
+
+def test_jumprelu_points_are_compared_each_at_its_calibrated_l0():
+    import jumpscope
+    from jumpscope.sae import StepContext
+    from jumpscope.train.calibration import finish_point, sample_fvu
+    from jumpscope.train.optim import make_optimizer
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1024, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
+    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)
+    sae.init_from_data(x)
+    optimizer = make_optimizer(sae)
+    for batch in x.split(128) * 2:
+        optimizer.zero_grad()
+        sae.loss(batch, StepContext()).loss.backward()
+        optimizer.step()
+        sae.normalize_decoder_rows()
+    note = finish_point(sae, optimizer, x, x, StepContext())
+    optimizer.use_average()  # the saved weights: whichever point was kept, calibrated
+    l0 = (sae.encode(x) > 0).sum(-1).double().mean().item()
+    assert 4 - 0.01 <= l0 <= 4 and note["l0_after"] == pytest.approx(l0)
+    kept = "sample_fvu_training_point" if note["kept_training_point"] else "sample_fvu_average"
+    assert sample_fvu(sae, x, x) == pytest.approx(note[kept], rel=1e-6)

@@ -5,7 +5,8 @@ Which weights: schedule-free sign descent saves the average x of its iterates, w
 steps reconstructs better than the point y = beta x + (1 - beta) z where gradients were taken; in
 long runs the sign steps make z wander and the average falls behind (MiniLM, 1953 steps of 4096:
 TopK held-out FVU 0.171 at x against about 0.138 at y; sparsify 1.3.3's saved x 0.303, its y
-0.136). The trainer keeps whichever of the two reconstructs the sample better (:func:`keep_better_point`).
+0.136). The trainer keeps whichever of the two reconstructs the sample better, each after its own
+calibration, so that they are compared at the L0 they would be saved with (:func:`finish_point`).
 
 Why: a target the run was asked to reach (JumpReLU's ``target_l0``) is steered at the training
 point, while the saved SAE is the schedule-free average of the iterates, and a controller still
@@ -90,24 +91,33 @@ def sample_fvu(sae, x: Tensor, target: Tensor, chunk: int = 4096) -> float:
     return error / max(float((target - target.mean(0)).pow(2).sum()), 1e-30)
 
 
-def keep_better_point(sae, optimizer: torch.optim.Optimizer, x: Tensor, target: Tensor) -> dict[str, float]:
-    """Under schedule-free averaging: compare the average and the training point on the sample and,
-    where the training point is better, make it the average (z := y, so that ``use_average`` then
-    gives y; the run is over, so z has no further use). Returns both FVUs and the choice ({} for
-    other optimisers)."""
+def finish_point(sae, optimizer: torch.optim.Optimizer, x: Tensor, target: Tensor, ctx) -> dict[str, float]:
+    """The SAE's ``calibrate`` on the rows ``x``, and under schedule-free averaging the better of the
+    average and the training point, each calibrated first so that the two are compared at the L0
+    they would be saved with. Where the training point wins it becomes the average (z := y, so that
+    ``use_average`` then gives y; the run is over, so z has no further use). Returns the calibration's
+    note, with both FVUs and the choice where there was one."""
     if not isinstance(optimizer, ScheduleFreeSignSGD) or optimizer.averaged:
-        return {}
+        with averaged_weights(optimizer):
+            return sae.calibrate(x, ctx) or {}
+    start = {key: value.clone() for key, value in sae.state_dict().items()}
+    note_training_point = sae.calibrate(x, ctx) or {}
     at_training_point = sample_fvu(sae, x, target)
-    with averaged_weights(optimizer):
+    training_point = {key: value.clone() for key, value in sae.state_dict().items()}
+    sae.load_state_dict(start)
+    with averaged_weights(optimizer):  # the averaged parameters come back; what calibrate set stays
+        note = sae.calibrate(x, ctx) or {}
         at_average = sample_fvu(sae, x, target)
     keep = at_training_point < at_average
     if keep:
+        sae.load_state_dict(training_point)
+        note = note_training_point
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     if group["average"] and "z" in optimizer.state[param]:
                         optimizer.state[param]["z"].copy_(param)
-    return {"sample_fvu_average": at_average, "sample_fvu_training_point": at_training_point,
+    return {**note, "sample_fvu_average": at_average, "sample_fvu_training_point": at_training_point,
             "kept_training_point": float(keep)}
 
 

@@ -28,7 +28,7 @@ from ..device import resolve_device
 from ..sae.base import SAE, StepContext
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import check_finite, rebatch
-from .calibration import CalibrationSample, averaged_weights, keep_better_point
+from .calibration import CalibrationSample, finish_point
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
@@ -313,10 +313,8 @@ class Trainer:
             (input_key, target_key), optimizer = self.routes[name], self.optimizers[name]
             rows = sample.sample(input_key) / scale_in
             targets = sample.sample(target_key) / scale_out if target_key else rows
-            note = keep_better_point(sae, optimizer, rows, targets)
-            ctx = StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out)
-            with averaged_weights(optimizer):
-                note.update(sae.calibrate(rows, ctx) or {})
+            note = finish_point(sae, optimizer, rows, targets,
+                                StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out))
             if note:
                 self.calibrations[name] = note
                 if self.processes.is_main:
