@@ -75,6 +75,14 @@ def test_the_better_of_average_and_training_point_is_kept():
         assert torch.equal(param, good[name]), name  # the "average" is now exactly the training point
     assert sample_fvu(sae, x, x) == note["sample_fvu_training_point"]
 
+    sae, optimizer, x = _trained_topk()  # a training point better by less than the margin: the average stays
+    slightly = {name: good[name] + 0.02 * (bad[name] - good[name]) for name in good}
+    _set_points(sae, optimizer, y=good, x=slightly)
+    note = finish_point(sae, optimizer, x, x, StepContext(), margin=0.1)
+    assert note["sample_fvu_training_point"] < note["sample_fvu_average"] < 1.1 * note["sample_fvu_training_point"]
+    assert note["kept_training_point"] == 0.0
+    assert finish_point(*_trained_topk(), x, StepContext(), margin=None) == {}  # no comparison at all
+
     sae, optimizer, x = _trained_topk()
     _set_points(sae, optimizer, y=bad, x=good)  # the training point is the worse: the average stays
     note = finish_point(sae, optimizer, x, x, StepContext())

@@ -314,7 +314,8 @@ class Trainer:
             rows = sample.sample(input_key) / scale_in
             targets = sample.sample(target_key) / scale_out if target_key else rows
             note = finish_point(sae, optimizer, rows, targets,
-                                StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out))
+                                StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out),
+                                self.cfg.keep_training_point_margin)
             if note:
                 self.calibrations[name] = note
                 if self.processes.is_main:
