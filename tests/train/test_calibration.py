@@ -33,22 +33,27 @@ def test_sample_is_capped_at_the_rows_of_the_run_and_restores_from_its_state():
     assert len(fresh) == 0
 
 
-def _trained_topk():
+def _trained(arch: str, rows: int = 512, **fields):
+    """An SAE after a few schedule-free steps on seeded data, its optimiser, and the data."""
     import jumpscope
     from jumpscope.sae import StepContext
     from jumpscope.train.optim import make_optimizer
 
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
-    sae = jumpscope.build("topk", d_in=8, d_sae=16, k=3)
+    generator = torch.Generator().manual_seed(0 if arch == "topk" else 2)
+    x = torch.randn(rows, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
+    sae = jumpscope.build(arch, d_in=8, **fields)
     sae.init_from_data(x)
     optimizer = make_optimizer(sae)
-    for batch in x.split(64) * 3:
+    for batch in x.split(rows // 8) * (3 if arch == "topk" else 2):
         optimizer.zero_grad()
         sae.loss(batch, StepContext()).loss.backward()
         optimizer.step()
         sae.normalize_decoder_rows()
     return sae, optimizer, x
+
+
+def _trained_topk():
+    return _trained("topk", d_sae=16, k=3)
 
 
 def _set_points(sae, optimizer, y, x):
@@ -94,21 +99,10 @@ def test_the_better_of_average_and_training_point_is_kept():
 
 
 def test_jumprelu_points_are_compared_each_at_its_calibrated_l0():
-    import jumpscope
     from jumpscope.sae import StepContext
     from jumpscope.train.calibration import finish_point, sample_fvu
-    from jumpscope.train.optim import make_optimizer
 
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(1024, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
-    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)
-    sae.init_from_data(x)
-    optimizer = make_optimizer(sae)
-    for batch in x.split(128) * 2:
-        optimizer.zero_grad()
-        sae.loss(batch, StepContext()).loss.backward()
-        optimizer.step()
-        sae.normalize_decoder_rows()
+    sae, optimizer, x = _trained("jumprelu", rows=1024, d_sae=32, target_l0=4)
     note = finish_point(sae, optimizer, x, x, StepContext())
     optimizer.use_average()  # the saved weights: whichever point was kept, calibrated
     l0 = (sae.encode(x) > 0).sum(-1).double().mean().item()

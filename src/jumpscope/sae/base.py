@@ -162,13 +162,11 @@ class SAEConfig:
         if self.d_out is not None and self.d_out <= 0:
             raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
         check_positive(self, "encoder_init_scale", "lr_reference_width", *self.positive_fields)
-        check_positive(self, *self.nonnegative_fields, zero_ok=True)
+        check_positive(self, "schedule_free_average_power", *self.nonnegative_fields, zero_ok=True)
         if self.input_scaling not in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none"):
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")
         if self.optimizer not in ("adam", "signsgd_schedulefree"):
             raise ValueError(f"optimizer must be 'adam' or 'signsgd_schedulefree', got {self.optimizer!r}")
-        if not self.schedule_free_average_power >= 0:
-            raise ValueError(f"schedule_free_average_power must be >= 0, got {self.schedule_free_average_power}")
         if not 0 < self.schedule_free_beta < 1:
             raise ValueError(f"schedule_free_beta must be in (0, 1), got {self.schedule_free_beta}")
         if self.b_dec_init not in ("zeros", "mean"):
@@ -344,9 +342,8 @@ class SAE(nn.Module):
         """Called after each optimiser step (e.g. to clamp thresholds). Default: nothing."""
 
     def calibrate(self, x: Tensor, ctx: StepContext) -> dict[str, float] | None:
-        """After the last step, on the saved weights and a sample ``x`` of the training rows (scaled):
-        adjust what the run was asked to reach. Only unaveraged parameters and buffers may change.
-        Returns what changed (logged, and in the run's summary); None (the default): nothing."""
+        """After the last step, on the saved weights and training rows ``x`` (scaled): adjust what the
+        run asked for (only unaveraged parameters and buffers). Returns what changed, or None."""
         return None
 
     def unit_decoder_rows_exactly(self) -> None:
@@ -355,8 +352,7 @@ class SAE(nn.Module):
 
     def unaveraged_parameters(self) -> dict[str, Any] | None:
         """``{"params": [...], "lr_factor": f, "step": "rms" | "sign"}``: parameters a controller steers
-        (JumpReLU's thresholds under target_l0), trained unaveraged with RMS-normalised (or sign)
-        steps of f x lr. None: none."""
+        (JumpReLU's thresholds), trained unaveraged with RMS-normalised or sign steps of f x lr."""
         return None
 
     def sparsity_coefficient(self) -> float | None:
