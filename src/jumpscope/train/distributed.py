@@ -184,9 +184,15 @@ def process_group_from_env(device: torch.device | str | None = None) -> SinglePr
 
 
 def _destroy() -> None:
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        try:  # leave together: a peer that closes its gloo connections first can abort this one
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except Exception:  # a peer died or left: nothing to wait for
+            pass
         dist.destroy_process_group()
 
 
