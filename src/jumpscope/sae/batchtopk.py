@@ -135,8 +135,8 @@ class BatchTopKSAE(TopKSAE):
         self.eval()
         try:
             base = self.threshold if self.threshold > 0 else torch.ones(())  # 0: never estimated
-            factor, before = l0_factor(self.pre_activation, flat, base.expand(self.cfg.d_sae).clone(), self.cfg.k, ctx)
             before = mean_l0(self.encode, flat, ctx, self.cfg.d_sae)  # against the threshold in use, 0 included
+            factor = l0_factor(self.pre_activation, flat, base.expand(self.cfg.d_sae).clone(), self.cfg.k, ctx)[0]
             self.threshold.copy_(base * factor)
             return {"l0_before": before, "l0_after": mean_l0(self.encode, flat, ctx, self.cfg.d_sae),
                     "threshold_factor": factor}

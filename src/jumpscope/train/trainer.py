@@ -1,6 +1,5 @@
-"""The training loop. It knows no architecture: it calls ``sae.loss``, the decoder-norm helpers,
-``init_from_data``, ``after_step``, ``calibrate`` and ``fold_scaling`` of the SAE base class, and
-nothing else.
+"""The training loop. It knows no architecture: it calls the SAE base class's ``loss``, decoder-norm
+helpers, ``init_from_data``, ``after_step``, ``calibrate`` and ``fold_scaling``, and nothing else.
 
 Many SAEs train at once on the same batches (a sweep pays for the data once); each has its own
 Adam, schedules and input scale. A killed run resumes from its last checkpoint and ends with
@@ -109,7 +108,7 @@ class Trainer:
         self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir else None
         self.batch_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.calibration_sample: CalibrationSample | None = None  # once the routes are known
-        self.calibrations: dict[str, dict[str, float]] = {}
+        self.calibrations: dict[str, dict[str, float]] = {}  # what each SAE's calibration changed
         self.loss_finite = {name: torch.ones((), dtype=torch.bool, device=self.device) for name in self.saes}
 
     # -- public -------------------------------------------------------------------------------
