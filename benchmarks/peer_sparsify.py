@@ -83,6 +83,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 16,384; --quick 4,096)")
     p.add_argument("--sparsify-field", action="append", default=[], metavar="NAME=VALUE",
                    help="override a sparsify TrainConfig field (sae.NAME: SparseCoderConfig), JSON value")
+    p.add_argument("--sparsify-malloc-reuse", action="store_true",
+                   help="start sparsify with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ at 1 GiB, the glibc "
+                        "setting our trainer applies on the CPU (reuse_cpu_memory), so its steps skip the same "
+                        "page faults")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: width 512, 16 batches of 1,024, 4,096 held out")
@@ -240,7 +244,8 @@ def run_sparsify(python: Path, args, setup: dict, data: dict) -> dict:
            "seed": args.seed, "buffer_rows": BUFFER_ROWS, "d_in": setup["d_in"], "d_sae": args.width, "k": args.k,
            "tokens": args.tokens, "batch_size": args.batch, "threads": args.threads, "out": str(job_dir / "sparsify"),
            "run_name": run_name, "eval": data["eval_file"], "eval_tokens": int(data["x_eval"].shape[0]),
-           "result": str(job_dir / "worker.json"), "sparsify_fields": overrides}
+           "result": str(job_dir / "worker.json"), "sparsify_fields": overrides,
+           "malloc_reuse": args.sparsify_malloc_reuse}
     result_file = Path(job["result"])
     if args.reuse_sparsify and result_file.exists() and (job_dir / "job.json").exists() \
             and json.loads((job_dir / "job.json").read_text()) == job:
@@ -250,6 +255,8 @@ def run_sparsify(python: Path, args, setup: dict, data: dict) -> dict:
     shutil.rmtree(job_dir / "sparsify" / run_name, ignore_errors=True)  # sparsify overwrites, never resumes here
     (job_dir / "job.json").write_text(json.dumps(job, indent=1))
     env = dict(os.environ, TQDM_DISABLE="1", WANDB_MODE="disabled", SPARSIFY_DISABLE_TRITON="1")
+    if args.sparsify_malloc_reuse:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
     start = time.perf_counter()
     done = subprocess.run([str(python), str(WORKER), str(job_dir / "job.json")], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -47,3 +47,12 @@ def test_state_round_trip_and_empty_error():
     copy = StreamingMetrics(d_sae=3, d_out=2)
     copy.load_state_dict(metrics.state_dict())
     assert copy.compute() == metrics.compute()
+
+
+def test_only_positive_acts_fire_and_counts_are_exact():
+    acts = torch.tensor([[0.0, -2.0, 1e-30, 5.0], [-0.0, 3.0, 0.0, float("-inf")], [7.0, 0.5, 2.0, 1e30]])
+    metrics = StreamingMetrics(d_sae=4, d_out=2)
+    for _ in range(3):
+        metrics.update(torch.ones(3, 2), torch.ones(3, 2), acts)
+    assert metrics.firing_counts.tolist() == [3, 6, 6, 6]  # (acts > 0) summed over rows, three times
+    assert metrics.compute()["l0"] == pytest.approx(7 / 3)

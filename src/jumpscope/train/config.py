@@ -55,6 +55,11 @@ class TrainerConfig:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
 
+    reuse_cpu_memory: bool = True
+    """On the CPU (Linux, glibc), keep freed blocks of up to 1 GiB for reuse instead of returning
+    them to the system (device.reuse_freed_cpu_memory): each step's large tensors then skip the
+    kernel's page faults, a quarter off a MiniLM step at width 2048. Process-wide once set."""
+
     autocast: Literal["none", "bf16"] = "none"
     """Mixed precision for the SAE forward on CUDA; ignored (float32) on CPU."""
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..data.batch import INPUT, TARGET, Batch
-from ..device import resolve_device
+from ..device import resolve_device, reuse_freed_cpu_memory
 from ..sae.base import SAE, StepContext
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import check_finite, rebatch
@@ -78,6 +78,8 @@ class Trainer:
         self.cfg = cfg or TrainerConfig()
         self.all_saes = name_saes(saes)
         self.device = device if device is not None else resolve_device(self.cfg.device)
+        if self.device.type == "cpu" and self.cfg.reuse_cpu_memory:
+            reuse_freed_cpu_memory()
         # processes: every torchrun process (one SingleProcess without torchrun); batch_sharers: those
         # that split each batch between them (gradients and statistics are reduced over them)
         self.processes = process_group or process_group_from_env(self.device)
@@ -280,7 +282,10 @@ class Trainer:
             sae.after_step()
 
             acts = out.feature_acts.detach()
-            fired = sharers.all_reduce_max_((acts > 0).any(0).to(torch.int64)).bool()
+            # max > 0 per latent: one pass over the acts (a compare then any() takes 6x longer on CPU)
+            flat_acts = acts.reshape(-1, sae_cfg.d_sae)
+            fired = flat_acts.amax(0) > 0 if flat_acts.shape[0] else flat_acts.new_zeros(sae_cfg.d_sae, dtype=torch.bool)
+            fired = sharers.all_reduce_max_(fired.to(torch.int64)).bool()
             self.since_fired[name] += cfg.batch_size
             self.since_fired[name][fired] = 0
             if in_final_window:
