@@ -33,6 +33,33 @@ def test_sample_is_capped_at_the_rows_of_the_run_and_restores_from_its_state():
     assert len(fresh) == 0
 
 
+def test_a_run_stopped_early_tops_the_sample_up_from_its_latest_batch():
+    sample = CalibrationSample(["x"], rows=6, total_steps=100, batch_size=4)
+    assert len(sample) == 0
+    for step in range(20):  # slots floor(6 s / 100): step 16 fills row 0, nothing else fills before 33
+        sample.add(step, {"x": torch.arange(4.0)[:, None] + 10 * step})
+    assert sample.filled == 1 and len(sample) == 5
+    assert sample.sample("x").flatten().tolist() == [160, 190, 191, 192, 193]  # the kept row, then the tail
+
+
+def test_the_trainer_calibrates_when_the_data_runs_out_early(caplog):
+    import jumpscope
+
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randn(256, 8, generator=generator) @ torch.randn(8, 8, generator=generator) for _ in range(5)]
+    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)
+    trainer = jumpscope.Trainer(sae, jumpscope.TrainerConfig(total_tokens=256 * 10_000, batch_size=256,
+                                                             init_sample_tokens=256, progress=False, device="cpu"))
+    with caplog.at_level("WARNING"):
+        trained = trainer.fit(data)
+    assert "the data ran out after 5 of 10000 steps" in caplog.text
+    note = trainer.calibrations[next(iter(trainer.calibrations))]
+    assert note["l0_after"] == pytest.approx(4, abs=0.25)  # on the latest batch's rows: the sample had none
+    with torch.no_grad():
+        l0 = next(iter(trained.values())).encode(data[-1]) > 0  # the saved SAE reads raw activations
+    assert l0.sum(-1).float().mean().item() == pytest.approx(4, abs=0.25)
+
+
 def _trained(arch: str, rows: int = 512, **fields):
     """An SAE after a few schedule-free steps on seeded data, its optimiser, and the data."""
     import jumpscope

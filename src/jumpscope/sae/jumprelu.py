@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import kernels
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .calibrate import l0_factor, mean_l0
+from .cpu_ops import column_kth_smallest
 from .recipes import ADAM_RECIPE, TunedSignDescentRecipe
 from .registry import register
 
@@ -307,7 +308,7 @@ class JumpReLUSAE(SAE):
             return
         pre = self.pre_activation(x)
         rank = min(pre.shape[0], max(1, math.ceil((1.0 - l0 / self.cfg.d_sae) * pre.shape[0])))
-        self.set_threshold(pre.kthvalue(rank, dim=0).values)
+        self.set_threshold(column_kth_smallest(pre, rank))
 
     @torch.no_grad()
     def unit_decoder_rows_exactly(self) -> None:

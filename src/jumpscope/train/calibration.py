@@ -35,12 +35,14 @@ class CalibrationSample:
         self.rows = min(int(rows), self.total_steps * int(batch_size))
         self.kept: dict[str, Tensor] = {}
         self.filled = 0
+        self.latest: Batch | None = None  # the last batch seen (a reference), for runs that stop early
 
     def slots(self, step: int) -> tuple[int, int]:
         """The rows of the sample that step ``step`` fills."""
         return step * self.rows // self.total_steps, (step + 1) * self.rows // self.total_steps
 
     def add(self, step: int, batch: Batch) -> None:
+        self.latest = batch
         start, end = self.slots(step)
         if end <= start:
             return
@@ -52,10 +54,19 @@ class CalibrationSample:
         self.filled = end
 
     def sample(self, key: str) -> Tensor:
-        return self.kept[key][: self.filled]
+        """The kept rows; when the data ran out before the sample filled, topped up with the last
+        rows of the latest batch (a run stopped at 1% would otherwise calibrate on 1% of the rows)."""
+        kept = self.kept[key][: self.filled] if key in self.kept else None
+        missing = self.rows - self.filled
+        if missing <= 0 or self.latest is None:
+            return kept if kept is not None else torch.zeros(0, 0)
+        recent = self.latest[key][-missing:]
+        return recent if kept is None else torch.cat([kept, recent.to(kept)])
 
     def __len__(self) -> int:
-        return self.filled
+        if self.filled >= self.rows or self.latest is None:
+            return self.filled
+        return min(self.rows, self.filled + next(iter(self.latest.values())).shape[0])
 
     def state(self) -> dict[str, Tensor]:
         """Tensors for the checkpoint (the filled rows)."""

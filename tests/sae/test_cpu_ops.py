@@ -1,0 +1,46 @@
+"""cpu_ops: each replacement gives exactly torch's own result."""
+
+import pytest
+import torch
+
+from jumpscope.sae.cpu_ops import column_kth_smallest, column_max, greater
+
+
+def awkward(rows=37, cols=11, dtype=torch.float32):
+    values = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
+    values[3, 2], values[5, 7], values[6, 1], values[8, 8] = float("nan"), float("inf"), float("-inf"), -0.0
+    values[10:14, 4] = 0.25  # ties
+    return values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_greater_is_torchs_comparison(dtype):
+    values = awkward(dtype=dtype)
+    bounds = (values[8], torch.tensor(0.25, dtype=dtype), values.flip(0), torch.zeros(11, dtype=dtype))
+    for bound in bounds:
+        result = greater(values, bound)
+        assert result.dtype == torch.bool and torch.equal(result, values > bound)
+
+
+def test_greater_on_tensors_needing_grad_and_mixed_dtypes():
+    values = awkward().requires_grad_()
+    assert torch.equal(greater(values, torch.zeros(11)), values > 0)
+    assert torch.equal(greater(awkward(), torch.zeros(11, dtype=torch.float64)), awkward() > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_column_max_is_amax(dtype):
+    values = awkward(dtype=dtype)
+    assert torch.equal(column_max(values).isnan(), values.amax(0).isnan())
+    assert torch.equal(column_max(values).nan_to_num(7.0), values.amax(0).nan_to_num(7.0))
+    assert column_max(values).isnan()[2]  # NaN propagates, as in amax
+
+
+def test_column_kth_smallest_is_kthvalue_at_every_rank():
+    values = awkward().nan_to_num(0.5)  # kthvalue's NaN order is its own business
+    values = torch.cat([values, values[:9]])  # more ties
+    for rank in range(1, values.shape[0] + 1):
+        assert torch.equal(column_kth_smallest(values, rank), values.kthvalue(rank, dim=0).values), rank
+    for rank in (0, values.shape[0] + 1):
+        with pytest.raises(ValueError, match="rank must lie in"):
+            column_kth_smallest(values, rank)
