@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from jumpscope.device import reuse_freed_cpu_memory
 from jumpscope.sae import StepContext, build
 from jumpscope.sae.registry import make_config
 from jumpscope.train.optim import make_optimizer
@@ -188,7 +189,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="d_sae 4096 only, 3 rounds (dense rows: 2)")
     parser.add_argument("--target", type=float, default=3.0, help="the target step / matmul ratio")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-reuse-cpu-memory", action="store_true",
+                        help="leave glibc's allocator as it is (the trainer's reuse_cpu_memory default sets it)")
     args = parser.parse_args()
+    if not args.no_reuse_cpu_memory:  # as the trainer runs: freed blocks reused, no page faults per step
+        reuse_freed_cpu_memory()
     if args.quick:
         args.d_sae, args.repeats, args.dense_repeats = args.d_sae or [4096], 3, 2
     args.dense_repeats = max(1, min(args.dense_repeats, args.repeats))
@@ -198,7 +203,7 @@ def main() -> None:
               f"{os.cpu_count()} cores), torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
               f"{os.environ.get('OMP_WAIT_POLICY', 'unset (OpenMP default: spin, then sleep)')}, d_in {args.d_in}, "
               f"batch {args.batch}, medians over {args.repeats} rounds after a warm-up round (dense rows: the first "
-              f"{args.dense_repeats}), "
+              f"{args.dense_repeats}), freed CPU memory reused: {not args.no_reuse_cpu_memory}, "
               f"dead fraction {args.dead_fraction} (TopK/BatchTopK AuxK)")
     print(header + "\nThe cores may be shared with other jobs (e.g. a test run or another benchmark): load average "
           f"{load_start:.1f} at the start; only the ratios within one run are meaningful.", flush=True)

@@ -21,6 +21,19 @@ def test_factor_is_where_the_target_count_of_ratios_is_crossed():
     assert mean_l0(lambda rows: rows * (rows > threshold * factor), pre, StepContext(), 40) <= 5.0
 
 
+def test_a_factor_far_below_one_is_found_by_the_full_pass():
+    # every pre-activation at 1-20% of its threshold: the factor (about 0.1) lies below the first
+    # pass's floor e^-1, so the entries under it must be counted too
+    generator = torch.Generator().manual_seed(1)
+    threshold = torch.rand(40, generator=generator) + 0.2
+    pre = threshold * (torch.rand(500, 40, generator=generator) * 0.19 + 0.01)
+    factor, before = l0_factor(lambda rows: rows, pre, threshold, 5.0, StepContext())
+    assert before == 0.0
+    ratios = (pre / threshold).reshape(-1).sort(descending=True).values
+    assert ratios[5 * 500 - 1] <= factor <= ratios[5 * 500 - 1] * math.exp(2 * SPAN / BINS)
+    assert factor < math.exp(-1)
+
+
 def test_unreachable_targets_stop_at_the_ends_of_the_range():
     pre, threshold = torch.full((10, 4), 2.0), torch.ones(4)
     assert l0_factor(lambda rows: rows, pre, threshold, 10.0, StepContext())[0] == pytest.approx(math.exp(-SPAN))

@@ -189,6 +189,21 @@ def test_steered_parameters_may_take_sign_steps_instead():
     assert make_optimizer(sae).param_groups[1]["step"] == "sign"
 
 
+def test_steered_parameters_may_take_sign_steps_of_a_momentum():
+    q = torch.nn.Parameter(torch.tensor([0.0, 1.0, 2.0]))
+    optimizer = ScheduleFreeSignSGD([{"params": [q], "average": False, "lr_factor": 2.0, "step": "signum"}],
+                                    lr=0.1, beta=0.9)
+    # m1 = 0.1 g1 = [0.4, -0.001, 0]: steps -0.2 sign(m1) -> [-0.2, 1.2, 2.0] (no gradient yet: no step)
+    # m2 = 0.9 m1 + 0.1 g2 = [0.36, 0.0991, 0]: -> [-0.4, 1.0, 2.0]
+    # m3 = 0.9 m2 + 0.1 g3 = [0.324, 0.08919, -0.1]: a zero gradient still steps along the momentum
+    for grad in ([4.0, -0.01, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]):
+        q.grad = torch.tensor(grad)
+        optimizer.step()
+    assert torch.allclose(q.detach(), torch.tensor([-0.6, 0.8, 2.2]))
+    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4, threshold_step="signum")
+    assert make_optimizer(sae).param_groups[1]["step"] == "signum"
+
+
 def test_averaged_weights_restores_the_training_point_bit_for_bit():
     from jumpscope.train.calibration import averaged_weights
 

@@ -285,9 +285,10 @@ def test_transcoders_with_mean_b_dec_init_keep_a_zero_output_bias_at_init():
 
 
 def test_jumprelu_with_target_l0_ends_at_it_on_training_rows_spread_over_the_run():
-    # Sign descent's averaged weights: the saved SAE differs from the point the controller steered.
+    # Sign descent's averaged weights: the saved SAE differs from the point the controller steered
+    # (thresholds at half speed, so that the controller lags and the calibration has work to do).
     batches = list(stream(40, rows=128))
-    trainer = Trainer({"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3)},
+    trainer = Trainer({"jump": build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, threshold_lr_factor=0.5)},
                       config(total_tokens=128 * 40, calibration_tokens=1000))
     sae = trainer.fit(batches)["jump"]
     # step s keeps rows floor(1000 s / 40) .. floor(1000 (s + 1) / 40): 25 from the start of every batch

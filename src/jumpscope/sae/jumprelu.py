@@ -129,7 +129,7 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     Short runs end with the controller still settling (SmolLM2, 122 steps: L0 28.7 for 32); the
     factor is logged. preset('paper') leaves the thresholds as trained."""
 
-    threshold_step: Literal["rms", "sign"] = "rms"
+    threshold_step: Literal["rms", "sign", "signum"] = "rms"
     """How the unaveraged thresholds step under sign descent with target_l0: 'rms' (the
     RMS-normalised steps above) or 'sign' (sign steps of threshold_lr_factor x lr). Sign steps at
     0.5x reconstruct 4% better at 122 steps of 4096 (FVU 0.1756) but lose L0 at 500 steps of 1024
@@ -190,8 +190,8 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
             value = getattr(self, name)
             if value is not None and not 0 < value < self.d_sae:
                 raise ValueError(f"{name} must lie in (0, d_sae={self.d_sae}), got {value}")
-        if self.threshold_step not in ("rms", "sign"):
-            raise ValueError(f"threshold_step must be 'rms' or 'sign', got {self.threshold_step!r}")
+        if self.threshold_step not in ("rms", "sign", "signum"):
+            raise ValueError(f"threshold_step must be 'rms', 'sign' or 'signum', got {self.threshold_step!r}")
         if self.sparsity_loss not in ("l0", "tanh"):
             raise ValueError(f"sparsity_loss must be 'l0' or 'tanh', got {self.sparsity_loss!r}")
         if self.target_l0 is not None and self.sparsity_loss != "l0":

@@ -81,7 +81,7 @@ def _offsets(index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)
 
 
-def _nonzero_flat(mask: Tensor) -> Tensor:
+def nonzero_flat(mask: Tensor) -> Tensor:
     """Flat indices (ascending) of the True entries of a contiguous bool tensor. A sparse mask is
     scanned as 8-byte words first: most are all False, and only the others are read bytewise."""
     flat = mask.reshape(-1)
@@ -158,7 +158,7 @@ def jumprelu_entries(z: Tensor, threshold: Tensor, bandwidth: float, bias: Tenso
     low = threshold - bandwidth  # candidates z > theta - eps: a superset of active | window
     if bias is not None:  # on z without the bias, with a margin far above the rounding of z + bias
         low = low - bias - 1e-5 * (low.abs() + bias.abs()) - torch.finfo(z.dtype).tiny
-    flat = _nonzero_flat(greater(z, low))
+    flat = nonzero_flat(greater(z, low))
     rows, cols = flat // n, flat % n
     zu, theta = z.reshape(-1).index_select(0, flat), threshold.index_select(0, cols)
     if bias is not None:
@@ -240,7 +240,7 @@ def _flat_topk_index(flat: Tensor, keep: int) -> Tensor:
         expected = 2.0 * keep / n * m  # aim at twice keep candidates
         above = min(m - 1, math.ceil(expected + 6 * math.sqrt(expected) + 16))
         bound = sample.kthvalue(m - above).values
-        candidates = _nonzero_flat(greater(flat, bound))
+        candidates = nonzero_flat(greater(flat, bound))
         if candidates.numel() >= keep:
             return candidates.index_select(0, flat.index_select(0, candidates).topk(keep, sorted=False).indices)
     return flat.topk(keep, sorted=False).indices

@@ -23,6 +23,7 @@ import torch
 from ..sae.base import SAE
 
 OPTIMIZERS = ("adam", "signsgd_schedulefree")
+SIGNUM_MOMENTUM = 0.9  # unaveraged parameters' step "signum": m <- 0.9 m + 0.1 g, p <- p - lr sign(m)
 
 
 class ScheduleFreeSignSGD(torch.optim.Optimizer):
@@ -59,24 +60,33 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 if "z" not in self.state[p]:
                     self.state[p]["z"] = p.detach().clone()
             zs = [self.state[p]["z"] for p in params]
-            torch._foreach_lerp_(params, zs, 1 - 1 / beta)  # p: y -> x
-            torch._foreach_add_(zs, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
             group["lr_max"] = max(lr, group["lr_max"])
             weight = (group["k"] + 1) ** group.get("r", 0.0) * group["lr_max"] ** 2
             group["weight_sum"] += weight
             group["k"] += 1
-            torch._foreach_lerp_(params, zs, weight / group["weight_sum"])  # x <- (1 - c) x + c z
-            torch._foreach_lerp_(params, zs, 1 - beta)  # p: x -> y
+            c = weight / group["weight_sum"]
+            # y -> x, z -= lr s, x <- (1 - c) x + c z, x -> y, in three passes: with s = sign(g),
+            # y' = (1 - c) y + c z - (1 - beta (1 - c)) lr s (the z terms of y -> x and x -> y cancel)
+            signs = [p.grad.sign() for p in params]
+            torch._foreach_lerp_(params, zs, c)
+            torch._foreach_add_(params, signs, alpha=-(1 - beta * (1 - c)) * lr)
+            torch._foreach_add_(zs, signs, alpha=-lr)
         return None
 
     def _latest_step(self, group: dict, params: list, lr: float) -> None:
         """Unaveraged parameters: steps of ``lr_factor`` x lr normalised by a running RMS of the
         gradient (Adam with beta1 0, beta2 0.999, bias-corrected), which shrink where the gradient
-        is intermittent, as a threshold's is when few inputs fall in its kernel; or, with
-        ``step="sign"``, plain sign steps of that size."""
+        is intermittent, as a threshold's is when few inputs fall in its kernel; with ``step="sign"``,
+        plain sign steps of that size; with ``step="signum"``, sign steps of a momentum of the
+        gradient (0.9), which keep moving between the batches that reach a parameter."""
         lr = lr * group.get("lr_factor", 1.0)
         if group.get("step") == "sign":
             torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
+            return
+        if group.get("step") == "signum":
+            momenta = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+            torch._foreach_lerp_(momenta, [p.grad for p in params], 1.0 - SIGNUM_MOMENTUM)
+            torch._foreach_add_(params, torch._foreach_sign(momenta), alpha=-lr)
             return
         group["rms_steps"] = group.get("rms_steps", 0) + 1
         correction = 1 - 0.999 ** group["rms_steps"]
