@@ -244,8 +244,9 @@ def run_sparsify(python: Path, args, setup: dict, data: dict) -> dict:
            "seed": args.seed, "buffer_rows": BUFFER_ROWS, "d_in": setup["d_in"], "d_sae": args.width, "k": args.k,
            "tokens": args.tokens, "batch_size": args.batch, "threads": args.threads, "out": str(job_dir / "sparsify"),
            "run_name": run_name, "eval": data["eval_file"], "eval_tokens": int(data["x_eval"].shape[0]),
-           "result": str(job_dir / "worker.json"), "sparsify_fields": overrides,
-           "malloc_reuse": args.sparsify_malloc_reuse}
+           "result": str(job_dir / "worker.json"), "sparsify_fields": overrides}
+    if args.sparsify_malloc_reuse:  # only then: earlier jobs (without the key) stay reusable
+        job["malloc_reuse"] = True
     result_file = Path(job["result"])
     if args.reuse_sparsify and result_file.exists() and (job_dir / "job.json").exists() \
             and json.loads((job_dir / "job.json").read_text()) == job:

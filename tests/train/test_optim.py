@@ -204,6 +204,16 @@ def test_steered_parameters_may_take_sign_steps_of_a_momentum():
     assert make_optimizer(sae).param_groups[1]["step"] == "signum"
 
 
+def test_jumprelu_thresholds_take_sign_steps_from_4096_rows_per_step():
+    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)
+    assert sae.cfg.threshold_step == "auto"
+    assert [make_optimizer(sae, rows).param_groups[1]["step"] for rows in (None, 1024, 4095, 4096, 16384)] == \
+        ["rms", "rms", "rms", "sign", "sign"]
+    trainer = jumpscope.Trainer(sae, jumpscope.TrainerConfig(total_tokens=8192, batch_size=4096, device="cpu",
+                                                             progress=False))
+    assert next(iter(trainer.optimizers.values())).param_groups[1]["step"] == "sign"
+
+
 def test_averaged_weights_restores_the_training_point_bit_for_bit():
     from jumpscope.train.calibration import averaged_weights
 

@@ -350,9 +350,10 @@ class SAE(nn.Module):
         """After an averaging optimiser (an average of unit rows is not unit): unit decoder rows where
         the architecture compensates exactly. Default: nothing (a top-k choice would change)."""
 
-    def unaveraged_parameters(self) -> dict[str, Any] | None:
-        """``{"params": [...], "lr_factor": f, "step": "rms" | "sign"}``: parameters a controller steers
-        (JumpReLU's thresholds), trained unaveraged with RMS-normalised or sign steps of f x lr."""
+    def unaveraged_parameters(self, batch_size: int | None = None) -> dict[str, Any] | None:
+        """``{"params": [...], "lr_factor": f, "step": "rms" | "sign" | "signum"}``: parameters a
+        controller steers (JumpReLU's thresholds), trained unaveraged with RMS-normalised or sign
+        steps of f x lr; ``batch_size`` (rows per step, None when unknown) may decide the rule."""
         return None
 
     def sparsity_coefficient(self) -> float | None:

@@ -73,6 +73,10 @@ def step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return _StepFunction.apply(z, threshold, bandwidth)
 
 
+# threshold_step="auto" takes sign steps from this many rows per step (see the field)
+SIGN_STEP_MIN_BATCH = 4096
+
+
 @dataclass
 class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     """JumpReLU SAE. Defaults are the fast recipe that reaches a requested L0 within a few
@@ -119,9 +123,10 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
 
     threshold_lr_factor: float = 1.0
     """Under schedule-free sign descent with target_l0, the thresholds are not averaged and take
-    RMS-normalised steps (Adam with beta1 0) of this many times lr. With the final calibration
-    (calibrate_l0) to land L0 on target, 1x gave FVU 0.1835 against 0.1924 at 2x (MiniLM, 122
-    steps of 4096) and the same at 500 steps of 1024 (recipe check, benchmarks/README.md)."""
+    steps (threshold_step) of this many times lr. With the final calibration (calibrate_l0) to land
+    L0 on target, RMS steps at 1x gave FVU 0.1835 against 0.1924 at 2x (MiniLM, 122 steps of 4096)
+    and the same at 500 steps of 1024; sign steps at 0.5x 0.1757 against 0.1778 at 1x (one run
+    each, within the run-to-run spread; recipe check, benchmarks/README.md)."""
 
     calibrate_l0: bool = True
     """With target_l0: after the last step, scale every threshold by one factor so that the saved
@@ -129,12 +134,15 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     Short runs end with the controller still settling (SmolLM2, 122 steps: L0 28.7 for 32); the
     factor is logged. preset('paper') leaves the thresholds as trained."""
 
-    threshold_step: Literal["rms", "sign", "signum"] = "rms"
+    threshold_step: Literal["auto", "rms", "sign", "signum"] = "auto"
     """How the unaveraged thresholds step under sign descent with target_l0: 'rms' (the
-    RMS-normalised steps above) or 'sign' (sign steps of threshold_lr_factor x lr). Sign steps at
-    0.5x reconstruct 4% better at 122 steps of 4096 (FVU 0.1756) but lose L0 at 500 steps of 1024
-    (about 60 for targets 20, 32 and 55: a threshold steps only on batches with inputs in its
-    kernel, which small batches rarely give), so the final calibration costs FVU 0.28 there."""
+    RMS-normalised steps above), 'sign' (sign steps of threshold_lr_factor x lr), 'signum' (sign
+    steps of a 0.9 momentum of the gradient) or 'auto': 'sign' when a step takes at least 4096
+    rows, else 'rms'. MiniLM, target 32: at 122 steps of 4096, sign steps give FVU 0.1778 against
+    0.1835 for rms at width 2048 and 0.1795 against 0.1907 at 8192; at 500 steps of 1024 (width
+    3072) they lose the L0 (about 60 for targets 20-55: a threshold steps only on batches with
+    inputs in its kernel, while the encoder bias steps on every one), and calibrated down to 32
+    they reconstruct far worse (0.274 against 0.208; signum holds L0 there but gives 0.239)."""
 
     target_l0_coefficient: float = 1000.0
     """Strength of the target-L0 penalty. With sign descent it must outweigh the squared error's
@@ -190,8 +198,8 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
             value = getattr(self, name)
             if value is not None and not 0 < value < self.d_sae:
                 raise ValueError(f"{name} must lie in (0, d_sae={self.d_sae}), got {value}")
-        if self.threshold_step not in ("rms", "sign", "signum"):
-            raise ValueError(f"threshold_step must be 'rms', 'sign' or 'signum', got {self.threshold_step!r}")
+        if self.threshold_step not in ("auto", "rms", "sign", "signum"):
+            raise ValueError(f"threshold_step must be 'auto', 'rms', 'sign' or 'signum', got {self.threshold_step!r}")
         if self.sparsity_loss not in ("l0", "tanh"):
             raise ValueError(f"sparsity_loss must be 'l0' or 'tanh', got {self.sparsity_loss!r}")
         if self.target_l0 is not None and self.sparsity_loss != "l0":
@@ -322,12 +330,15 @@ class JumpReLUSAE(SAE):
         self.b_enc.mul_(norms)
         self.set_threshold(threshold)
 
-    def unaveraged_parameters(self) -> dict[str, Any] | None:
+    def unaveraged_parameters(self, batch_size: int | None = None) -> dict[str, Any] | None:
         # the target-L0 penalty steers the latest thresholds; their average would miss the target
         if self.cfg.target_l0 is None:
             return None
+        step = self.cfg.threshold_step
+        if step == "auto":
+            step = "sign" if batch_size is not None and batch_size >= SIGN_STEP_MIN_BATCH else "rms"
         return {"params": [self.log_threshold if self.cfg.log_threshold else self.threshold_raw],
-                "lr_factor": self.cfg.threshold_lr_factor, "step": self.cfg.threshold_step}
+                "lr_factor": self.cfg.threshold_lr_factor, "step": step}
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, ctx: StepContext) -> dict[str, float] | None:

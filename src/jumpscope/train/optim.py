@@ -125,11 +125,12 @@ def peak_lr(sae: SAE) -> float:
     return cfg.lr * math.sqrt(cfg.lr_reference_width / cfg.d_sae)
 
 
-def make_optimizer(sae: SAE) -> torch.optim.Optimizer:
-    """The optimiser the SAE's own config names, with its hyperparameters."""
+def make_optimizer(sae: SAE, batch_size: int | None = None) -> torch.optim.Optimizer:
+    """The optimiser the SAE's own config names, with its hyperparameters (``batch_size``: the
+    rows of each step, over all processes, where the recipe depends on it)."""
     cfg = sae.cfg
     if cfg.optimizer == "signsgd_schedulefree":
-        steered = sae.unaveraged_parameters()
+        steered = sae.unaveraged_parameters(batch_size)
         latest = {id(p) for p in steered["params"]} if steered else set()
         groups = [{"params": [p for p in sae.parameters() if id(p) not in latest]}]
         if latest:
