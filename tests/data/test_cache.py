@@ -4,6 +4,7 @@ write; checksums, manifest validation, metadata checks, shuffled and resumed rea
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -159,6 +160,26 @@ def test_corrupt_shard_is_caught_by_its_checksum(tmp_path):
     next(stream)  # shard 0 is fine
     with pytest.raises(ValueError, match=r"shard 1 \(shard_00001.safetensors\) is corrupt: .*checksum does not match"):
         next(stream)
+
+
+def test_a_shard_is_hashed_once_per_reader_until_its_file_changes(tmp_path, monkeypatch):
+    import jumpscope.data.cache as cache_module
+
+    write_cache(tmp_path / "c")
+    hashed = []
+    real = cache_module._sha256
+    monkeypatch.setattr(cache_module, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    reader = CacheReader(tmp_path / "c")
+    first = reader.read_shard(1)
+    site = next(iter(first))
+    assert torch.equal(reader.read_shard(1)[site], first[site]) and hashed == ["shard_00001.safetensors"]
+    shard = tmp_path / "c" / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))  # a new write: a new modification time, so it is checked again
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(ValueError, match="is corrupt"):
+        reader.read_shard(1)
 
 
 def test_missing_shard_is_a_clear_error(tmp_path):
