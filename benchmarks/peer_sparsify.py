@@ -228,7 +228,11 @@ def train_ours(args, setup: dict, cache: str, specs: list[str]) -> dict:
     seconds = time.perf_counter() - start
     skip = math.ceil(trainer.cfg.init_sample_tokens / args.batch)  # the init sample is pulled before any step
     intervals = [b - a for a, b in zip(provider.stamps[skip:], provider.stamps[skip + 1:])]
+    summary = trainer.final_summary()
+    calibration = {spec: {k: v for k, v in summary.get(spec, {}).items() if k.startswith("calibration_")}
+                   for spec in saes}  # the calibrated factor, and which point was kept
     return {"saes": trained, "train_seconds": seconds, "steps": trainer.step, "passes": provider.passes + 1,
+            "calibration": calibration,
             "data_sha256": provider.digest.hexdigest(),
             "step_seconds_median": statistics.median(intervals) if intervals else seconds / max(1, trainer.step),
             "load_average_start": load_start, "load_average_end": os.getloadavg()[0], "specs": specs,
