@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jumpscope.sae.cpu_ops import column_kth_smallest, column_max, greater
+from jumpscope.sae.cpu_ops import column_kth_smallest, column_max, fired_latents, greater
 
 
 def awkward(rows=37, cols=11, dtype=torch.float32):
@@ -44,3 +44,9 @@ def test_column_kth_smallest_is_kthvalue_at_every_rank():
     for rank in (0, values.shape[0] + 1):
         with pytest.raises(ValueError, match="rank must lie in"):
             column_kth_smallest(values, rank)
+
+
+def test_fired_latents_are_those_with_a_positive_act():
+    acts = torch.tensor([[[0.0, -1.0, 2.0]], [[0.0, 0.5, -0.0]]])  # (2, 1, 3): leading dims flatten
+    assert fired_latents(acts).tolist() == [False, True, True]
+    assert fired_latents(torch.zeros(0, 3)).tolist() == [False, False, False]  # an empty shard of a batch

