@@ -265,11 +265,11 @@ def test_pre_act_penalty_gradients_match_dense_at_quantile_init_ties():
 
 
 def test_row_topk_shortlist_is_exact():
-    # the grouped shortlist (sae/kernels.py _row_topk) picks the same entries as a full top-k
+    # the grouped shortlist (sae/kernels.py row_topk) picks the same entries as a full top-k
     generator = torch.Generator().manual_seed(0)
     for rows, n, k in ((64, 4096, 64), (32, 16384, 32), (16, 1024, 7)):
         z = torch.randn(rows, n, generator=generator) + torch.randn(n, generator=generator)
-        values, cols = kernels._row_topk(z, k)
+        values, cols = kernels.row_topk(z, k)
         expected = z.topk(k, dim=-1)
         assert torch.equal(cols.sort(-1).values, expected.indices.sort(-1).values)
         assert torch.equal(values.sort(-1).values, expected.values.sort(-1).values)

@@ -181,7 +181,7 @@ def _positive(z: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Entries:
     return Entries(rows, cols, values, torch.ones_like(values), tuple(z.shape))
 
 
-def _row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``z.topk(k, dim=-1, sorted=False)`` (values, indices; the same set up to ties) for z (B, n),
     on a shortlist: split each row into G strided groups of S; the k groups with the largest
     maxima hold the row's k largest entries, so one top-k over the G maxima and one over those
@@ -201,7 +201,7 @@ def _row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def topk_entries(z: Tensor, k: int) -> Entries:
     """The k largest entries of each row of z, ReLU'd (entries with z <= 0 left out)."""
-    values, cols = _row_topk(z, k)
+    values, cols = row_topk(z, k)
     rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
     return _positive(z, rows, cols.reshape(-1), values.reshape(-1))
 
