@@ -79,8 +79,8 @@ def _trained(arch: str, rows: int = 512, **fields):
     return sae, optimizer, x
 
 
-def _trained_topk():
-    return _trained("topk", d_sae=16, k=3)
+def _trained_topk():  # a fixed step, not the width rule's (0.16 at 16 latents)
+    return _trained("topk", d_sae=16, k=3, lr=1.414e-2, lr_reference_width=None)
 
 
 def _set_points(sae, optimizer, y, x):

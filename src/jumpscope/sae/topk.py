@@ -52,15 +52,15 @@ class TopKSAEConfig(TunedSignDescentRecipe, SAEConfig):
     input_scaling: InputScaling = "sqrt_d_in_norm"
     """How the trainer rescales inputs (see SAEConfig); the paper uses E||x|| = sqrt(d_in)."""
 
-    lr: float = 1.414e-2
-    """Sign-descent step size at every width: sparsify's 5e-3 * sqrt(16384 / d_sae) at width 2048.
-    At 122 steps of 4096 on MiniLM the best step was the same at widths 2048 and 8192 (where
-    sparsify's width rule halves it: FVU 0.1715 -> 0.1639, below sparsify's 0.1654), so no
-    width scaling (benchmarks/README.md, "Against sparsify"); untested above 8192."""
+    lr: float = 5e-3
+    """Sign-descent step size at lr_reference_width latents; sparsify's width rule scales it as
+    sqrt(16384 / d_sae) (1.414e-2 at 2048, 7.07e-3 at 8192). MiniLM, width 8192: the rule's step
+    gave FVU 0.1263 over 488 steps of 4096 against 0.1416 for 1.414e-2 (0.953x and 1.069x
+    sparsify's); at 122 steps 1.414e-2 was better (0.1639 against 0.1715), so the rule wins
+    where runs are longer than a few hundred steps (benchmarks/README.md, "Against sparsify")."""
 
-    lr_reference_width: int | None = None
-    """lr as given, at any width (set 16384 with lr 5e-3 for sparsify's width rule)."""
-
+    lr_reference_width: int | None = 16_384
+    """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae) (None: lr at any width)."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before schedule-free sign descent.
