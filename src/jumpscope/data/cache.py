@@ -307,9 +307,7 @@ class CacheReader:
         self.dtype = DTYPES[manifest["dtype"]]
         self.shards: list[dict[str, Any]] = manifest["shards"]
         self.metadata: dict[str, Any] = manifest.get("metadata") or {}
-        # shard index -> (size, mtime_ns, inode) when its checksum last matched: a file unchanged
-        # since is not hashed again on later passes (hashing was a third of a pass's reading time)
-        self._verified: dict[int, tuple[int, int, int]] = {}
+        self._verified: dict[int, tuple[int, int, int]] = {}  # shard -> (size, mtime, inode) hashed OK
 
     @property
     def total_tokens(self) -> int:
@@ -323,7 +321,7 @@ class CacheReader:
         entry = self.shards[index]
         path = self._shard_path(index, entry)
         where = f"activation cache {self.folder}: shard {index} ({entry['file']})"
-        stat = path.stat()
+        stat = path.stat()  # an unchanged file is not hashed again (a third of a pass's reading time)
         identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
         if self._verified.get(index) != identity:
             digest = _sha256(path)
