@@ -74,6 +74,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import jumpscope  # noqa: E402
 from jumpscope.data.cache import CacheReader, is_complete  # noqa: E402
+from jumpscope.device import MALLOC_REUSE_ENV  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_batches import Provider, evaluate, safetensors_meta  # noqa: E402
@@ -111,7 +112,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-reverse", action="store_true", help="skip training ours at each SAELens L0")
     p.add_argument("--ours-repeats", type=int, default=2, help="train ours this many times (before/after SAELens)")
     p.add_argument("--saelens-malloc-reuse", action="store_true",
-                   help="start SAELens with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ at 1 GiB, the glibc "
+                   help="start SAELens with jumpscope.device.MALLOC_REUSE_ENV, the glibc "
                         "setting our trainer applies on the CPU (reuse_cpu_memory)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--seed", type=int, default=0)
@@ -229,7 +230,7 @@ def run_saelens(python: Path, args, data: dict, runs: list[dict], tag: str) -> t
     (job_dir / f"job_{tag}.json").write_text(json.dumps(job, indent=1))
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ["OMP_WAIT_POLICY"], TQDM_DISABLE="1", WANDB_MODE="disabled")
     if args.saelens_malloc_reuse:
-        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
+        env.update(MALLOC_REUSE_ENV)
     start = time.perf_counter()
     subprocess.run([str(python), str(WORKER), str(job_dir / f"job_{tag}.json")], check=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - start

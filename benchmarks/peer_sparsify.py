@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import jumpscope  # noqa: E402
 from jumpscope.data.cache import CacheReader, is_complete  # noqa: E402
+from jumpscope.device import MALLOC_REUSE_ENV  # noqa: E402
 from jumpscope.sae.registry import config_class  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,7 +85,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sparsify-field", action="append", default=[], metavar="NAME=VALUE",
                    help="override a sparsify TrainConfig field (sae.NAME: SparseCoderConfig), JSON value")
     p.add_argument("--sparsify-malloc-reuse", action="store_true",
-                   help="start sparsify with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ at 1 GiB, the glibc "
+                   help="start sparsify with jumpscope.device.MALLOC_REUSE_ENV, the glibc "
                         "setting our trainer applies on the CPU (reuse_cpu_memory), so its steps skip the same "
                         "page faults")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
@@ -261,7 +262,7 @@ def run_sparsify(python: Path, args, setup: dict, data: dict) -> dict:
     (job_dir / "job.json").write_text(json.dumps(job, indent=1))
     env = dict(os.environ, TQDM_DISABLE="1", WANDB_MODE="disabled", SPARSIFY_DISABLE_TRITON="1")
     if args.sparsify_malloc_reuse:
-        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
+        env.update(MALLOC_REUSE_ENV)
     start = time.perf_counter()
     done = subprocess.run([str(python), str(WORKER), str(job_dir / "job.json")], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

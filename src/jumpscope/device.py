@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-__all__ = ["resolve_device", "local_device", "launched_by_torchrun", "reuse_freed_cpu_memory"]
+__all__ = ["resolve_device", "local_device", "launched_by_torchrun", "reuse_freed_cpu_memory", "MALLOC_REUSE_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 1 << 30
 _cpu_memory_reused = False
+# the same setting for a process started from here (e.g. a peer library in a benchmark)
+MALLOC_REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_KEEP_BYTES), "MALLOC_TRIM_THRESHOLD_": str(_KEEP_BYTES)}
 
 
 def launched_by_torchrun() -> bool:
@@ -62,8 +64,7 @@ def reuse_freed_cpu_memory() -> bool:
     touch. With blocks served from the heap, the same (4096, 384) @ (384, 2048) product took 38 ms
     instead of 53 (one thread) and a training step about a quarter less (benchmarks/README.md).
     The process keeps up to 1 GiB of freed memory mapped in exchange. The same as starting Python
-    with ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824``. Linux with glibc
-    only (elsewhere, or when mallopt refuses, nothing changes); True when set."""
+    with ``MALLOC_REUSE_ENV`` in the environment. Linux with glibc only (elsewhere, or when mallopt refuses, nothing changes); True when set."""
     global _cpu_memory_reused
     if _cpu_memory_reused:
         return True
