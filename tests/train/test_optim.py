@@ -177,31 +177,24 @@ def test_steered_parameters_take_rms_normalised_steps_without_averaging():
     assert groups[1]["params"][0] is sae.threshold_raw and groups[1]["lr_factor"] == sae.cfg.threshold_lr_factor
 
 
-def test_steered_parameters_may_take_sign_steps_instead():
+# sign: the size of the gradient plays no part (lr_factor 3 -> steps of 0.3).
+# signum (lr_factor 2 -> steps of 0.2): m1 = 0.1 g1 = [0.4, -0.001, 0]: -> [-0.2, 1.2, 2.0] (no
+# gradient yet: no step); m2 = 0.9 m1 + 0.1 g2 = [0.36, 0.0991, 0]: -> [-0.4, 1.0, 2.0];
+# m3 = 0.9 m2 + 0.1 g3 = [0.324, 0.08919, -0.1]: a zero gradient still steps along the momentum.
+@pytest.mark.parametrize("step, lr_factor, grads, expected", [
+    ("sign", 3.0, ([4.0, -0.01, 0.0], [0.5, -2.0, 1.0]), [-0.6, 1.6, 1.7]),
+    ("signum", 2.0, ([4.0, -0.01, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]), [-0.6, 0.8, 2.2]),
+])
+def test_steered_parameters_may_take_sign_steps_instead(step, lr_factor, grads, expected):
     q = torch.nn.Parameter(torch.tensor([0.0, 1.0, 2.0]))
-    optimizer = ScheduleFreeSignSGD([{"params": [q], "average": False, "lr_factor": 3.0, "step": "sign"}],
+    optimizer = ScheduleFreeSignSGD([{"params": [q], "average": False, "lr_factor": lr_factor, "step": step}],
                                     lr=0.1, beta=0.9)
-    for grad in ([4.0, -0.01, 0.0], [0.5, -2.0, 1.0]):  # the size of the gradient plays no part
+    for grad in grads:
         q.grad = torch.tensor(grad)
         optimizer.step()
-    assert torch.allclose(q.detach(), torch.tensor([-0.6, 1.6, 1.7]))
-    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4, threshold_step="sign")
-    assert make_optimizer(sae).param_groups[1]["step"] == "sign"
-
-
-def test_steered_parameters_may_take_sign_steps_of_a_momentum():
-    q = torch.nn.Parameter(torch.tensor([0.0, 1.0, 2.0]))
-    optimizer = ScheduleFreeSignSGD([{"params": [q], "average": False, "lr_factor": 2.0, "step": "signum"}],
-                                    lr=0.1, beta=0.9)
-    # m1 = 0.1 g1 = [0.4, -0.001, 0]: steps -0.2 sign(m1) -> [-0.2, 1.2, 2.0] (no gradient yet: no step)
-    # m2 = 0.9 m1 + 0.1 g2 = [0.36, 0.0991, 0]: -> [-0.4, 1.0, 2.0]
-    # m3 = 0.9 m2 + 0.1 g3 = [0.324, 0.08919, -0.1]: a zero gradient still steps along the momentum
-    for grad in ([4.0, -0.01, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]):
-        q.grad = torch.tensor(grad)
-        optimizer.step()
-    assert torch.allclose(q.detach(), torch.tensor([-0.6, 0.8, 2.2]))
-    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4, threshold_step="signum")
-    assert make_optimizer(sae).param_groups[1]["step"] == "signum"
+    assert torch.allclose(q.detach(), torch.tensor(expected))
+    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4, threshold_step=step)
+    assert make_optimizer(sae).param_groups[1]["step"] == step
 
 
 def test_jumprelu_thresholds_take_sign_steps_from_4096_rows_per_step():
