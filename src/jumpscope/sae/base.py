@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import check_positive
+from .step import LossOutput, StepContext
 
 
 InputScaling = Literal["unit_mean_sq_norm", "sqrt_d_in_norm", "none"]
@@ -176,47 +177,6 @@ class SAEConfig:
                              "a transcoder")
 
 
-@dataclass
-class StepContext:
-    """What the trainer tells an SAE's loss about the current step."""
-
-    step: int = 0
-    """Optimiser step index (0-based)."""
-
-    sparsity_scale: float = 1.0
-    """Warm-up factor in [0, 1] applied to the sparsity coefficient."""
-
-    dead_mask: Tensor | None = None
-    """Boolean (d_sae,) mask of latents that have not fired for the dead-token window."""
-
-    input_scale: float = 1.0
-    """The factor the trainer divided the inputs by (raw x = input_scale * x seen by the loss);
-    a loss that runs part of the model itself (a Jacobian SAE's MLP) needs raw units."""
-
-    output_scale: float = 1.0
-    """The same for the targets."""
-
-    batch_mean: Callable[[Tensor], Tensor] | None = None
-    """Under data parallelism: the whole batch's mean of a statistic, from this process's slice
-    mean, with gradients. A loss that is not linear in a batch mean applies it first to stay
-    exact (JumpReLU's target-L0 penalty). None: one process, the slice is the batch."""
-
-
-@dataclass
-class LossOutput:
-    """A loss and its named parts, with what the trainer needs for metrics."""
-
-    loss: Tensor
-    terms: dict[str, Tensor]
-    feature_acts: Tensor
-    reconstruction: Tensor
-    extra: dict[str, Tensor] = field(default_factory=dict)
-
-    def with_skip(self, skip: Tensor | None) -> "LossOutput":
-        """The same loss with a skip connection's prediction added to the reconstruction."""
-        return self if skip is None else replace(self, reconstruction=self.reconstruction + skip)
-
-
 class SAE(nn.Module):
     """Base module: ``encode``, ``decode``, ``forward``, ``loss``, decoder-norm helpers and
     the input-scale fold. Subclasses set ``config_class`` and implement ``encode``/``loss``."""
@@ -351,9 +311,8 @@ class SAE(nn.Module):
         the architecture compensates exactly. Default: nothing (a top-k choice would change)."""
 
     def unaveraged_parameters(self, batch_size: int | None = None) -> dict[str, Any] | None:
-        """``{"params": [...], "lr_factor": f, "step": "rms" | "sign" | "signum"}``: parameters a
-        controller steers (JumpReLU's thresholds), trained unaveraged with RMS-normalised or sign
-        steps of f x lr; ``batch_size`` (rows per step, None when unknown) may decide the rule."""
+        """``{"params": [...], "lr_factor": f, "step": "rms" | "sign" | "signum"}``: parameters a controller
+        steers (JumpReLU's thresholds), trained unaveraged; ``batch_size`` (rows per step) may pick the step."""
         return None
 
     def sparsity_coefficient(self) -> float | None:

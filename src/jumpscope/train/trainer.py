@@ -306,20 +306,16 @@ class Trainer:
         return rows
 
     def _calibrate(self) -> None:
-        """On the sample of training rows, for each SAE: the better of the averaged weights and the
-        training point, then ``calibrate`` on the weights to be saved (every process holds the same
-        sample: no collectives, the same result everywhere)."""
+        """On the sample of training rows (the same on every process: no collectives), each SAE's
+        better of average and training point (``finish_point``), then its ``calibrate``."""
         sample = self.calibration_sample
-        if not len(sample):
-            return
         for name, sae in self.saes.items():
             scale_in, scale_out = self.input_scales[name], self.output_scales[name]
-            (input_key, target_key), optimizer = self.routes[name], self.optimizers[name]
+            input_key, target_key = self.routes[name]
             rows = sample.sample(input_key) / scale_in
             targets = sample.sample(target_key) / scale_out if target_key else rows
-            note = finish_point(sae, optimizer, rows, targets,
-                                StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out),
-                                self.cfg.keep_training_point_margin)
+            ctx = StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out)
+            note = finish_point(sae, self.optimizers[name], rows, targets, ctx, self.cfg.keep_training_point_margin)
             if note:
                 self.calibrations[name] = note
                 if self.processes.is_main:
