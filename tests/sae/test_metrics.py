@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from jumpscope.sae.metrics import StreamingMetrics
+from jumpscope.sae.step import SparseActs
 
 
 def numpy_metrics(x, x_hat, f):
@@ -56,3 +57,23 @@ def test_only_positive_acts_fire_and_counts_are_exact():
         metrics.update(torch.ones(3, 2), torch.ones(3, 2), acts)
     assert metrics.firing_counts.tolist() == [3, 6, 6, 6]  # (acts > 0) summed over rows, three times
     assert metrics.compute()["l0"] == pytest.approx(7 / 3)
+
+
+def test_acts_given_as_sparse_entries_count_like_the_dense_tensor():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 5))
+    x_hat = x + 0.3 * rng.normal(size=x.shape)
+    f = rng.exponential(size=(300, 12)) * (rng.random((300, 12)) < np.linspace(0, 0.4, 12))
+    expected = numpy_metrics(x, x_hat, f)
+    dense = torch.tensor(f, dtype=torch.float32)
+    flat = torch.arange(dense.numel())[dense.reshape(-1) > 0]
+    # the entries a kernel hands over may include silent ones (value 0): add a few
+    silent = torch.arange(dense.numel())[dense.reshape(-1) == 0][:50]
+    flat = torch.cat([flat, silent]).sort().values
+    metrics = StreamingMetrics(d_sae=12, d_out=5)
+    metrics.update(torch.tensor(x, dtype=torch.float32), torch.tensor(x_hat, dtype=torch.float32),
+                   SparseActs(flat, flat % 12, dense.reshape(-1)[flat], (300, 12)))
+    result = metrics.compute()
+    assert result["l0"] == pytest.approx(expected["l0"], rel=1e-12)
+    assert result["dead_fraction"] == pytest.approx(expected["dead_fraction"])
+    assert result["dense_fraction"] == pytest.approx(expected["dense_fraction"])

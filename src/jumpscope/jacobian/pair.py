@@ -154,7 +154,7 @@ class JacobianSAE(TopKSAE):
         terms.update({f"{name}_in": value for name, value in inner.terms.items() if name != "mse"})
         terms.update({f"{name}_out": value for name, value in outer.terms.items() if name != "mse"})
         # The trainer's metrics describe the output side (the target); dead latents the input side.
-        return LossOutput(sum(terms.values()), terms, inner.feature_acts, outer.reconstruction)
+        return LossOutput(sum(terms.values()), terms, inner.acts, outer.reconstruction)
 
     # -- what the trainer does to every SAE, done to both ----------------------------------------
     def remove_parallel_decoder_grad(self) -> None:

@@ -21,7 +21,8 @@ to select the active latents). Everything else runs on a list of (token, latent)
 The gradients equal the dense reference path's (tests/sae/test_kernels.py) up to float summation
 order. Selection is done by the caller (the architecture's ``loss``) from a detached ``z`` (for
 JumpReLU without b_enc: the bias is folded into the threshold and added at the entries only);
-the dense ``z`` buffer is then reused for the dense ``feature_acts`` output the trainer's metrics read.
+the feature acts come out as a ``SparseActs`` (the entries), whose dense tensor, built only when
+something reads it, takes over the detached ``z`` buffer.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
 
 from .cpu_ops import greater
+from .step import SparseActs
 
 Kernel = Literal["auto", "dense", "sparse"]
 KERNELS = ("auto", "dense", "sparse")
@@ -259,13 +261,13 @@ def batch_topk_entries(z: Tensor, k: int) -> tuple[Entries, Tensor]:
 
 
 class _SparseSAE(torch.autograd.Function):
-    """(x, W_enc, b_enc, W_dec, b_dec, theta) -> (x_hat, aux e_hat, per-token L0, dense f, gap):
-    gap (n,) is JumpReLU's sum_b ReLU(theta_i - z_bi) when asked for (else empty)."""
+    """(x, W_enc, b_enc, W_dec, b_dec, theta) -> (x_hat, aux e_hat, per-token L0, f at the
+    entries, gap): gap (n,) is JumpReLU's sum_b ReLU(theta_i - z_bi) when asked for (else empty)."""
 
     @staticmethod
     @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
-                theta: Tensor | None, main: Entries, aux: AuxEntries | None, buffer: Tensor | None,
+                theta: Tensor | None, main: Entries, aux: AuxEntries | None,
                 apply_b_dec: bool, bandwidth: float, gap: bool) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.main, ctx.aux, ctx.apply_b_dec, ctx.bandwidth = main, aux, apply_b_dec, bandwidth
@@ -274,8 +276,7 @@ class _SparseSAE(torch.autograd.Function):
             ctx.W_dec_dead = W_dec.index_select(0, aux.columns)
         aux_recon = aux.acts @ ctx.W_dec_dead if aux is not None else recon.new_zeros(0)
         l0 = x.new_zeros(main.shape[0]).index_add_(0, main.rows, main.active)
-        acts = buffer.detach().zero_() if buffer is not None else x.new_zeros(main.shape)
-        acts.view(-1).index_copy_(0, main.flat, main.values)
+        values = main.values.clone()  # an output of its own: its gradient is dL/df at the entries
         x_sum = above = None
         if gap:  # all tokens minus those at or above theta, in float64 (the two sums nearly cancel)
             x_sum = (x - b_dec if apply_b_dec else x).sum(0, dtype=torch.float64)
@@ -287,20 +288,19 @@ class _SparseSAE(torch.autograd.Function):
             gap_out = x.new_zeros(0)
         ctx.x_sum, ctx.above = x_sum, above
         ctx.save_for_backward(x, W_enc, W_dec, b_dec, theta)
-        return recon, aux_recon, l0, acts, gap_out
+        return recon, aux_recon, l0, values, gap_out
 
     @staticmethod
     @custom_bwd(device_type="cuda")
     def backward(ctx: Any, g_recon: Tensor | None, g_aux: Tensor | None, g_l0: Tensor | None,
-                 g_acts: Tensor | None, g_gap: Tensor | None) -> tuple[Tensor | None, ...]:
+                 g_values: Tensor | None, g_gap: Tensor | None) -> tuple[Tensor | None, ...]:
         x, W_enc, W_dec, b_dec, theta = ctx.saved_tensors
         main, aux, need = ctx.main, ctx.aux, ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 12
+        grads: list[Tensor | None] = [None] * 11
         B = main.shape[0]
         g = main.sddmm(g_recon, W_dec) if g_recon is not None else None  # dL/df at the entries
-        if g_acts is not None:
-            picked = g_acts.reshape(-1).index_select(0, main.flat)
-            g = picked if g is None else g + picked
+        if g_values is not None:
+            g = g_values if g is None else g + g_values
         g_main = None if g is None else g * main.active  # dL/dz at the entries
         if g_gap is not None and ctx.x_sum is not None:
             # d gap_i / d z_bi = -1 below theta: -g_gap everywhere (a rank-one term, below) plus
@@ -363,11 +363,12 @@ class _SparseSAE(torch.autograd.Function):
 def sparse_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, main: Entries, *,
                theta: Tensor | None = None, aux: AuxEntries | None = None, buffer: Tensor | None = None,
                apply_b_dec_to_input: bool = False, bandwidth: float = 0.0,
-               pre_act_gap: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               pre_act_gap: bool = False) -> tuple[Tensor, Tensor, Tensor, SparseActs, Tensor]:
     """Reconstruction (B, d_out), AuxK reconstruction (B, d_out; empty without ``aux``), per-token
-    L0 (B,), dense feature acts (B, n, written into ``buffer`` when given, e.g. the detached z)
-    and, with ``pre_act_gap`` (JumpReLU), sum_b ReLU(theta_i - z_bi) per latent (n,; else empty)
+    L0 (B,), the feature acts as ``SparseActs`` (whose dense form takes over ``buffer`` when
+    given, e.g. the detached z) and, with ``pre_act_gap`` (JumpReLU), sum_b ReLU(theta_i - z_bi) per latent (n,; else empty)
     from entries selected on z = x_in @ W_enc + b_enc. Differentiable in x, W_enc, b_enc, W_dec,
     b_dec and theta (JumpReLU: pass ``bandwidth`` and entries with a window)."""
-    return _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, theta, main, aux, buffer,
-                            apply_b_dec_to_input, bandwidth, pre_act_gap)
+    recon, aux_recon, l0, values, gap = _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, theta, main, aux,
+                                                         apply_b_dec_to_input, bandwidth, pre_act_gap)
+    return recon, aux_recon, l0, SparseActs(main.flat, main.cols, values, main.shape, buffer), gap

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .step import SparseActs
+
 DENSE_FREQUENCY = 0.1
 # A latent of firing density p is expected to fire N * p times in N tokens, so a sample of N tokens
 # tells "dead" from "rare" only for p >= 1 / N. Live SAE latents commonly go down to p = 1e-4 (one
@@ -51,14 +53,18 @@ class StreamingMetrics:
         self.firing_counts = torch.zeros(self.d_sae, dtype=torch.int64, device=self.device)
 
     @torch.no_grad()
-    def update(self, target: Tensor, reconstruction: Tensor, feature_acts: Tensor) -> None:
-        """Add a batch: ``target`` and ``reconstruction`` (..., d_out), ``feature_acts`` (..., d_sae)."""
+    def update(self, target: Tensor, reconstruction: Tensor, feature_acts: Tensor | SparseActs) -> None:
+        """Add a batch: ``target`` and ``reconstruction`` (..., d_out), ``feature_acts`` (..., d_sae)
+        (only whether each act is > 0 is read)."""
         target = target.reshape(-1, self.d_out).double()
         reconstruction = reconstruction.reshape(-1, self.d_out).double()
-        # 1.0 where an act is > 0, else 0.0, summed in float32 (exact up to 2^24 rows a chunk): several
-        # times faster on the CPU than summing a boolean (B, d_sae) mask
-        positive = torch.sign(feature_acts.reshape(-1, self.d_sae).float()).clamp_(min=0).nan_to_num_(0.0)
-        counts = sum(chunk.sum(0).double() for chunk in positive.split(1 << 24))
+        if isinstance(feature_acts, SparseActs):
+            counts = feature_acts.firing_counts().double()
+        else:
+            # 1.0 where an act is > 0, else 0.0, summed in float32 (exact up to 2^24 rows a chunk):
+            # several times faster on the CPU than summing a boolean (B, d_sae) mask
+            positive = torch.sign(feature_acts.detach().reshape(-1, self.d_sae).float()).clamp_(min=0).nan_to_num_(0.0)
+            counts = sum(chunk.sum(0).double() for chunk in positive.split(1 << 24))
         self.n_tokens += target.shape[0]
         self.sum_sq_error += (target - reconstruction).pow(2).sum()
         self.sum_target += target.sum(0)

@@ -3,12 +3,16 @@ what the trainer's metrics read out (re-exported by ``sae.base``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import torch
 from torch import Tensor
 
-__all__ = ["StepContext", "LossOutput"]
+from .cpu_ops import fired_latents
+
+__all__ = ["StepContext", "LossOutput", "SparseActs"]
 
 
 @dataclass
@@ -37,15 +41,80 @@ class StepContext:
     exact (JumpReLU's target-L0 penalty). None: one process, the slice is the batch."""
 
 
+class SparseActs:
+    """A batch's feature activations as the entries a sparse kernel worked on: ``flat`` indices
+    into the (rows, d_sae) matrix, their latents ``cols`` and ``values`` (differentiable; entries
+    with value 0 are allowed and count as silent). The dense tensor is built only when read
+    (``to_dense``, once), so a training step that only counts firings never writes B x d_sae
+    floats: at batch 4096 and d_sae 4096 that was 17 ms of a 0.26 s JumpReLU step (one thread)."""
+
+    def __init__(self, flat: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, ...],
+                 buffer: Tensor | None = None):
+        self.flat, self.cols, self.values, self.shape = flat, cols, values, tuple(shape)
+        self._buffer = buffer  # storage of rows * d_sae elements the dense tensor may take over
+        self._dense: Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+    def reshape(self, *shape: int) -> "SparseActs":
+        """The same entries over another leading shape (the last dimension stays d_sae)."""
+        shape = torch.Size(shape) if shape else self.shape
+        if shape[-1] != self.shape[-1] or math.prod(shape) != math.prod(self.shape):
+            raise ValueError(f"cannot view acts of shape {self.shape} as {tuple(shape)}")
+        out = SparseActs(self.flat, self.cols, self.values, tuple(shape), self._buffer)
+        self._buffer = None  # one owner: two dense forms must not share storage
+        out._dense = None if self._dense is None else self._dense.view(shape)
+        return out
+
+    def to_dense(self) -> Tensor:
+        """The (..., d_sae) tensor, zeros except at the entries (differentiable in ``values``)."""
+        if self._dense is None:
+            buffer, self._buffer = self._buffer, None
+            dense = (buffer.detach().reshape(-1).zero_() if buffer is not None
+                     else self.values.new_zeros(self.n_rows * self.shape[-1]))
+            self._dense = dense.index_copy_(0, self.flat, self.values.to(dense.dtype)).view(self.shape)
+        return self._dense
+
+    def firing_counts(self) -> Tensor:
+        """(d_sae,) int64: per latent, the rows where it is > 0."""
+        return torch.bincount(self.cols[self.values.detach() > 0], minlength=self.shape[-1])
+
+    def active_total(self) -> Tensor:
+        """The number of entries > 0 (0-d float32 tensor): the batch's L0 times its rows."""
+        return (self.values.detach() > 0).sum().float()
+
+
 @dataclass
 class LossOutput:
-    """A loss and its named parts, with what the trainer needs for metrics."""
+    """A loss and its named parts, with what the trainer needs for metrics. ``acts`` is the
+    (..., d_sae) feature-activation tensor, or a ``SparseActs`` where a sparse kernel produced
+    them; ``feature_acts`` is always the dense tensor."""
 
     loss: Tensor
     terms: dict[str, Tensor]
-    feature_acts: Tensor
+    acts: Tensor | SparseActs
     reconstruction: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def feature_acts(self) -> Tensor:
+        return self.acts.to_dense() if isinstance(self.acts, SparseActs) else self.acts
+
+    @torch.no_grad()
+    def fired_latents(self) -> Tensor:
+        """(d_sae,) bool: the latents > 0 on at least one row."""
+        if isinstance(self.acts, SparseActs):
+            return self.acts.firing_counts() > 0
+        return fired_latents(self.acts.detach())
+
+    @torch.no_grad()
+    def mean_l0(self) -> Tensor:
+        """Mean over rows of the latents > 0 (0-d float32 tensor)."""
+        if isinstance(self.acts, SparseActs):
+            return self.acts.active_total() / max(1, self.acts.n_rows)
+        return (self.acts.detach() > 0).sum(-1).float().mean()
 
     def with_skip(self, skip: Tensor | None) -> "LossOutput":
         """The same loss with a skip connection's prediction added to the reconstruction."""

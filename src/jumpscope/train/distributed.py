@@ -306,12 +306,12 @@ def share_saes(group: SingleProcess, saes: dict[str, nn.Module], owners: dict[st
     return shared
 
 
-def reduced_row(group: SingleProcess, weight: float, loss: Tensor, terms: dict[str, Tensor], acts: Tensor,
+def reduced_row(group: SingleProcess, weight: float, loss: Tensor, terms: dict[str, Tensor], l0: Tensor,
                 reference: Tensor, reconstruction: Tensor) -> dict[str, float]:
     """The log values of the whole batch from the slices: the loss terms and L0 (weighted means;
     a term that is not linear in the batch mean gets the mean of the slices' values) and FVU."""
     means = torch.stack([loss.detach().float(), *[t.detach().float() for t in terms.values()],
-                         (acts > 0).sum(-1).float().mean()]).double() * weight
+                         l0.float()]).double() * weight
     ref, recon = reference.double(), reconstruction.detach().double()
     sums = group.all_reduce_sum_(torch.cat([means, (ref - recon).pow(2).sum().view(1), ref.pow(2).sum().view(1),
                                             ref.new_tensor([ref.shape[0]]), ref.sum(0)])).tolist()

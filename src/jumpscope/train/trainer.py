@@ -25,7 +25,6 @@ from torch import Tensor
 from ..data.batch import INPUT, TARGET, Batch
 from ..device import resolve_device, reuse_freed_cpu_memory
 from ..sae.base import SAE, StepContext
-from ..sae.cpu_ops import fired_latents
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from .batches import check_finite, rebatch
 from .calibration import CalibrationSample, finish_point
@@ -282,21 +281,21 @@ class Trainer:
             sae.normalize_decoder_rows()
             sae.after_step()
 
-            acts = out.feature_acts.detach()
-            fired = sharers.all_reduce_max_(fired_latents(acts).to(torch.int64)).bool()
+            fired = sharers.all_reduce_max_(out.fired_latents().to(torch.int64)).bool()
             self.since_fired[name] += cfg.batch_size
             self.since_fired[name][fired] = 0
             if in_final_window:
                 reference = targets if targets is not None else inputs
                 self.final_metrics[name].update(reference, out.reconstruction.detach().float() * scale_out,
-                                                acts.float() * scale_in)
+                                                out.acts)  # only whether each act is > 0 is read
             if logging_step:
                 reference = target_scaled if target_scaled is not None else inputs / scale_in
                 if sharers.world_size > 1:
-                    values = reduced_row(sharers, weight, out.loss, out.terms, acts, reference, out.reconstruction)
+                    values = reduced_row(sharers, weight, out.loss, out.terms, out.mean_l0(), reference,
+                                         out.reconstruction)
                 else:
                     values = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()},
-                              "l0": (acts > 0).sum(-1).float().mean().item(),
+                              "l0": out.mean_l0().item(),
                               "fvu": batch_fvu(reference, out.reconstruction.detach().float())}
                 rows[name] = {
                     **values,
