@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from jumpscope.sae.recipes import FIXED_LR
+
 from jumpscope.train.calibration import CalibrationSample
 
 
@@ -80,7 +82,7 @@ def _trained(arch: str, rows: int = 512, **fields):
 
 
 def _trained_topk():  # a fixed step, not the width rule's (0.16 at 16 latents)
-    return _trained("topk", d_sae=16, k=3, lr=1.414e-2, lr_reference_width=None)
+    return _trained("topk", d_sae=16, k=3, lr=1.414e-2, **FIXED_LR)
 
 
 def _set_points(sae, optimizer, y, x):

@@ -72,7 +72,7 @@ def test_average_power_weighs_step_t_by_t_to_the_r():
 
 def test_width_scaled_learning_rate_and_the_optimiser_the_config_names():
     sae = jumpscope.build("topk", d_in=8, d_sae=64, k=4, optimizer="signsgd_schedulefree", lr=5e-3,
-                          lr_reference_width=16)
+                          lr_reference_width=16, lr_reference_steps=None, lr_reference_d_in=None)
     assert peak_lr(sae) == pytest.approx(5e-3 * math.sqrt(16 / 64))
     optimizer = make_optimizer(sae)
     assert isinstance(optimizer, ScheduleFreeSignSGD) and optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-3)
@@ -81,6 +81,22 @@ def test_width_scaled_learning_rate_and_the_optimiser_the_config_names():
         jumpscope.build("topk", d_in=8, d_sae=64, k=4, optimizer="sgd")
     with pytest.raises(ValueError, match="schedule_free_beta"):
         jumpscope.build("topk", d_in=8, d_sae=64, k=4, schedule_free_beta=1.0)
+
+
+@pytest.mark.parametrize("steps,factor", [(500, 1.0), (2000, 0.5), (125, 2.0), (8000, 0.5), (10, 2.0), (None, 1.0)])
+def test_run_length_scaled_learning_rate_goes_as_one_over_sqrt_steps_within_four_fold(steps, factor):
+    # 1 / sqrt(T) within [500 / 4, 500 * 4] steps, flat outside; unknown length: lr as given
+    sae = jumpscope.build("topk", d_in=8, d_sae=64, k=4, lr=7e-3, lr_reference_steps=500, lr_reference_d_in=None)
+    assert peak_lr(sae, steps) == pytest.approx(7e-3 * factor)
+    both = jumpscope.build("topk", d_in=8, d_sae=64, k=4, lr=7e-3, lr_reference_width=16, lr_reference_steps=500,
+                           lr_reference_d_in=None)
+    assert peak_lr(both, 2000) == pytest.approx(7e-3 * 0.5 * 0.5)
+    every = jumpscope.build("topk", d_in=8, d_sae=64, k=4, lr=7e-3, lr_reference_width=16, lr_reference_steps=500,
+                            lr_reference_d_in=2)
+    assert peak_lr(every, 2000) == pytest.approx(7e-3 * 0.5 * 0.5 * 2 / 8)
+    for field in ("lr_reference_steps", "lr_reference_d_in"):
+        with pytest.raises(ValueError, match=field):
+            jumpscope.build("topk", d_in=8, d_sae=64, k=4, **{field: 0})
 
 
 @pytest.mark.parametrize("warmup,step,expected", [(10, 4, 0.5), (0.1, 4, 0.5), (0.05, 0, 0.2), (0, 0, 1.0)])

@@ -312,3 +312,15 @@ def test_resumed_run_calibrates_on_the_sample_its_checkpoint_kept(tmp_path):
     assert saved.shape == (300, D_IN)  # 10 rows from each of the 30 steps before the checkpoint
     resumed = Trainer(saes(), config(tmp_path, **settings)).fit(stream(40, rows=128), resume=True)
     assert_same_weights(reference, resumed)
+
+
+def test_a_reference_run_length_scales_the_step_size_by_the_run_s_length(tmp_path):
+    # 40 steps against a 10-step reference: lr / sqrt(4) (train/optim.py peak_lr)
+    sae = build("topk", d_in=D_IN, d_sae=32, k=3, seed=0, lr=1e-2, lr_reference_steps=10,
+                lr_reference_d_in=None)
+    trainer = Trainer({"topk": sae}, config(tmp_path, checkpoint_every=0))
+    trainer.fit(stream(80))
+    assert trainer.step == 40
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    lrs = [row["lr"] for row in rows if row.get("sae") == "topk"]
+    assert len(lrs) == 8 and lrs == pytest.approx([5e-3] * 8)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..sae.base import InputScaling, LossOutput, StepContext
+from ..sae.recipes import FIXED_LR
 from ..sae.registry import register
 from ..sae.topk import TopKSAE, TopKSAEConfig
 from .jacobian import jacobian_active
@@ -39,6 +40,20 @@ class JacobianSAEConfig(TopKSAEConfig):
 
     k: int = 32
     """Active latents per token in each SAE (the paper's 32)."""
+
+    lr: float = 5e-3
+    """Sign-descent step size at lr_reference_width latents: the pair keeps sparsify's width rule
+    (its recipe was measured with it, on E||x||^2 = 1 inputs where TopK's run-length and input-width
+    rules were not measured)."""
+
+    lr_reference_width: int | None = 16_384
+    """lr * sqrt(16384 / d_sae)."""
+
+    lr_reference_steps: int | None = None
+    """No run-length rule."""
+
+    lr_reference_d_in: int | None = None
+    """No input-width rule."""
 
     jacobian_coefficient: float | None = None
     """lambda, the weight of mean |J| (warmed up by sparsity_warmup_steps); None: the authors' rule
@@ -70,7 +85,7 @@ class JacobianSAEConfig(TopKSAEConfig):
         # training_sae_pair.py): raw activations, per-element MSE, no AuxK, b_dec neither
         # subtracted nor data-initialised, encoder = decoder^T, Adam 5e-4 with a 1% warm-up and a
         # 20% decay, J at the true MLP input. (The reference trains on BOS rows too; ours never do.)
-        "paper": dict(optimizer="adam", lr=5e-4, lr_reference_width=None, adam_beta1=0.9, adam_beta2=0.999,
+        "paper": dict(optimizer="adam", lr=5e-4, **FIXED_LR, adam_beta1=0.9, adam_beta2=0.999,
                       lr_warmup_steps=0.01, lr_decay_fraction=0.2, encoder_init_scale=1.0, input_scaling="none",
                       mse_per_element=True, aux_coefficient=0.0, apply_b_dec_to_input=False, b_dec_init="zeros",
                       jacobian_point="input"),

@@ -70,6 +70,17 @@ class SAEConfig:
     """When set, lr applies at this width and other widths use lr * sqrt(lr_reference_width /
     d_sae) (sparsify's rule: wider dictionaries take smaller steps). None: lr as given."""
 
+    lr_reference_steps: int | None = None
+    """When set, lr applies to a run of this many optimiser steps, and a run of T steps uses
+    lr * sqrt(lr_reference_steps / T), T taken within [lr_reference_steps / 4, 4 *
+    lr_reference_steps] (schedule-free averaging's step size for a horizon T goes as 1/sqrt(T);
+    outside that range the rule is not measured). None: lr whatever the run's length."""
+
+    lr_reference_d_in: int | None = None
+    """When set, lr applies at this input width and d_in inputs use lr * lr_reference_d_in / d_in
+    (a sign step moves a pre-activation by about lr * sum_j |x_j|, which grows as d_in on inputs
+    scaled to E||x|| = sqrt(d_in)). None: lr whatever d_in."""
+
     schedule_free_beta: float = 0.95
     """Schedule-free momentum: gradients are taken at beta * average + (1 - beta) * latest iterate."""
 
@@ -162,7 +173,7 @@ class SAEConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_out is not None and self.d_out <= 0:
             raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
-        check_positive(self, "encoder_init_scale", "lr_reference_width", *self.positive_fields)
+        check_positive(self, "encoder_init_scale", "lr_reference_width", "lr_reference_steps", "lr_reference_d_in", *self.positive_fields)
         check_positive(self, "schedule_free_average_power", *self.nonnegative_fields, zero_ok=True)
         if self.input_scaling not in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none"):
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")

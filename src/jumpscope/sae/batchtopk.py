@@ -39,7 +39,13 @@ class BatchTopKSAEConfig(TopKSAEConfig):
     """Adam's peak learning rate (2e-3 beat 5e-4 at every L0 in the frontier's learning-rate check)."""
 
     lr_reference_width: int | None = None
-    """lr as given, at any width."""
+    """lr as given, at any width ..."""
+
+    lr_reference_steps: int | None = None
+    """... any run length ..."""
+
+    lr_reference_d_in: int | None = None
+    """... and any input width (the sign-descent recipe's rules are not Adam's)."""
 
     encoder_init_scale: float = 1.0
     """W_enc = W_dec^T at initialisation (the smaller encoder suits sign descent, not Adam)."""

@@ -18,7 +18,7 @@ from . import kernels
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .calibrate import l0_factor, mean_l0
 from .cpu_ops import column_kth_smallest
-from .recipes import ADAM_RECIPE, TunedSignDescentRecipe
+from .recipes import ADAM_RECIPE, FIXED_LR, TunedSignDescentRecipe
 from .registry import register
 
 
@@ -174,14 +174,14 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
         "adam": dict(ADAM_RECIPE, lr=3e-3, input_scaling="unit_mean_sq_norm", apply_b_dec_to_input=False,
                      bandwidth=0.001, threshold_init=0.001, l0_coefficient=0.01, target_l0_coefficient=10.0),
         # Rajamanoharan et al. 2024 / Gemma Scope, tuned for billions of tokens.
-        "paper": dict(optimizer="adam", encoder_init_scale=1.0, lr_reference_width=None, apply_b_dec_to_input=False,
+        "paper": dict(optimizer="adam", encoder_init_scale=1.0, **FIXED_LR, apply_b_dec_to_input=False,
                       l0_coefficient=0.01, target_l0_coefficient=10.0,
                       lr=7e-5, adam_beta1=0.0, adam_beta2=0.999, lr_warmup_steps=1000,
                       lr_decay_fraction=0.0, sparsity_warmup_steps=10_000, log_threshold=True,
                       threshold_init=0.001, bandwidth=0.001, input_scaling="unit_mean_sq_norm",
                       b_dec_init="zeros", pre_act_coefficient=0.0, calibrate_l0=False),
         # Anthropic's January 2025 variant (constants unverified, SPEC 1).
-        "tanh": dict(optimizer="adam", encoder_init_scale=1.0, lr=3e-3, lr_reference_width=None, lr_warmup_steps=100,
+        "tanh": dict(optimizer="adam", encoder_init_scale=1.0, lr=3e-3, **FIXED_LR, lr_warmup_steps=100,
                      apply_b_dec_to_input=False, sparsity_loss="tanh", tanh_scale=4.0, pre_act_coefficient=3e-6,
                      input_scaling="sqrt_d_in_norm", bandwidth=2.0, threshold_init=0.1,
                      sparsity_warmup_steps=-1, lr_decay_fraction=0.2, grad_clip_norm=1.0,

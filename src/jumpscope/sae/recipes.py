@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["ADAM_RECIPE", "SignDescentRecipe", "TunedSignDescentRecipe"]
+__all__ = ["ADAM_RECIPE", "FIXED_LR", "SignDescentRecipe", "TunedSignDescentRecipe"]
+
+# lr exactly as given: no width, run-length or input-width rule (every Adam recipe)
+FIXED_LR: dict[str, Any] = dict(lr_reference_width=None, lr_reference_steps=None, lr_reference_d_in=None)
 
 # The Adam recipe that was every architecture's default before schedule-free sign descent
 # (each architecture's preset('adam') starts from it).
-ADAM_RECIPE: dict[str, Any] = dict(optimizer="adam", encoder_init_scale=1.0, lr=5e-4, lr_reference_width=None,
+ADAM_RECIPE: dict[str, Any] = dict(optimizer="adam", encoder_init_scale=1.0, lr=5e-4, **FIXED_LR,
                                    lr_warmup_steps=100, lr_decay_fraction=0.2)
 
 
@@ -27,11 +30,23 @@ class SignDescentRecipe:
     MiniLM it halved TopK's held-out FVU against Adam at 5e-4 and made ReLU and Gated far sparser
     at the same FVU (benchmarks/README.md, recipe check). preset('adam') restores Adam."""
 
-    lr: float = 5e-3
-    """Peak step size at lr_reference_width latents (sparsify's 5e-3 at 2^14)."""
+    lr: float = 7e-3
+    """Step size of a 500-step run on 384 input features; a run of T steps on d_in features
+    takes lr * sqrt(500 / T) * 384 / d_in (lr_reference_steps, lr_reference_d_in): 1.4e-2 at
+    122 steps, 3.5e-3 at 2,000 (MiniLM d_in 384). Measured on MiniLM at 122 and 488 steps of
+    4096 and 488 of 1024, widths 2048 and 8192, where the best step fell as 1/sqrt(T) and did not
+    follow sparsify's width rule (benchmarks/README.md, "Step size against run length")."""
 
-    lr_reference_width: int | None = 16_384
-    """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae) (sparsify's rule)."""
+    lr_reference_width: int | None = None
+    """No width rule: at a fixed run length the best step was the same at 2048 and 8192 latents
+    (sparsify's lr * sqrt(16384 / d_sae) gave 0.5x at 8192: FVU 4.5% higher at 122 steps)."""
+
+    lr_reference_steps: int | None = 500
+    """lr applies to a 500-step run; T steps use lr * sqrt(500 / T) (T within 125..2,000)."""
+
+    lr_reference_d_in: int | None = 384
+    """lr applies at 384 input features; d_in features use lr * 384 / d_in (stories260K's 64
+    features took 2.83e-2 better than 1.414e-2; SmolLM2's 576 tied with MiniLM's step)."""
 
     lr_warmup_steps: float = 0
     """No warm-up: schedule-free averaging needs none."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .jumprelu import JumpReLUSAE
-from .recipes import ADAM_RECIPE, SignDescentRecipe
+from .recipes import ADAM_RECIPE, FIXED_LR, SignDescentRecipe
 from .registry import register
 
 
@@ -49,7 +49,7 @@ class ReLUSAEConfig(SignDescentRecipe, SAEConfig):
         # The Adam recipe that was the default before schedule-free sign descent.
         "adam": dict(ADAM_RECIPE, sparsity_warmup_steps=250),
         # Anthropic "Circuits Updates - April 2024" (set sparsity_warmup_steps to 5% of the run).
-        "anthropic": dict(optimizer="adam", lr_reference_width=None, lr_warmup_steps=100, lr=5e-5, l1_coefficient=5.0, input_scaling="sqrt_d_in_norm",
+        "anthropic": dict(optimizer="adam", **FIXED_LR, lr_warmup_steps=100, lr=5e-5, l1_coefficient=5.0, input_scaling="sqrt_d_in_norm",
                           normalize_decoder=False, lr_decay_fraction=0.2, grad_clip_norm=1.0,
                           decoder_init_norm=0.1),
     }

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import kernels
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
-from .recipes import ADAM_RECIPE, TunedSignDescentRecipe
+from .recipes import ADAM_RECIPE, FIXED_LR, TunedSignDescentRecipe
 from .registry import register
 
 
@@ -52,22 +52,12 @@ class TopKSAEConfig(TunedSignDescentRecipe, SAEConfig):
     input_scaling: InputScaling = "sqrt_d_in_norm"
     """How the trainer rescales inputs (see SAEConfig); the paper uses E||x|| = sqrt(d_in)."""
 
-    lr: float = 5e-3
-    """Sign-descent step size at lr_reference_width latents; sparsify's width rule scales it as
-    sqrt(16384 / d_sae) (1.414e-2 at 2048, 7.07e-3 at 8192). MiniLM, width 8192: the rule's step
-    gave FVU 0.1263 over 488 steps of 4096 against 0.1416 for 1.414e-2 (0.953x and 1.069x
-    sparsify's); at 122 steps 1.414e-2 was better (0.1639 against 0.1715), so the rule wins
-    where runs are longer than a few hundred steps (benchmarks/README.md, "Against sparsify")."""
-
-    lr_reference_width: int | None = 16_384
-    """lr applies at this width; d_sae latents use lr * sqrt(16384 / d_sae) (None: lr at any width)."""
-
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # The Adam recipe that was the default before schedule-free sign descent.
         "adam": ADAM_RECIPE,
         # Gao et al. 2024: Adam at 2e-4 / sqrt(d_sae / 2^14), no decay, for billions of tokens.
-        "paper": dict(optimizer="adam", encoder_init_scale=1.0, lr=2e-4, lr_reference_width=16_384, lr_warmup_steps=0,
-                      lr_decay_fraction=0.0, adam_beta1=0.9, adam_beta2=0.999),
+        "paper": dict(FIXED_LR, optimizer="adam", encoder_init_scale=1.0, lr=2e-4, lr_reference_width=16_384,
+                      lr_warmup_steps=0, lr_decay_fraction=0.0, adam_beta1=0.9, adam_beta2=0.999),
     }
 
     kernel: kernels.Kernel = "auto"

@@ -116,13 +116,27 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 torch._foreach_lerp_(params, [self.state[p]["z"] for p in params], weight(group["beta"]))
 
 
-def peak_lr(sae: SAE) -> float:
-    """The config's lr, scaled by sqrt(lr_reference_width / d_sae) when a reference width is set
-    (sparsify's width rule: wider dictionaries take smaller steps)."""
+# lr_reference_steps scales lr for runs within this factor of the reference length either way
+RUN_LENGTH_RANGE = 4.0
+
+
+def peak_lr(sae: SAE, total_steps: int | None = None) -> float:
+    """The config's lr, times sqrt(lr_reference_width / d_sae) when a reference width is set
+    (sparsify's width rule: wider dictionaries take smaller steps) and times
+    sqrt(lr_reference_steps / total_steps) when a reference run length is set and the run's is
+    known (clamped to RUN_LENGTH_RANGE either way: longer runs take smaller steps), and times
+    lr_reference_d_in / d_in when a reference input width is set."""
     cfg = sae.cfg
-    if cfg.lr_reference_width is None:
-        return cfg.lr
-    return cfg.lr * math.sqrt(cfg.lr_reference_width / cfg.d_sae)
+    lr = cfg.lr
+    if cfg.lr_reference_width is not None:
+        lr *= math.sqrt(cfg.lr_reference_width / cfg.d_sae)
+    if cfg.lr_reference_d_in is not None:
+        lr *= cfg.lr_reference_d_in / cfg.d_in
+    if cfg.lr_reference_steps is not None and total_steps:
+        reference = cfg.lr_reference_steps
+        steps = min(max(total_steps, reference / RUN_LENGTH_RANGE), reference * RUN_LENGTH_RANGE)
+        lr *= math.sqrt(reference / steps)
+    return lr
 
 
 def make_optimizer(sae: SAE, batch_size: int | None = None) -> torch.optim.Optimizer:

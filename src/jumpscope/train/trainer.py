@@ -274,7 +274,7 @@ class Trainer:
             sae.remove_parallel_decoder_grad()
             if sae_cfg.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), sae_cfg.grad_clip_norm)
-            lr = peak_lr(sae) * lr_factor(self.step, total, sae_cfg.lr_warmup_steps, sae_cfg.lr_decay_fraction)
+            lr = peak_lr(sae, total) * lr_factor(self.step, total, sae_cfg.lr_warmup_steps, sae_cfg.lr_decay_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
