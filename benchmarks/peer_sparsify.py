@@ -54,6 +54,7 @@ import jumpscope  # noqa: E402
 from jumpscope.data.cache import CacheReader, is_complete  # noqa: E402
 from jumpscope.device import MALLOC_REUSE_ENV  # noqa: E402
 from jumpscope.sae.registry import config_class  # noqa: E402
+from jumpscope.train.optim import peak_lr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_batches import Provider, evaluate, safetensors_meta  # noqa: E402
@@ -237,7 +238,8 @@ def train_ours(args, setup: dict, cache: str, specs: list[str]) -> dict:
             "data_sha256": provider.digest.hexdigest(),
             "step_seconds_median": statistics.median(intervals) if intervals else seconds / max(1, trainer.step),
             "load_average_start": load_start, "load_average_end": os.getloadavg()[0], "specs": specs,
-            "configs": {spec: sae.cfg.to_dict() for spec, sae in saes.items()}}  # defaults move: keep what ran
+            "configs": {spec: sae.cfg.to_dict() for spec, sae in saes.items()},  # defaults move: keep what ran
+            "step_sizes": {spec: peak_lr(sae, trainer.cfg.total_steps) for spec, sae in saes.items()}}
 
 
 def run_sparsify(python: Path, args, setup: dict, data: dict) -> dict:
@@ -356,9 +358,12 @@ def main() -> None:
     report(args, data, ours, evals, sparsify, speed, lm, load_start, started)
 
 
-def _recipe(cfg: dict) -> str:
-    width = f" at reference width {cfg['lr_reference_width']}" if cfg.get("lr_reference_width") else ""
-    return f"{cfg.get('optimizer')}, lr {cfg.get('lr')}{width}, warm-up {cfg.get('lr_warmup_steps')}"
+def _recipe(cfg: dict, step_size: float | None = None) -> str:
+    rules = [f"{name} {cfg[field]}" for field, name in (("lr_reference_width", "reference width"),
+             ("lr_reference_steps", "reference steps"), ("lr_reference_d_in", "reference d_in")) if cfg.get(field)]
+    this_run = f" ({step_size:.3g} in this run)" if step_size is not None and step_size != cfg.get("lr") else ""
+    at = f" at {', '.join(rules)}" if rules else ""
+    return f"{cfg.get('optimizer')}, lr {cfg.get('lr')}{at}{this_run}, warm-up {cfg.get('lr_warmup_steps')}"
 
 
 def report(args, data, ours, evals, sparsify, speed, lm, load_start, started) -> None:
@@ -393,7 +398,7 @@ def report(args, data, ours, evals, sparsify, speed, lm, load_start, started) ->
     worker = sparsify["worker"]
     worker_wall = "reused from an earlier run" if worker.get("reused") else f"{worker['process_wall_seconds']:.0f} s wall"
     summary = [f"{spec}: FVU {evals[spec]['fvu']:.4f} vs sparsify {sp_fvu:.4f} (ratio ours/sparsify "
-               f"{r['fvu_ratio_ours_over_sparsify']:.3f}; ours: {_recipe(ours['configs'][spec])}), held-out L0 "
+               f"{r['fvu_ratio_ours_over_sparsify']:.3f}; ours: {_recipe(ours['configs'][spec], ours.get('step_sizes', {}).get(spec))}), held-out L0 "
                f"{r['l0']:.2f}"
                + (f" vs target {r['target_l0']:g}: {'within' if r['l0_within_5pct'] else 'NOT within'} 5% "
                   f"({100 * (r['l0'] / r['target_l0'] - 1):+.1f}%)" if "target_l0" in r else "") + "."
