@@ -212,9 +212,8 @@ class CacheWriter:
 
 
 def _validate(manifest: dict[str, Any], path: Path) -> None:
-    """Check the whole manifest before any of it is used: types, positive sizes, each shard's name,
-    rows, bytes (consistent with its rows, widths and dtype) and checksum; a CacheError naming the
-    file lists what is wrong."""
+    """Check the whole manifest before any of it is used (types, sizes, each shard's name, rows, bytes
+    against its rows, widths and dtype, checksum); a CacheError naming the file lists what is wrong."""
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not a jumpscope activation cache manifest (format {short(manifest.get('format'))})")
     if manifest.get("format_version") != FORMAT_VERSION or isinstance(manifest.get("format_version"), bool):

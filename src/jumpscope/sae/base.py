@@ -173,7 +173,8 @@ class SAEConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_out is not None and self.d_out <= 0:
             raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
-        check_positive(self, "encoder_init_scale", "lr_reference_width", "lr_reference_steps", "lr_reference_d_in", *self.positive_fields)
+        check_positive(self, "encoder_init_scale", "lr_reference_width", "lr_reference_steps", "lr_reference_d_in",
+                       *self.positive_fields)
         check_positive(self, "schedule_free_average_power", *self.nonnegative_fields, zero_ok=True)
         if self.input_scaling not in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none"):
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}")

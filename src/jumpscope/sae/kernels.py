@@ -366,8 +366,8 @@ def sparse_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Te
                pre_act_gap: bool = False) -> tuple[Tensor, Tensor, Tensor, SparseActs, Tensor]:
     """Reconstruction (B, d_out), AuxK reconstruction (B, d_out; empty without ``aux``), per-token
     L0 (B,), the feature acts as ``SparseActs`` (whose dense form takes over ``buffer`` when
-    given, e.g. the detached z) and, with ``pre_act_gap`` (JumpReLU), sum_b ReLU(theta_i - z_bi) per latent (n,; else empty)
-    from entries selected on z = x_in @ W_enc + b_enc. Differentiable in x, W_enc, b_enc, W_dec,
+    given, e.g. the detached z) and, with ``pre_act_gap`` (JumpReLU), sum_b ReLU(theta_i - z_bi)
+    per latent (n,; else empty) from entries selected on z = x_in @ W_enc + b_enc. Differentiable in x, W_enc, b_enc, W_dec,
     b_dec and theta (JumpReLU: pass ``bandwidth`` and entries with a window)."""
     recon, aux_recon, l0, values, gap = _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, theta, main, aux,
                                                          apply_b_dec_to_input, bandwidth, pre_act_gap)

@@ -63,7 +63,8 @@ class StreamingMetrics:
         else:
             # 1.0 where an act is > 0, else 0.0, summed in float32 (exact up to 2^24 rows a chunk):
             # several times faster on the CPU than summing a boolean (B, d_sae) mask
-            positive = torch.sign(feature_acts.detach().reshape(-1, self.d_sae).float()).clamp_(min=0).nan_to_num_(0.0)
+            acts = feature_acts.detach().reshape(-1, self.d_sae).float()
+            positive = torch.sign(acts).clamp_(min=0).nan_to_num_(0.0)
             counts = sum(chunk.sum(0).double() for chunk in positive.split(1 << 24))
         self.n_tokens += target.shape[0]
         self.sum_sq_error += (target - reconstruction).pow(2).sum()
