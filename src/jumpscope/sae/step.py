@@ -53,6 +53,7 @@ class SparseActs:
         self.flat, self.cols, self.values, self.shape = flat, cols, values, tuple(shape)
         self._buffer = buffer  # storage of rows * d_sae elements the dense tensor may take over
         self._dense: Tensor | None = None
+        self._counts: Tensor | None = None  # read twice a step in the final window (dead tracking, metrics)
 
     @property
     def n_rows(self) -> int:
@@ -60,12 +61,12 @@ class SparseActs:
 
     def reshape(self, *shape: int) -> "SparseActs":
         """The same entries over another leading shape (the last dimension stays d_sae)."""
-        shape = torch.Size(shape) if shape else self.shape
         if shape[-1] != self.shape[-1] or math.prod(shape) != math.prod(self.shape):
             raise ValueError(f"cannot view acts of shape {self.shape} as {tuple(shape)}")
         out = SparseActs(self.flat, self.cols, self.values, tuple(shape), self._buffer)
         self._buffer = None  # one owner: two dense forms must not share storage
         out._dense = None if self._dense is None else self._dense.view(shape)
+        out._counts = self._counts
         return out
 
     def to_dense(self) -> Tensor:
@@ -79,11 +80,13 @@ class SparseActs:
 
     def firing_counts(self) -> Tensor:
         """(d_sae,) int64: per latent, the rows where it is > 0."""
-        return torch.bincount(self.cols[self.values.detach() > 0], minlength=self.shape[-1])
+        if self._counts is None:
+            self._counts = torch.bincount(self.cols[self.values.detach() > 0], minlength=self.shape[-1])
+        return self._counts
 
     def active_total(self) -> Tensor:
         """The number of entries > 0 (0-d float32 tensor): the batch's L0 times its rows."""
-        return (self.values.detach() > 0).sum().float()
+        return self.firing_counts().sum().float()
 
 
 @dataclass
