@@ -166,3 +166,24 @@ def test_calibrate_leaves_thresholds_alone_without_a_target_or_when_turned_off()
         before = sae.threshold.clone()
         assert sae.calibrate(x, StepContext()) is None
         assert torch.equal(sae.threshold, before)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_pre_act_penalty_falls_linearly_to_zero_over_its_fraction_of_the_run(kernel):
+    sae = make(d_sae=40, target_l0=4, pre_act_coefficient=0.2, pre_act_decay_fraction=0.5, kernel=kernel)
+    x = torch.randn(64, 6)
+    sae.init_from_data(x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    full = 0.2 * (torch.relu(sae.threshold - pre) * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    for progress, factor in ((0.0, 1.0), (0.25, 0.5), (0.4, 0.2)):
+        out = sae.loss(x, StepContext(progress=progress))
+        assert torch.allclose(out.terms["pre_act"], factor * full, rtol=1e-5)
+    for progress in (0.5, 0.9):  # spent: no term at all (the sparse kernel skips the gap pass)
+        assert "pre_act" not in sae.loss(x, StepContext(progress=progress)).terms
+    sae.cfg.pre_act_decay_fraction = None  # Anthropic's: full strength throughout
+    assert torch.allclose(sae.loss(x, StepContext(progress=0.9)).terms["pre_act"], full, rtol=1e-5)
+
+
+def test_pre_act_decay_fraction_must_be_positive():
+    with pytest.raises(ValueError, match="pre_act_decay_fraction"):
+        make(pre_act_decay_fraction=0.0)

@@ -324,3 +324,15 @@ def test_a_reference_run_length_scales_the_step_size_by_the_run_s_length(tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     lrs = [row["lr"] for row in rows if row.get("sae") == "topk"]
     assert len(lrs) == 8 and lrs == pytest.approx([5e-3] * 8)
+
+
+def test_the_trainer_tells_losses_how_far_the_run_has_gone(tmp_path):
+    # JumpReLU's pre-activation penalty falls to 0 at half the run: steps 0-19 of 40 carry it
+    sae = build("jumprelu", d_in=D_IN, d_sae=32, target_l0=3, seed=0, pre_act_coefficient=1e-2,
+                pre_act_decay_fraction=0.5)
+    Trainer({"jump": sae}, config(tmp_path, checkpoint_every=0, log_every=1)).fit(stream(80))
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if row.get("sae") == "jump"]
+    assert len(rows) == 40
+    with_term = [row["step"] for row in rows if "pre_act" in row]
+    assert with_term == list(range(1, 21))  # logged steps count from 1

@@ -137,12 +137,10 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     threshold_step: Literal["auto", "rms", "sign", "signum"] = "auto"
     """How the unaveraged thresholds step under sign descent with target_l0: 'rms' (the
     RMS-normalised steps above), 'sign' (sign steps of threshold_lr_factor x lr), 'signum' (sign
-    steps of a 0.9 momentum of the gradient) or 'auto': 'sign' when a step takes at least 4096
-    rows, else 'rms'. MiniLM, target 32: at 122 steps of 4096, sign steps give FVU 0.1778 against
-    0.1835 for rms at width 2048 and 0.1795 against 0.1907 at 8192; at 500 steps of 1024 (width
-    3072) they lose the L0 (about 60 for targets 20-55: a threshold steps only on batches with
-    inputs in its kernel, while the encoder bias steps on every one), and calibrated down to 32
-    they reconstruct far worse (0.274 against 0.208; signum holds L0 there but gives 0.239)."""
+    steps of a 0.9 momentum of the gradient) or 'auto': 'sign' when a step takes >= 4096 rows,
+    else 'rms'. MiniLM, target 32, 122 steps of 4096: sign 0.1778 vs rms 0.1835 FVU (width 2048),
+    0.1795 vs 0.1907 (8192); at 500 steps of 1024 sign steps lose the L0 (about 60 for targets
+    20-55; calibrated to 32: FVU 0.274 vs 0.208, signum 0.239)."""
 
     target_l0_coefficient: float = 1000.0
     """Strength of the target-L0 penalty. With sign descent it must outweigh the squared error's
@@ -153,12 +151,16 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     """c in the tanh sparsity penalty."""
 
     pre_act_coefficient: float = 1e-4
-    """lambda_P of the pre-activation penalty sum ReLU(theta_i - z_i) ||W_dec,i|| (0 = off). It
-    revives latents whose threshold outgrew their inputs: on the synthetic benchmark the dead
-    fraction fell from 0.32 to 0.002 (benchmarks/README.md). Its price is reconstruction where a
-    wide dictionary trains briefly: MiniLM, 8192 latents, FVU 0.1718 against 0.1657 off (122 steps
-    of 4096) and 0.1447 against 0.1290 (488), with 59% / 44% of latents dead when off; at 2048
-    latents the same either way (0.1760 / 0.1765, 0.1459 / 0.1452)."""
+    """lambda_P of the pre-activation penalty sum ReLU(theta_i - z_i) ||W_dec,i|| (0 = off): it
+    revives latents whose threshold outgrew their inputs (synthetic benchmark: 0.32 -> 0.002 dead).
+    Under sign descent any lambda_P > 0 keeps every latent alive (1e-6 as 1e-4)."""
+
+    pre_act_decay_fraction: float | None = 0.5
+    """The pre-activation penalty falls linearly to 0 over this fraction of the run (None: full
+    strength throughout, as in Anthropic's recipe). Latents form while it holds them alive; after it,
+    those that found nothing may fall silent and leave their firings to the rest. MiniLM, 8192
+    latents, target 32: FVU 0.1267 with 29% latents dead on held-out rows against 0.1447 / 0.1% held
+    throughout and 0.1290 / 44% off (488 steps of 4096); fractions 0.25 / 0.75 gave 0.1262 / 0.1353."""
 
     threshold_floor: float = 1e-6
     """Raw thresholds are clamped to at least this after each step (keeps theta > 0)."""
@@ -186,12 +188,13 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
         # Anthropic's January 2025 variant (constants unverified, SPEC 1).
         "tanh": dict(optimizer="adam", encoder_init_scale=1.0, lr=3e-3, **FIXED_LR, lr_warmup_steps=100,
                      apply_b_dec_to_input=False, sparsity_loss="tanh", tanh_scale=4.0, pre_act_coefficient=3e-6,
-                     input_scaling="sqrt_d_in_norm", bandwidth=2.0, threshold_init=0.1,
+                     pre_act_decay_fraction=None, input_scaling="sqrt_d_in_norm", bandwidth=2.0, threshold_init=0.1,
                      sparsity_warmup_steps=-1, lr_decay_fraction=0.2, grad_clip_norm=1.0,
                      normalize_decoder=False),
     }
 
-    positive_fields: ClassVar[tuple[str, ...]] = ("bandwidth", "threshold_init", "threshold_lr_factor")
+    positive_fields: ClassVar[tuple[str, ...]] = ("bandwidth", "threshold_init", "threshold_lr_factor",
+                                                  "pre_act_decay_fraction")
 
     def __post_init__(self) -> None:
         if self.apply_b_dec_to_input is None:
@@ -265,16 +268,20 @@ class JumpReLUSAE(SAE):
             norms = self.W_dec.norm(dim=1)
             sparsity = cfg.l0_coefficient * torch.tanh(cfg.tanh_scale * acts.abs() * norms).sum(-1).mean()
         terms["sparsity"] = ctx.sparsity_scale * sparsity
-        if cfg.pre_act_coefficient:
-            terms["pre_act"] = self._pre_act_penalty(pre, threshold)
+        pre_act = self.pre_act_strength(ctx)
+        if pre_act:
+            terms["pre_act"] = pre_act * (torch.relu(threshold - pre) * self.W_dec.norm(dim=1)).sum(-1).mean()
         total = torch.stack(list(terms.values())).sum()
         return LossOutput(total, terms, acts, recon).with_skip(skip)
 
-    def _pre_act_penalty(self, pre: Tensor, threshold: Tensor) -> Tensor:
-        """lambda_P * sum_i ReLU(theta_i - z_i) ||W_dec,i||: pulls silent latents' pre-activations up
-        to their thresholds, so latents whose threshold outgrew their inputs come back."""
-        norms = self.W_dec.norm(dim=1)
-        return self.cfg.pre_act_coefficient * (torch.relu(threshold - pre) * norms).sum(-1).mean()
+    def pre_act_strength(self, ctx: StepContext) -> float:
+        """lambda_P at this point of the run: pre_act_coefficient, falling linearly to 0 at
+        pre_act_decay_fraction of the run. The penalty sum_i ReLU(theta_i - z_i) ||W_dec,i|| pulls
+        silent latents' pre-activations up to their thresholds."""
+        cfg = self.cfg
+        if cfg.pre_act_decay_fraction is None:
+            return cfg.pre_act_coefficient
+        return cfg.pre_act_coefficient * max(0.0, 1.0 - ctx.progress / cfg.pre_act_decay_fraction)
 
     def _l0_penalty(self, l0: Tensor, ctx: StepContext) -> Tensor:
         cfg = self.cfg
@@ -296,18 +303,19 @@ class JumpReLUSAE(SAE):
         x_in = flat_x - self.b_dec if cfg.apply_b_dec_to_input else flat_x
         product = x_in @ self.W_enc
         z = product.detach()
+        pre_act = self.pre_act_strength(ctx)
         entries = kernels.jumprelu_entries(z, threshold.detach(), cfg.bandwidth, bias=self.b_enc.detach())
         if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * z.numel():
             return None, (product + self.b_enc).reshape(*x.shape[:-1], cfg.d_sae)
         recon, _, l0, acts, gap = kernels.sparse_sae(
             flat_x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, theta=threshold, buffer=z,
             apply_b_dec_to_input=cfg.apply_b_dec_to_input, bandwidth=cfg.bandwidth,
-            pre_act_gap=bool(cfg.pre_act_coefficient))
+            pre_act_gap=bool(pre_act))
         recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
         terms = {"mse": reconstruction_error(target, recon),
                  "sparsity": ctx.sparsity_scale * self._l0_penalty(l0.mean(), ctx)}
-        if cfg.pre_act_coefficient:  # sum_b ReLU(theta_i - z_bi) per latent, from the kernel
-            terms["pre_act"] = cfg.pre_act_coefficient * (self.W_dec.norm(dim=1) * gap).sum() / z.shape[0]
+        if pre_act:  # sum_b ReLU(theta_i - z_bi) per latent, from the kernel
+            terms["pre_act"] = pre_act * (self.W_dec.norm(dim=1) * gap).sum() / z.shape[0]
         acts = acts.reshape(*x.shape[:-1], cfg.d_sae)
         return LossOutput(torch.stack(list(terms.values())).sum(), terms, acts, recon), None
 

@@ -25,6 +25,10 @@ class StepContext:
     sparsity_scale: float = 1.0
     """Warm-up factor in [0, 1] applied to the sparsity coefficient."""
 
+    progress: float = 0.0
+    """Fraction of the run done before this step (step / total steps; 0 outside a run), for
+    loss terms scheduled over the run (JumpReLU's pre-activation penalty)."""
+
     dead_mask: Tensor | None = None
     """Boolean (d_sae,) mask of latents that have not fired for the dead-token window."""
 

@@ -260,7 +260,8 @@ class Trainer:
             targets = batch[self.routes[name][1]] if self.routes[name][1] else None
             scale_in, scale_out = self.input_scales[name], self.output_scales[name]
             target_scaled = targets / scale_out if targets is not None else None
-            ctx = step_context(sharers, weight, cfg.batch_size, step=self.step, input_scale=scale_in,
+            ctx = step_context(sharers, weight, cfg.batch_size, step=self.step, progress=self.step / max(total, 1),
+                               input_scale=scale_in,
                                output_scale=scale_out,
                                sparsity_scale=sparsity_factor(self.step, total, sae_cfg.sparsity_warmup_steps),
                                dead_mask=self.since_fired[name] >= cfg.dead_window)
