@@ -121,6 +121,17 @@ def describe(name: str, result: dict, kind: str) -> str:
     return "\n".join(lines)
 
 
+def base_points(folders: list[str], model: str, quick: bool, retrained: list[str]) -> list[dict]:
+    """The saved sweeps' points for the architectures not retrained, each from the last folder that has it."""
+    by_arch: dict[str, list] = {}
+    for folder in folders:
+        path = RESULTS / (folder.format(model=model) + ("_quick" if quick else "")) / "sweep.json"
+        saved = json.loads(path.read_text())["points"]
+        for arch in {p["arch"] for p in saved}:
+            by_arch[arch] = [p for p in saved if p["arch"] == arch]
+    return [p for arch, points in by_arch.items() if arch not in retrained for p in points]
+
+
 def main(argv=None) -> int:
     parser = real_model_parser(__doc__, "sweeps", "recompute the verdicts from the saved sweeps",
                                models=("stories", "minilm", "smollm2"))
@@ -130,6 +141,12 @@ def main(argv=None) -> int:
     parser.add_argument("--retrain", nargs="+", default=(), metavar="ARCH",
                         help="train only these architectures again (after a recipe change), in their own folder, "
                              "and report them with the other architectures of the saved sweep")
+    parser.add_argument("--base", nargs="+", default=None, metavar="FOLDER",
+                        help="with --retrain: the saved sweeps (folder names under benchmarks/results, {model} "
+                             "filled in) whose other architectures are reported beside the retrained ones, a later "
+                             "folder's points replacing an earlier one's per architecture (default: frontier_{model})")
+    parser.add_argument("--retrain-suffix", default="_retrained", metavar="SUFFIX",
+                        help="with --retrain: the retrained sweep's folder is frontier_{model}SUFFIX")
     args = parser.parse_args(argv)
     if args.retrain and args.lr_check:
         parser.error("--retrain and --lr-check are separate runs")
@@ -141,7 +158,7 @@ def main(argv=None) -> int:
             continue
         variants = [("", setup["sweep"], {})]
         if args.retrain:  # the saved sweep's other architectures, these ones trained again
-            variants = [("_retrained", {**setup["sweep"], "archs": tuple(args.retrain)}, {})]
+            variants = [(args.retrain_suffix, {**setup["sweep"], "archs": tuple(args.retrain)}, {})]
         if args.lr_check:
             baselines = tuple(a for a in SweepConfig().archs if a != "jumprelu")
             variants.append((f"_lr{args.lr_check:g}", {**setup["sweep"], "archs": baselines}, {"lr": args.lr_check}))
@@ -155,12 +172,11 @@ def main(argv=None) -> int:
                 run_sweep(sweep, ActivationConfig(**setup["activations"](paths)), sae_fields)
             payload = json.loads((out / "sweep.json").read_text())
             points, kind = payload["points"], payload["kind"]
-            if suffix == "_retrained":
-                saved = json.loads((RESULTS / f"frontier_{name}{'_quick' if args.quick else ''}" / "sweep.json").read_text())
-                points = [p for p in saved["points"] if p["arch"] not in args.retrain] + points
+            if args.retrain:
+                points = base_points(args.base or ["frontier_{model}"], name, args.quick, args.retrain) + points
             all_points[suffix] = points
             label = name + (f" (baselines at lr {args.lr_check:g})" if suffix.startswith("_lr") else
-                            f" ({', '.join(args.retrain)} retrained)" if suffix else "")
+                            f" ({', '.join(args.retrain)} retrained)" if args.retrain else "")
             if suffix.startswith("_lr"):  # JumpReLU at its default recipe against the baselines at the other lr
                 points = [p for p in all_points[""] if p["arch"] == "jumprelu"] + points
             result = verdicts(points, kind, sweep.l0)
