@@ -95,6 +95,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true", help="never create .venv-sparsify (skip if absent)")
     p.add_argument("--no-speed-run", action="store_true", help="do not train our first TopK alone for the speed ratio")
     p.add_argument("--no-lm-loss", action="store_true", help="smollm2: skip the spliced delta LM loss")
+    p.add_argument("--cache-name", default=None, metavar="NAME",
+                   help="the activation cache's folder under benchmarks/results (default peer_sparsify_cache_MODEL); "
+                        "a larger --tokens rewrites a cache, so a longer run may keep its own beside the shorter one's")
     p.add_argument("--reuse-sparsify", action="store_true",
                    help="keep sparsify's result from an earlier run of the same job (same cache, batches, width, k, "
                         "fields) instead of training it again: its side is deterministic, only ours changed")
@@ -163,9 +166,9 @@ def ensure_sparsify(no_install: bool) -> Path | None:
 def prepare_data(args, setup: dict) -> dict:
     """Fill the model's cache (>= args.tokens rows) and write its held-out rows; stops when the
     corpus is too small. Returns paths, times and the corpus size in tokens."""
-    cache = RESULTS / f"peer_sparsify_cache_{args.model}"
+    cache = RESULTS / (args.cache_name or f"peer_sparsify_cache_{args.model}")
     eval_file = RESULTS / f"peer_sparsify_eval_{args.model}.safetensors"
-    info_file = RESULTS / f"peer_sparsify_cache_{args.model}.json"  # corpus size; where it ran out
+    info_file = cache.with_name(cache.name + ".json")  # corpus size; where it ran out
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     corpus = ",".join(str(data_dir() / c) for c in setup["corpus"])
     meta = {"model": args.model, "site": setup["site"], "corpus": corpus, "eval_every": "20"}
