@@ -261,8 +261,7 @@ class Trainer:
             scale_in, scale_out = self.input_scales[name], self.output_scales[name]
             target_scaled = targets / scale_out if targets is not None else None
             ctx = step_context(sharers, weight, cfg.batch_size, step=self.step, progress=self.step / max(total, 1),
-                               input_scale=scale_in,
-                               output_scale=scale_out,
+                               input_scale=scale_in, output_scale=scale_out,
                                sparsity_scale=sparsity_factor(self.step, total, sae_cfg.sparsity_warmup_steps),
                                dead_mask=self.since_fired[name] >= cfg.dead_window)
             with self._autocast():
