@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jumpscope.sae.cpu_ops import column_kth_smallest, column_max, fired_latents, greater
+from jumpscope.sae.cpu_ops import column_kth_smallest, column_max, fired_latents, greater, row_top_indices
 
 
 def awkward(rows=37, cols=11, dtype=torch.float32):
@@ -50,3 +50,31 @@ def test_fired_latents_are_those_with_a_positive_act():
     acts = torch.tensor([[[0.0, -1.0, 2.0]], [[0.0, 0.5, -0.0]]])  # (2, 1, 3): leading dims flatten
     assert fired_latents(acts).tolist() == [False, True, True]
     assert fired_latents(torch.zeros(0, 3)).tolist() == [False, False, False]  # an empty shard of a batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_row_top_indices_pick_torchs_top_k_set(dtype, k):
+    # distinct values, with NaN and +-inf (NaN counts as the largest in both)
+    values = torch.randn(37, 11, generator=torch.Generator().manual_seed(1)).to(torch.float64)
+    values[3, 2], values[5, 7], values[6, 1] = float("nan"), float("inf"), float("-inf")
+    values = values.to(dtype)
+    picked = row_top_indices(values, k)
+    assert picked.shape == (37, k) and picked.dtype == torch.int64
+    expected = values.topk(k, dim=-1).indices
+    assert torch.equal(picked.sort(1).values, expected.sort(1).values)
+
+
+def test_row_top_indices_with_ties_pick_k_of_the_largest():
+    values = torch.zeros(4, 9)
+    values[:, :5] = 1.0  # five tied maxima, three to pick
+    picked = row_top_indices(values, 3)
+    assert bool((values.gather(1, picked) == 1.0).all())
+    assert all(len(set(row.tolist())) == 3 for row in picked)
+
+
+def test_row_top_indices_on_tensors_needing_grad_and_edge_k():
+    values = torch.randn(5, 6, requires_grad=True)
+    assert torch.equal(row_top_indices(values, 2).sort(1).values, values.topk(2).indices.sort(1).values)
+    plain = values.detach()
+    assert torch.equal(row_top_indices(plain, 6).sort(1).values, torch.arange(6).expand(5, 6))

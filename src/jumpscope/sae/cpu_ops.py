@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents"]
+__all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents", "row_top_indices"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
@@ -57,3 +57,13 @@ def column_kth_smallest(matrix: Tensor, rank: int) -> Tensor:
     if n - rank + 1 <= rank:  # the (n - rank + 1) largest: their smallest is the rank-th smallest
         return rows.topk(n - rank + 1, dim=1).values[:, -1]
     return rows.topk(rank, dim=1, largest=False).values[:, -1]
+
+
+def row_top_indices(matrix: Tensor, k: int) -> Tensor:
+    """``matrix.topk(k, dim=-1, sorted=False).indices`` of a 2-D tensor: the same set of columns
+    per row up to ties, in no particular order (NaN counts as the largest, as in torch)."""
+    n = matrix.shape[-1]
+    if not _numpy_ready(matrix) or matrix.dim() != 2 or not 0 < k < n:
+        return matrix.topk(k, dim=-1, sorted=False).indices
+    picked = np.argpartition(matrix.numpy(), n - k, axis=-1)[:, n - k:]
+    return torch.from_numpy(np.ascontiguousarray(picked))

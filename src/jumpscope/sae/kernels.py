@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
 
-from .cpu_ops import greater
+from .cpu_ops import greater, row_top_indices
 from .step import SparseActs
 
 Kernel = Literal["auto", "dense", "sparse"]
@@ -194,10 +194,10 @@ def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if S < 4 or n % S or G < k or not z.is_contiguous():
         return z.topk(k, dim=-1, sorted=False)
     grouped = z.view(B, S, G)  # group g: columns g, g + G, g + 2G, ...
-    groups = grouped.amax(1).topk(k, dim=-1, sorted=False).indices  # (B, k)
+    groups = row_top_indices(grouped.amax(1), k)  # (B, k)
     shortlist = grouped.gather(2, groups.unsqueeze(1).expand(B, S, k)).reshape(B, S * k)
-    values, position = shortlist.topk(k, dim=-1, sorted=False)
-    return values, groups.gather(1, position % k) + G * (position // k)
+    position = row_top_indices(shortlist, k)
+    return shortlist.gather(1, position), groups.gather(1, position % k) + G * (position // k)
 
 
 @torch.no_grad()
@@ -224,8 +224,8 @@ def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int) -> AuxEntries:
     pool = z.index_select(1, columns)
     if k_aux >= columns.numel():  # every dead latent is picked
         return AuxEntries(columns, torch.relu_(pool).float())
-    values, index = pool.topk(k_aux, dim=-1, sorted=False)
-    return AuxEntries(columns, torch.zeros_like(pool).scatter_(-1, index, torch.relu(values)).float())
+    index = row_top_indices(pool, k_aux)
+    return AuxEntries(columns, torch.zeros_like(pool).scatter_(-1, index, torch.relu(pool.gather(1, index))).float())
 
 
 def _flat_topk_index(flat: Tensor, keep: int) -> Tensor:
