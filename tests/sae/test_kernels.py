@@ -135,9 +135,16 @@ TOPK_CASES = [
 ]
 
 
+@pytest.fixture(params=["block", "entries"])
+def aux_layout(request, monkeypatch):
+    """AuxK's selection as a dense block of the dead latents or as an entry list (both layouts)."""
+    monkeypatch.setattr(kernels, "AUX_MAX_DENSITY", 0.0 if request.param == "block" else 1.0)
+    return request.param
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("fields", TOPK_CASES, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "default")
-def test_topk_sparse_matches_dense(arch, fields):
+def test_topk_sparse_matches_dense(arch, fields, aux_layout):
     sae = topk_sae(arch, **fields)
     target = data(seed=5, d=5) if fields.get("d_out") else None
     out = assert_paths_agree(sae, data(), StepContext(dead_mask=dead_mask()), target, extra_acts_loss=True)
@@ -147,7 +154,7 @@ def test_topk_sparse_matches_dense(arch, fields):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_topk_auxk_gradient_reaches_dead_encoder_columns(arch):
+def test_topk_auxk_gradient_reaches_dead_encoder_columns(arch, aux_layout):
     sae = with_kernel(topk_sae(arch), "sparse")
     dead = dead_mask()
     sae.loss(data(), StepContext(dead_mask=dead)).terms["aux"].backward()

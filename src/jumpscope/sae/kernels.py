@@ -14,9 +14,10 @@ to select the active latents). Everything else runs on a list of (token, latent)
   ``dL/df`` is known there, and the L0 step term adds ``-(1/eps) * dL/dl0_b`` per window entry;
   its pre-activation penalty sum_b ReLU(theta_i - z_bi) per latent is "all tokens minus the
   tokens at or above theta": a rank-one term plus entries folded into the products above;
-- TopK's AuxK decode reads only the dead latents: their k_aux selected activations are held as a
-  compact dense (B, n_dead) block, so its four products are dense matmuls of inner width n_dead
-  (never more work than the dense path's AuxK, and far less while few latents are dead).
+- TopK's AuxK decode reads only the dead latents: while k_aux is at most AUX_MAX_DENSITY of them,
+  its k_aux selected activations per token are a second entry list through the same products;
+  otherwise a compact dense (B, n_dead) block, whose four products are dense matmuls of inner
+  width n_dead (never more work than the dense path's AuxK).
 
 The gradients equal the dense reference path's (tests/sae/test_kernels.py) up to float summation
 order. Selection is done by the caller (the architecture's ``loss``) from a detached ``z`` (for
@@ -50,6 +51,10 @@ KERNELS = ("auto", "dense", "sparse")
 AUTO_MAX_DENSITY = 0.1
 # ... and the dictionary has at least this many latents (below it both paths take milliseconds).
 AUTO_MIN_LATENTS = 512
+# AuxK's selection as entries when k_aux is at most this fraction of the dead latents, else a dense
+# block. TopK step, one thread, 4096 tokens, k_aux 192 (block / entries): 0.97x at k_aux / n_dead
+# 0.094, 1.23x at 0.047 (8192 latents, half dead), 1.51x at 0.023 (16384, half dead).
+AUX_MAX_DENSITY = 0.075
 
 
 def check_kernel(kernel: str) -> None:
@@ -218,14 +223,19 @@ class AuxEntries:
 
 
 @torch.no_grad()
-def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int) -> AuxEntries:
-    """The top ``k_aux`` pre-activations of each token among the dead latents, as topk.py picks them."""
+def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int) -> AuxEntries | Entries:
+    """The top ``k_aux`` pre-activations of each token among the dead latents, as topk.py picks them:
+    as entries (ReLU'd, the non-positive left out) while k_aux <= AUX_MAX_DENSITY * n_dead, else a block."""
     columns = dead_mask.nonzero().squeeze(1)
     pool = z.index_select(1, columns)
     if k_aux >= columns.numel():  # every dead latent is picked
         return AuxEntries(columns, torch.relu_(pool).float())
     index = row_top_indices(pool, k_aux)
-    return AuxEntries(columns, torch.zeros_like(pool).scatter_(-1, index, torch.relu(pool.gather(1, index))).float())
+    values = pool.gather(1, index)
+    if k_aux <= AUX_MAX_DENSITY * columns.numel():
+        rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k_aux)
+        return _positive(z, rows, columns.index_select(0, index.reshape(-1)), values.reshape(-1))
+    return AuxEntries(columns, torch.zeros_like(pool).scatter_(-1, index, torch.relu(values)).float())
 
 
 def _flat_topk_index(flat: Tensor, keep: int) -> Tensor:
@@ -267,14 +277,18 @@ class _SparseSAE(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
-                theta: Tensor | None, main: Entries, aux: AuxEntries | None,
+                theta: Tensor | None, main: Entries, aux: AuxEntries | Entries | None,
                 apply_b_dec: bool, bandwidth: float, gap: bool) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.main, ctx.aux, ctx.apply_b_dec, ctx.bandwidth = main, aux, apply_b_dec, bandwidth
         recon = main.gather_rows(W_dec, main.values) + b_dec
-        if aux is not None:
+        if isinstance(aux, Entries):
+            aux_recon = aux.gather_rows(W_dec, aux.values)
+        elif aux is not None:
             ctx.W_dec_dead = W_dec.index_select(0, aux.columns)
-        aux_recon = aux.acts @ ctx.W_dec_dead if aux is not None else recon.new_zeros(0)
+            aux_recon = aux.acts @ ctx.W_dec_dead
+        else:
+            aux_recon = recon.new_zeros(0)
         l0 = x.new_zeros(main.shape[0]).index_add_(0, main.rows, main.active)
         values = main.values.clone()  # an output of its own: its gradient is dL/df at the entries
         x_sum = above = None
@@ -309,30 +323,40 @@ class _SparseSAE(torch.autograd.Function):
             g_main = folded if g_main is None else g_main + folded
         else:
             g_gap = None
-        g_dead = None  # dL/dz on the dead columns (B, m)
+        g_dead = g_aux_at = None  # dL/dz on the dead columns: a (B, m) block or at AuxK's entries
         if aux is not None and g_aux is not None and g_aux.numel():
-            g_dead = (g_aux @ ctx.W_dec_dead.T) * (aux.acts > 0)
+            if isinstance(aux, Entries):
+                g_aux_at = aux.sddmm(g_aux, W_dec)
+            else:
+                g_dead = (g_aux @ ctx.W_dec_dead.T) * (aux.acts > 0)
         if need[3] and g_recon is not None:
             grads[3] = main.gather_cols(g_recon, main.values)
         if need[3] and g_dead is not None:
             dead_grad = aux.acts.T @ g_aux
             grads[3] = (W_dec.new_zeros(W_dec.shape) if grads[3] is None else grads[3]).index_add_(
                 0, aux.columns, dead_grad)
+        if need[3] and g_aux_at is not None:
+            aux_grad = aux.gather_cols(g_aux, aux.values)
+            grads[3] = aux_grad if grads[3] is None else grads[3] + aux_grad
         if need[4] and g_recon is not None:
             grads[4] = g_recon.sum(0)
-        if g_main is not None or g_dead is not None:
+        if g_main is not None or g_dead is not None or g_aux_at is not None:
             x_in = x - b_dec if ctx.apply_b_dec else x
             grad_b_enc = main.scatter_cols(g_main) if g_main is not None else b_dec.new_zeros(main.shape[1])
             if g_gap is not None:
                 grad_b_enc -= B * g_gap
             if g_dead is not None:
                 grad_b_enc.index_add_(0, aux.columns, g_dead.sum(0))
+            if g_aux_at is not None:
+                grad_b_enc += aux.scatter_cols(g_aux_at)
             if need[1]:  # computed as its transpose (n, d_in)
                 grad_W_enc = main.gather_cols(x_in, g_main) if g_main is not None else W_enc.new_zeros(W_enc.shape).T
                 if g_gap is not None:
                     grad_W_enc -= torch.outer(g_gap, ctx.x_sum.to(x.dtype))
                 if g_dead is not None:
                     grad_W_enc.index_add_(0, aux.columns, g_dead.T @ x_in)
+                if g_aux_at is not None:
+                    grad_W_enc += aux.gather_cols(x_in, g_aux_at)
                 grads[1] = grad_W_enc.T
             if need[2]:
                 grads[2] = grad_b_enc
@@ -346,6 +370,8 @@ class _SparseSAE(torch.autograd.Function):
                     grad_x -= g_gap @ W_enc_t
                 if g_dead is not None:
                     grad_x = grad_x + g_dead @ W_enc_t.index_select(0, aux.columns)
+                if g_aux_at is not None:
+                    grad_x = grad_x + aux.gather_rows(W_enc_t, g_aux_at)
                 grads[0] = grad_x
         if need[5] and main.window is not None and (g is not None or g_l0 is not None or g_gap is not None):
             eps, window = ctx.bandwidth, main.window
@@ -361,7 +387,7 @@ class _SparseSAE(torch.autograd.Function):
 
 
 def sparse_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, main: Entries, *,
-               theta: Tensor | None = None, aux: AuxEntries | None = None, buffer: Tensor | None = None,
+               theta: Tensor | None = None, aux: AuxEntries | Entries | None = None, buffer: Tensor | None = None,
                apply_b_dec_to_input: bool = False, bandwidth: float = 0.0,
                pre_act_gap: bool = False) -> tuple[Tensor, Tensor, Tensor, SparseActs, Tensor]:
     """Reconstruction (B, d_out), AuxK reconstruction (B, d_out; empty without ``aux``), per-token
