@@ -337,7 +337,7 @@ class _SparseSAE(torch.autograd.Function):
                 0, aux.columns, dead_grad)
         if need[3] and g_aux_at is not None:
             aux_grad = aux.gather_cols(g_aux, aux.values)
-            grads[3] = aux_grad if grads[3] is None else grads[3] + aux_grad
+            grads[3] = aux_grad if grads[3] is None else grads[3].add_(aux_grad)  # a fresh tensor of ours
         if need[4] and g_recon is not None:
             grads[4] = g_recon.sum(0)
         if g_main is not None or g_dead is not None or g_aux_at is not None:
