@@ -107,14 +107,17 @@ def run_width(d_sae: int, args, generator: torch.Generator) -> list[dict]:
     inputs = {conv: x_raw / estimate_scale(x_raw, conv) for conv in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none")}
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[torch.randperm(d_sae, generator=generator)[: int(round(args.dead_fraction * d_sae))]] = True
-    ctx = StepContext(dead_mask=dead)
+    ctx = StepContext(dead_mask=dead, bf16_selection=args.bf16_selection)  # bf16: the sparse rows only
     W = torch.randn(args.d_in, d_sae, generator=generator) / args.d_in ** 0.5
     x_mm = inputs["unit_mean_sq_norm"]
 
     rows = []
     for label, arch, fields, kernel in row_specs(args.l0, tuple(args.arch or ARCHS)):
         x = inputs[make_config(arch, d_in=args.d_in, d_sae=d_sae, **fields).input_scaling]
-        sae, optimizer = make_sae(arch, fields, kernel, args.d_in, d_sae, x)
+        # bf16 selection recomputes z at the entries in another summation order: thresholds initialised on
+        # the timed rows would tie with their z exactly, and those ties could flip against the dense twin
+        init = x.roll(1, dims=0).flip(1) if args.bf16_selection else x
+        sae, optimizer = make_sae(arch, fields, kernel, args.d_in, d_sae, init)
         rows.append(dict(label=label, arch=arch, d_sae=d_sae, kernel=kernel, x=x, sae=sae, opt=optimizer,
                          times=[], grads={}))
     matmul: list[float] = []
@@ -189,6 +192,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="d_sae 4096 only, 3 rounds (dense rows: 2)")
     parser.add_argument("--target", type=float, default=3.0, help="the target step / matmul ratio")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--bf16-selection", action="store_true",
+                        help="sparse rows choose their entries on bf16 pre-activations (the trainer's autocast bf16 "
+                             "on a CPU with AMX or AVX512-BF16; sae/mixed.py)")
     parser.add_argument("--no-reuse-cpu-memory", action="store_true",
                         help="leave glibc's allocator as it is (the trainer's reuse_cpu_memory default sets it)")
     args = parser.parse_args()
@@ -204,7 +210,8 @@ def main() -> None:
               f"{os.environ.get('OMP_WAIT_POLICY', 'unset (OpenMP default: spin, then sleep)')}, d_in {args.d_in}, "
               f"batch {args.batch}, medians over {args.repeats} rounds after a warm-up round (dense rows: the first "
               f"{args.dense_repeats}), freed CPU memory reused: {not args.no_reuse_cpu_memory}, "
-              f"dead fraction {args.dead_fraction} (TopK/BatchTopK AuxK)")
+              f"dead fraction {args.dead_fraction} (TopK/BatchTopK AuxK), sparse entries chosen in "
+              f"{'bf16 (float32 values)' if args.bf16_selection else 'float32'}")
     print(header + "\nThe cores may be shared with other jobs (e.g. a test run or another benchmark): load average "
           f"{load_start:.1f} at the start; only the ratios within one run are meaningful.", flush=True)
     results = []

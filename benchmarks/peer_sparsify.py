@@ -89,6 +89,9 @@ def parse_args() -> argparse.Namespace:
                    help="start sparsify with jumpscope.device.MALLOC_REUSE_ENV, the glibc "
                         "setting our trainer applies on the CPU (reuse_cpu_memory), so its steps skip the same "
                         "page faults")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="our TrainerConfig.autocast: bf16 chooses the sparse kernels' entries on bf16 pre-activations "
+                        "on a CPU with AMX / AVX512-BF16 (values and gradients float32; sae/mixed.py)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: width 512, 16 batches of 1,024, 4,096 held out")
@@ -225,7 +228,8 @@ def train_ours(args, setup: dict, cache: str, specs: list[str]) -> dict:
     steps = args.tokens // args.batch
     saes = {spec: build_ours(spec, args, setup) for spec in specs}
     trainer = jumpscope.Trainer(saes, jumpscope.TrainerConfig(
-        total_tokens=args.tokens, batch_size=args.batch, device="cpu", progress=False, checkpoint_every=0))
+        total_tokens=args.tokens, batch_size=args.batch, device="cpu", progress=False, checkpoint_every=0,
+        autocast=args.autocast))
     provider = Provider(cache, setup["site"], args.seed, BUFFER_ROWS, args.batch, steps)
     load_start = os.getloadavg()[0]
     start = time.perf_counter()

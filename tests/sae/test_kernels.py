@@ -282,13 +282,6 @@ def test_row_topk_shortlist_is_exact():
         assert torch.equal(values.sort(-1).values, expected.values.sort(-1).values)
 
 
-def test_nonzero_flat_matches_nonzero():
-    generator = torch.Generator().manual_seed(0)
-    for shape, density in (((512, 1024), 0.01), ((512, 1024), 0.6), ((300, 301), 0.02), ((64, 64), 0.1)):
-        mask = torch.rand(shape, generator=generator) < density
-        assert torch.equal(kernels.nonzero_flat(mask), mask.reshape(-1).nonzero().squeeze(1))
-
-
 def test_jumprelu_entries_with_the_bias_folded_into_the_threshold():
     # jumprelu.py passes x_in @ W_enc and b_enc separately: the same entries, bit for bit
     generator = torch.Generator().manual_seed(0)

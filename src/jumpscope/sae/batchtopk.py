@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import kernels, mixed
 from .base import StepContext
 from .calibrate import l0_factor, mean_l0
 from .jumprelu import JumpReLUSAE
@@ -115,10 +115,13 @@ class BatchTopKSAE(TopKSAE):
         self.update_threshold(smallest)
         return acts
 
-    def sparse_entries(self, z: Tensor) -> kernels.Entries | None:
+    def sparse_entries(self, z: Tensor | mixed.BF16Preactivations) -> kernels.Entries | None:
         if not self.training:
             return None  # the eval-mode threshold activation takes the dense path
-        entries, smallest = kernels.batch_topk_entries(z, self.cfg.k)
+        if isinstance(z, mixed.BF16Preactivations):
+            entries, smallest = mixed.batch_topk_entries(z, self.cfg.k)
+        else:
+            entries, smallest = kernels.batch_topk_entries(z, self.cfg.k)
         self.update_threshold(smallest)
         return entries
 

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import StepContext
-from .cpu_ops import greater
-from .kernels import nonzero_flat
+from .cpu_ops import greater, nonzero_flat
 
 SPAN = 8.0
 BINS = 1 << 16

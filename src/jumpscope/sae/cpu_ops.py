@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents", "row_top_indices"]
+__all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents", "nonzero_flat", "row_top_indices"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
@@ -63,7 +63,20 @@ def row_top_indices(matrix: Tensor, k: int) -> Tensor:
     """``matrix.topk(k, dim=-1, sorted=False).indices`` of a 2-D tensor: the same set of columns
     per row up to ties, in no particular order (NaN counts as the largest, as in torch)."""
     n = matrix.shape[-1]
+    if matrix.dtype in (torch.bfloat16, torch.float16) and matrix.device.type == "cpu" and not matrix.requires_grad:
+        matrix = matrix.float()  # exact (every half-precision value is a float32): numpy has no bfloat16
     if not _numpy_ready(matrix) or matrix.dim() != 2 or not 0 < k < n:
         return matrix.topk(k, dim=-1, sorted=False).indices
     picked = np.argpartition(matrix.numpy(), n - k, axis=-1)[:, n - k:]
     return torch.from_numpy(np.ascontiguousarray(picked))
+
+
+def nonzero_flat(mask: Tensor) -> Tensor:
+    """Flat indices (ascending) of the True entries of a contiguous bool tensor. A sparse mask is
+    scanned as 8-byte words first: most are all False, and only the others are read bytewise."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8 or flat.numel() < 1 << 16 or flat.storage_offset() % 8:
+        return flat.nonzero().squeeze(1)
+    words = flat.view(torch.int64).nonzero().squeeze(1)
+    hits = flat.view(-1, 8).index_select(0, words).nonzero()
+    return words.index_select(0, hits[:, 0]) * 8 + hits[:, 1]

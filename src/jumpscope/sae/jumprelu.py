@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, mixed
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .calibrate import l0_factor, mean_l0
 from .cpu_ops import column_kth_smallest
@@ -294,18 +294,18 @@ class JumpReLUSAE(SAE):
     def _sparse_loss(self, x: Tensor, threshold: Tensor, target: Tensor,
                      ctx: StepContext) -> tuple[LossOutput | None, Tensor | None]:
         """The same loss through sae/kernels.py: (output, None), or (None, the pre-activation)
-        when 'auto' finds the batch too dense. Only x_in @ W_enc is formed densely: b_enc is
-        folded into the candidate threshold and added at the entries (the same float sum as
-        ``pre_activation``), and its buffer becomes the dense feature_acts."""
+        when 'auto' finds the batch too dense. Entries chosen on x_in @ W_enc (float32, b_enc added at
+        the entries, its buffer then the dense feature_acts) or on bf16 pre-activations (sae/mixed.py)."""
         cfg = self.cfg
         self.check_input(x)
         flat_x = x.reshape(-1, cfg.d_in)
         x_in = flat_x - self.b_dec if cfg.apply_b_dec_to_input else flat_x
-        product = x_in @ self.W_enc
-        z = product.detach()
         pre_act = self.pre_act_strength(ctx)
-        entries = kernels.jumprelu_entries(z, threshold.detach(), cfg.bandwidth, bias=self.b_enc.detach())
-        if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * z.numel():
+        entries, product = mixed.jumprelu_selection(x_in, self.W_enc, self.b_enc, threshold.detach(), cfg.bandwidth,
+                                                    mixed.wanted(ctx, x.device))
+        z = None if product is None else product.detach()
+        if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * x_in.shape[0] * cfg.d_sae:
+            product = x_in @ self.W_enc if product is None else product
             return None, (product + self.b_enc).reshape(*x.shape[:-1], cfg.d_sae)
         recon, _, l0, acts, gap = kernels.sparse_sae(
             flat_x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, theta=threshold, buffer=z,
@@ -315,7 +315,7 @@ class JumpReLUSAE(SAE):
         terms = {"mse": reconstruction_error(target, recon),
                  "sparsity": ctx.sparsity_scale * self._l0_penalty(l0.mean(), ctx)}
         if pre_act:  # sum_b ReLU(theta_i - z_bi) per latent, from the kernel
-            terms["pre_act"] = pre_act * (self.W_dec.norm(dim=1) * gap).sum() / z.shape[0]
+            terms["pre_act"] = pre_act * (self.W_dec.norm(dim=1) * gap).sum() / x_in.shape[0]
         acts = acts.reshape(*x.shape[:-1], cfg.d_sae)
         return LossOutput(torch.stack(list(terms.values())).sum(), terms, acts, recon), None
 

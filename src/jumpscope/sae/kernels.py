@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
 
-from .cpu_ops import greater, row_top_indices
+from .cpu_ops import greater, nonzero_flat, row_top_indices
 from .step import SparseActs
 
 Kernel = Literal["auto", "dense", "sparse"]
@@ -86,17 +86,6 @@ def _offsets(index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     """CSR row pointers (n + 1,) of a list grouped by ``index``."""
     counts = torch.bincount(index, minlength=n)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)
-
-
-def nonzero_flat(mask: Tensor) -> Tensor:
-    """Flat indices (ascending) of the True entries of a contiguous bool tensor. A sparse mask is
-    scanned as 8-byte words first: most are all False, and only the others are read bytewise."""
-    flat = mask.reshape(-1)
-    if flat.numel() % 8 or flat.numel() < 1 << 16 or flat.storage_offset() % 8:
-        return flat.nonzero().squeeze(1)
-    words = flat.view(torch.int64).nonzero().squeeze(1)
-    hits = flat.view(-1, 8).index_select(0, words).nonzero()
-    return words.index_select(0, hits[:, 0]) * 8 + hits[:, 1]
 
 
 @dataclass
@@ -167,15 +156,23 @@ def jumprelu_entries(z: Tensor, threshold: Tensor, bandwidth: float, bias: Tenso
         low = low - bias - 1e-5 * (low.abs() + bias.abs()) - torch.finfo(z.dtype).tiny
     flat = nonzero_flat(greater(z, low))
     rows, cols = flat // n, flat % n
-    zu, theta = z.reshape(-1).index_select(0, flat), threshold.index_select(0, cols)
+    zu = z.reshape(-1).index_select(0, flat)
     if bias is not None:
         zu = zu + bias.index_select(0, cols)
+    return jumprelu_from_candidates(rows, cols, zu, threshold, bandwidth, tuple(z.shape))
+
+
+def jumprelu_from_candidates(rows: Tensor, cols: Tensor, zu: Tensor, threshold: Tensor, bandwidth: float,
+                             shape: tuple[int, int]) -> Entries:
+    """JumpReLU's entries among candidates (rows grouped ascending) with pre-activations zu, a
+    superset of the active and kernel-window entries."""
+    theta = threshold.index_select(0, cols)
     active = zu > theta
     u = (zu - theta) / bandwidth
     window = (u > -0.5) & (u < 0.5)
     rows, cols, zu, theta, active, window = _select(active | window, rows, cols, zu, theta, active, window)
     f32 = torch.float32
-    return Entries(rows, cols, (zu * active.to(zu.dtype)).to(f32), active.to(f32), tuple(z.shape),
+    return Entries(rows, cols, (zu * active.to(zu.dtype)).to(f32), active.to(f32), shape,
                    window=window.to(f32), pre=zu, at_or_above=(zu >= theta).to(f32))
 
 

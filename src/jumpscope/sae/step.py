@@ -44,6 +44,10 @@ class StepContext:
     mean, with gradients. A loss that is not linear in a batch mean applies it first to stay
     exact (JumpReLU's target-L0 penalty). None: one process, the slice is the batch."""
 
+    bf16_selection: bool = False
+    """On the CPU, choose the sparse kernels' entries on bfloat16 pre-activations and recompute
+    their values in float32 (sae/mixed.py; the trainer's autocast 'bf16')."""
+
 
 class SparseActs:
     """A batch's feature activations as the entries a sparse kernel worked on: ``flat`` indices

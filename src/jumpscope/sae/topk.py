@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import kernels, mixed
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .recipes import ADAM_RECIPE, FIXED_LR, TunedSignDescentRecipe
 from .registry import register
@@ -125,8 +125,11 @@ class TopKSAE(SAE):
             self.check_input(x)
             flat_x = x.reshape(-1, cfg.d_in)
             with torch.no_grad():  # pre_activation's float ops, the bias added in place (no new B x d_sae tensor)
-                z = (flat_x - self.b_dec if cfg.apply_b_dec_to_input else flat_x) @ self.W_enc
-                z.add_(self.b_enc)
+                x_in = flat_x - self.b_dec if cfg.apply_b_dec_to_input else flat_x
+                if mixed.wanted(ctx, x.device):
+                    z = mixed.BF16Preactivations(x_in, self.W_enc, self.b_enc)
+                else:
+                    z = (x_in @ self.W_enc).add_(self.b_enc)
             entries = self.sparse_entries(z)
             if entries is not None:
                 return self._sparse_loss(x, z, entries, ctx, target).with_skip(skip)
@@ -141,32 +144,35 @@ class TopKSAE(SAE):
         terms["aux"] = self.cfg.aux_coefficient * aux
         return LossOutput(terms["mse"] + terms["aux"], terms, acts, recon).with_skip(skip)
 
-    def sparse_entries(self, z: Tensor) -> kernels.Entries | None:
-        """The active entries of ``training_activation`` on z (B, d_sae) for the sparse kernel
-        (None: take the dense path)."""
+    def sparse_entries(self, z: Tensor | mixed.BF16Preactivations) -> kernels.Entries | None:
+        """The active entries of ``training_activation`` on z (B, d_sae), or on the bf16 ones
+        with float32 values, for the sparse kernel (None: take the dense path)."""
+        if isinstance(z, mixed.BF16Preactivations):
+            return mixed.topk_entries(z, self.cfg.k)
         return kernels.topk_entries(z, self.cfg.k)
 
-    def _sparse_loss(self, x: Tensor, z: Tensor, entries: kernels.Entries, ctx: StepContext,
-                     target: Tensor) -> LossOutput:
+    def _sparse_loss(self, x: Tensor, z: Tensor | mixed.BF16Preactivations, entries: kernels.Entries,
+                     ctx: StepContext, target: Tensor) -> LossOutput:
         """``loss`` through sae/kernels.py (the AuxK decode is sparse too); z (B, d_sae) is the
-        detached pre-activation, whose buffer becomes the dense feature_acts."""
+        detached pre-activation, whose buffer becomes the dense feature_acts (or the bf16 ones)."""
         cfg = self.cfg
         aux = None
+        bf16 = isinstance(z, mixed.BF16Preactivations)
         if cfg.aux_coefficient and ctx.dead_mask is not None:
-            dead = ctx.dead_mask.to(device=z.device, dtype=torch.bool)
+            dead = ctx.dead_mask.to(device=x.device, dtype=torch.bool)
             k_aux = min(cfg.aux_k, int(dead.sum()))
             if k_aux:
-                aux = kernels.auxk_entries(z, dead, k_aux)
+                aux = mixed.auxk_entries(z, dead, k_aux) if bf16 else kernels.auxk_entries(z, dead, k_aux)
         recon, aux_recon, _, acts, _ = kernels.sparse_sae(
             x.reshape(-1, cfg.d_in), self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, aux=aux,
-            buffer=z, apply_b_dec_to_input=cfg.apply_b_dec_to_input)
+            buffer=None if bf16 else z, apply_b_dec_to_input=cfg.apply_b_dec_to_input)
         recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
         terms = {"mse": reconstruction_error(target, recon)}
         if aux is not None:
             error = (target - recon).detach().reshape(aux_recon.shape)
             terms["aux"] = cfg.aux_coefficient * reconstruction_error(error, aux_recon)
         else:
-            terms["aux"] = cfg.aux_coefficient * z.new_zeros(())
+            terms["aux"] = cfg.aux_coefficient * x.new_zeros(())
         acts = acts.reshape(*x.shape[:-1], cfg.d_sae)
         return LossOutput(terms["mse"] + terms["aux"], terms, acts, recon)
 

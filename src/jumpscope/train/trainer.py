@@ -26,6 +26,7 @@ from ..data.batch import INPUT, TARGET, Batch
 from ..device import resolve_device, reuse_freed_cpu_memory
 from ..sae.base import SAE, StepContext
 from ..sae.metrics import StreamingMetrics, batch_fvu
+from ..sae.mixed import bf16_selection_available
 from .batches import check_finite, rebatch
 from .calibration import CalibrationSample, finish_point
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
@@ -80,8 +81,8 @@ class Trainer:
         self.device = device if device is not None else resolve_device(self.cfg.device)
         if self.device.type == "cpu" and self.cfg.reuse_cpu_memory:
             reuse_freed_cpu_memory()
-        # processes: every torchrun process (one SingleProcess without torchrun); batch_sharers: those
-        # that split each batch between them (gradients and statistics are reduced over them)
+        self.bf16_selection = bf16_selection_available(self.cfg.autocast == "bf16", self.device)  # sae/mixed.py
+        # processes: every torchrun process; batch_sharers: those splitting each batch (reducing gradients)
         self.processes = process_group or process_group_from_env(self.device)
         by_sae = self.cfg.distribute == "saes"
         self.batch_sharers = self.processes if not by_sae else SingleProcess()
@@ -240,9 +241,8 @@ class Trainer:
         return replay()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.autocast == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        cuda = self.cfg.autocast == "bf16" and self.device.type == "cuda"  # the CPU's bf16: bf16_selection
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def _train_step(self, batch: Batch) -> dict[str, dict[str, float]]:
         cfg = self.cfg
@@ -263,7 +263,7 @@ class Trainer:
             ctx = step_context(sharers, weight, cfg.batch_size, step=self.step, progress=self.step / max(total, 1),
                                input_scale=scale_in, output_scale=scale_out,
                                sparsity_scale=sparsity_factor(self.step, total, sae_cfg.sparsity_warmup_steps),
-                               dead_mask=self.since_fired[name] >= cfg.dead_window)
+                               dead_mask=self.since_fired[name] >= cfg.dead_window, bf16_selection=self.bf16_selection)
             with self._autocast():
                 out = sae.loss(inputs / scale_in, ctx, target_scaled)
             self.loss_finite[name] &= torch.isfinite(out.loss.detach())  # no host sync here

@@ -1,0 +1,186 @@
+"""The sparse kernels' entries chosen on bfloat16 pre-activations, their values in float32.
+
+The one dense product of a sparse training step, ``x_in @ W_enc`` (sae/kernels.py), only serves
+to choose each token's entries. Where the CPU multiplies bfloat16 natively (AMX, AVX512-BF16),
+that product costs a tenth of float32's (4096 x 384 @ 384 x 2048, one thread: 3.7 against 29-44
+ms). ``BF16Preactivations`` forms it there, the encoder bias folded in as one more input column,
+and every architecture picks a superset of its entries from it: TopK the k + extra largest per
+token, BatchTopK the k * B + extra largest of the batch, JumpReLU everything above theta - eps
+less a margin for bf16's rounding. Then the float32 pre-activations are recomputed at those
+candidates (a sampled product, exactly the float32 expression up to summation order) and the
+entries are chosen among them as the float32 path chooses them. Values, losses and gradients are
+float32 throughout, unlike a GPU under autocast, where z itself is bf16.
+
+What can differ from the float32 path: an entry whose bf16 error moves it across the whole margin
+(k + extra ranks for TopK; for BatchTopK and JumpReLU 16x the largest error seen on MiniLM
+activations), and, as in any other summation order, entries within float32 rounding of a bound.
+tests/sae/test_mixed.py checks the selections against the float32 path's.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import kernels
+from .cpu_ops import nonzero_flat, row_top_indices
+from .step import StepContext
+
+log = logging.getLogger(__name__)
+
+UNIT_ROUNDOFF = 2.0 ** -8  # bfloat16: 8 significant bits
+# JumpReLU's candidate margin, in units of u * rms|x_in| * |W_enc column| / sqrt(d_in): the error
+# of a bf16 product of two rounded vectors is about that size; the largest seen was 4.
+MARGIN_UNITS = 16.0
+
+
+@functools.cache
+def fast_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):  # private probes: absent on other builds
+        return False
+
+
+def bf16_selection_available(requested: bool, device: torch.device) -> bool:
+    """Whether a trainer asked for bf16 (autocast 'bf16') on ``device`` chooses entries in bf16: on
+    a CPU with native bf16 products only (elsewhere bf16 would be slower; warned once)."""
+    if not requested or device.type != "cpu":
+        return False
+    if not fast_bf16_matmul():
+        log.warning("autocast 'bf16': this CPU has no native bfloat16 products (AMX, AVX512-BF16), "
+                    "so the sparse kernels keep choosing their entries in float32")
+    return fast_bf16_matmul()
+
+
+def wanted(ctx: StepContext, device: torch.device) -> bool:
+    """Whether a sparse loss should choose its entries on bf16 pre-activations."""
+    return ctx.bf16_selection and device.type == "cpu"
+
+
+def extra_candidates(k: int) -> int:
+    """How many candidates beyond k a per-token selection takes on bf16 values."""
+    return max(4, k // 8)
+
+
+class BF16Preactivations:
+    """bf16 pre-activations ``z`` (B, n) of ``x_in`` (B, d_in, float32) through the encoder, and
+    the float32 pre-activation at any entries."""
+
+    def __init__(self, x_in: Tensor, W_enc: Tensor, b_enc: Tensor):
+        self.x_in, self.W_enc, self.b_enc = x_in.detach(), W_enc.detach(), b_enc.detach()
+        ones = self.x_in.new_ones(self.x_in.shape[0], 1)
+        self.z = (torch.cat([self.x_in, ones], 1).bfloat16()
+                  @ torch.cat([self.W_enc, self.b_enc[None]], 0).bfloat16())
+        self.shape = tuple(self.z.shape)
+
+    def at(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """float32 ``x_in[r] @ W_enc[:, c] + b_enc[c]`` at each (r, c); rows grouped ascending."""
+        ones = torch.ones_like(rows, dtype=self.x_in.dtype)
+        entries = kernels.Entries(rows, cols, ones, ones, self.shape)
+        return entries.sddmm(self.x_in, self.W_enc.T) + self.b_enc.index_select(0, cols)
+
+    def columns(self, cols: Tensor) -> Tensor:
+        """float32 pre-activations (B, m) of latents ``cols``."""
+        return torch.addmm(self.b_enc.index_select(0, cols), self.x_in, self.W_enc.index_select(1, cols))
+
+    def margin(self) -> Tensor:
+        """Per latent, a bound far above the bf16 error of its pre-activations (see MARGIN_UNITS)."""
+        rms = self.x_in.pow(2).sum(1).mean().sqrt()
+        norms = torch.linalg.vector_norm(torch.cat([self.W_enc, self.b_enc[None]], 0), dim=0)
+        return MARGIN_UNITS * UNIT_ROUNDOFF * (rms + 1.0) * norms / math.sqrt(self.x_in.shape[1])
+
+
+def bf16_greater(values: Tensor, bound: Tensor) -> Tensor:
+    """``values > bound`` for bf16 ``values`` (B, n) and float ``bound`` (n,) rounded down to bf16,
+    comparing the bit patterns as int16 (5-8x faster than torch's bf16 comparison on the CPU).
+    A NaN may come out either way (by its sign bit); recomputed in float32 it is never an entry."""
+    low = (bound - UNIT_ROUNDOFF * bound.abs()).to(torch.bfloat16)  # at most bound after rounding
+    if values.device.type != "cpu":
+        return values > low
+    bits, low_bits = values.view(torch.int16).numpy(), low.view(torch.int16).numpy()
+    if bool((low > 0).all()):  # positive bounds: the int16 order of the bits is the float order
+        return torch.from_numpy(np.greater(bits, low_bits))
+    # a negative bound b: v > b for every v >= 0 (sign bit clear), and for negative v of smaller
+    # magnitude (a smaller int16: more negative); a bound of -0 or 0 is greater(bits, 0) or the same
+    negative = np.signbit(low.float().numpy())
+    above = np.where(negative, (bits >= 0) | (bits < low_bits), bits > low_bits)
+    return torch.from_numpy(above)
+
+
+@torch.no_grad()
+def topk_entries(pre: BF16Preactivations, k: int) -> kernels.Entries:
+    """TopK's entries: the k largest float32 pre-activations among each token's k + extra largest bf16 ones."""
+    B, n = pre.shape
+    width = min(n, k + extra_candidates(k))
+    rows = torch.arange(B).repeat_interleave(width)
+    candidates = torch.arange(n).expand(B, n) if width == n else kernels.row_topk(pre.z, width)[1]
+    exact = pre.at(rows, candidates.reshape(-1)).view(B, width)
+    position = row_top_indices(exact, k)
+    cols, values = candidates.gather(1, position), exact.gather(1, position)
+    return kernels._positive(pre.z, torch.arange(B).repeat_interleave(k), cols.reshape(-1), values.reshape(-1))
+
+
+@torch.no_grad()
+def auxk_entries(pre: BF16Preactivations, dead_mask: Tensor, k_aux: int) -> kernels.AuxEntries | kernels.Entries:
+    """``kernels.auxk_entries`` with the float32 pre-activations: a block over the dead latents
+    computed in float32, or entries chosen as in ``topk_entries``."""
+    columns = dead_mask.nonzero().squeeze(1)
+    if k_aux > kernels.AUX_MAX_DENSITY * columns.numel():
+        pool = pre.columns(columns)
+        if k_aux >= columns.numel():
+            return kernels.AuxEntries(columns, torch.relu_(pool))
+        index = row_top_indices(pool, k_aux)
+        return kernels.AuxEntries(columns, torch.zeros_like(pool).scatter_(-1, index, torch.relu(pool.gather(1, index))))
+    B = pre.shape[0]
+    width = min(columns.numel(), k_aux + extra_candidates(k_aux))
+    picked = columns.index_select(0, row_top_indices(pre.z.index_select(1, columns), width).reshape(-1))
+    exact = pre.at(torch.arange(B).repeat_interleave(width), picked).view(B, width)
+    position = row_top_indices(exact, k_aux)
+    cols = picked.view(B, width).gather(1, position)
+    return kernels._positive(pre.z, torch.arange(B).repeat_interleave(k_aux), cols.reshape(-1),
+                             exact.gather(1, position).reshape(-1))
+
+
+@torch.no_grad()
+def batch_topk_entries(pre: BF16Preactivations, k: int) -> tuple[kernels.Entries, Tensor]:
+    """``kernels.batch_topk_entries`` among the float32 pre-activations of every bf16 one above
+    the batch's k * B-th largest bf16 value less the margin."""
+    B, n = pre.shape
+    keep = k * B
+    flat = pre.z.float().reshape(-1)
+    kth = flat.index_select(0, kernels._flat_topk_index(flat, keep)).min()
+    index = nonzero_flat(bf16_greater(pre.z, kth - pre.margin() - UNIT_ROUNDOFF * kth.abs()))
+    exact = pre.at(index // n, index % n)
+    chosen = row_top_indices(exact[None], keep)[0].sort().values if index.numel() > keep else torch.arange(index.numel())
+    index, values = index.index_select(0, chosen), exact.index_select(0, chosen)
+    inf = values.new_tensor(float("inf"))
+    smallest = torch.where(values > 0, values, inf).min() if values.numel() else inf
+    return kernels._positive(pre.z, index // n, index % n, values), smallest
+
+
+def jumprelu_selection(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, bandwidth: float,
+                       bf16: bool) -> tuple[kernels.Entries, Tensor | None]:
+    """JumpReLU's entries, and the float32 ``x_in @ W_enc`` (differentiable) they were chosen on,
+    or None when chosen on bf16 pre-activations (b_enc folded into the candidates' threshold)."""
+    if bf16:
+        return jumprelu_entries(BF16Preactivations(x_in, W_enc, b_enc), threshold, bandwidth), None
+    product = x_in @ W_enc
+    return kernels.jumprelu_entries(product.detach(), threshold, bandwidth, bias=b_enc.detach()), product
+
+
+@torch.no_grad()
+def jumprelu_entries(pre: BF16Preactivations, threshold: Tensor, bandwidth: float) -> kernels.Entries:
+    """JumpReLU's entries (active and kernel-window) among the bf16 candidates above theta - eps - margin."""
+    low = threshold - bandwidth
+    low = low - pre.margin() - UNIT_ROUNDOFF * low.abs()
+    flat = nonzero_flat(bf16_greater(pre.z, low))
+    n = pre.shape[1]
+    rows, cols = flat // n, flat % n
+    return kernels.jumprelu_from_candidates(rows, cols, pre.at(rows, cols), threshold, bandwidth, pre.shape)

@@ -1,0 +1,119 @@
+"""Entries chosen on bf16 pre-activations (sae/mixed.py) against the float32 path's."""
+
+import pytest
+import torch
+
+from jumpscope.sae import StepContext, kernels, mixed
+from jumpscope.sae.registry import build
+
+
+def _problem(seed=0, B=512, d=48, n=768):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g)
+    W = torch.randn(d, n, generator=g) / d ** 0.5
+    b = torch.randn(n, generator=g) * 0.1
+    return x, W, b, torch.addmm(b, x, W)
+
+
+def _pairs(entries):
+    return set(zip(entries.rows.tolist(), entries.cols.tolist()))
+
+
+def _dense(entries, field="values"):
+    out = torch.zeros(entries.shape)
+    out[entries.rows, entries.cols] = getattr(entries, field)
+    return out
+
+
+def test_bf16_greater_compares_like_floats_for_any_sign_of_bound():
+    g = torch.Generator().manual_seed(1)
+    values = (torch.randn(64, 40, generator=g) * 3).bfloat16()
+    values[0, :4] = torch.tensor([0.0, -0.0, float("nan"), float("-inf")]).bfloat16()
+    for bound in (torch.rand(40, generator=g) + 0.1, torch.randn(40, generator=g), torch.zeros(40)):
+        got = mixed.bf16_greater(values, bound)
+        rounded = (bound - mixed.UNIT_ROUNDOFF * bound.abs()).bfloat16().float()
+        assert rounded.le(bound).all()  # the bound only moves down: a superset of values > bound
+        expected = values.float() > rounded
+        got[0, 2] = expected[0, 2] = False  # NaN: either (never an entry once recomputed)
+        assert torch.equal(got, expected)
+        assert not (values.float() > bound)[~got].any()
+
+
+@pytest.mark.parametrize("k", [8, 32, 760])
+def test_topk_entries_equal_the_float32_selection(k):
+    x, W, b, z = _problem()
+    exact, chosen = kernels.topk_entries(z, k), mixed.topk_entries(mixed.BF16Preactivations(x, W, b), k)
+    assert _pairs(chosen) == _pairs(exact)
+    torch.testing.assert_close(_dense(chosen), _dense(exact), rtol=0, atol=1e-5)
+
+
+def test_jumprelu_entries_equal_the_float32_selection_including_negative_thresholds():
+    x, W, b, z = _problem(seed=2)
+    pre = mixed.BF16Preactivations(x, W, b)
+    g = torch.Generator().manual_seed(3)
+    for threshold in (torch.rand(z.shape[1], generator=g) + 0.8, torch.randn(z.shape[1], generator=g)):
+        exact, chosen = kernels.jumprelu_entries(z, threshold, 0.05), mixed.jumprelu_entries(pre, threshold, 0.05)
+        assert _pairs(chosen) == _pairs(exact)
+        for field in ("active", "window", "at_or_above"):
+            assert torch.equal(_dense(chosen, field), _dense(exact, field)), field
+        torch.testing.assert_close(_dense(chosen, "pre"), _dense(exact, "pre"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k_aux", [4, 120, 300])  # entries, a block, every dead latent
+def test_auxk_entries_equal_the_float32_selection_in_both_layouts(k_aux):
+    x, W, b, z = _problem(seed=4)
+    dead = torch.zeros(z.shape[1], dtype=torch.bool)
+    dead[::3] = True
+    exact = kernels.auxk_entries(z, dead, k_aux)
+    chosen = mixed.auxk_entries(mixed.BF16Preactivations(x, W, b), dead, k_aux)
+    assert type(chosen) is type(exact)
+    if isinstance(exact, kernels.Entries):
+        assert _pairs(chosen) == _pairs(exact)
+        torch.testing.assert_close(_dense(chosen), _dense(exact), rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(chosen.columns, exact.columns)
+        torch.testing.assert_close(chosen.acts, exact.acts, rtol=0, atol=1e-5)
+
+
+def test_batch_topk_entries_differ_from_float32_only_by_summation_order_at_the_boundary():
+    x, W, b, z = _problem(seed=5)
+    (exact, smallest), (chosen, smallest_mixed) = (kernels.batch_topk_entries(z, 16),
+                                                   mixed.batch_topk_entries(mixed.BF16Preactivations(x, W, b), 16))
+    assert chosen.rows.numel() == exact.rows.numel()
+    swapped = _pairs(chosen) ^ _pairs(exact)
+    assert all(abs(z[r, c] - smallest) < 1e-4 for r, c in swapped)  # ties up to float32 rounding
+    assert abs(smallest_mixed - smallest) < 1e-4
+
+
+# BatchTopK: entries tied with the batch's k * B-th value up to float32 rounding may swap
+@pytest.mark.parametrize("arch, options, tolerance", [("topk", dict(k=12), 1e-5), ("batchtopk", dict(k=12), 3e-3),
+                                                      ("jumprelu", dict(target_l0=12, pre_act_coefficient=1e-3), 1e-5)])
+def test_losses_and_gradients_match_the_float32_step(arch, options, tolerance):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(256, 32, generator=g)
+    sae = build(arch, d_in=32, d_sae=640, kernel="sparse", seed=0, **options)
+    sae.init_from_data(torch.randn(256, 32, generator=g))  # not x: its thresholds would tie with x's z
+    dead = torch.zeros(640, dtype=torch.bool)
+    dead[:300] = True
+    grads = {}
+    for bf16 in (False, True):
+        sae.zero_grad()
+        out = sae.loss(x, StepContext(dead_mask=dead, bf16_selection=bf16))
+        out.loss.backward()
+        grads[bf16] = (out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
+    assert abs(grads[True][0] - grads[False][0]) <= tolerance * grads[False][0]
+    assert grads[True][1].keys() == grads[False][1].keys()
+    for name, grad in grads[False][1].items():
+        assert (grads[True][1][name] - grad).norm() <= 10 * tolerance * grad.norm(), name
+
+
+def test_trainer_requests_bf16_selection_only_where_the_cpu_has_native_bf16(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    assert not mixed.bf16_selection_available(False, cpu)
+    monkeypatch.setattr(mixed, "fast_bf16_matmul", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert not mixed.bf16_selection_available(True, cpu)
+    assert "no native bfloat16" in caplog.text
+    monkeypatch.setattr(mixed, "fast_bf16_matmul", lambda: True)
+    assert mixed.bf16_selection_available(True, cpu)
+    assert not mixed.bf16_selection_available(True, torch.device("meta"))
