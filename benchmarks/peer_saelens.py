@@ -114,6 +114,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--saelens-malloc-reuse", action="store_true",
                    help="start SAELens with jumpscope.device.MALLOC_REUSE_ENV, the glibc "
                         "setting our trainer applies on the CPU (reuse_cpu_memory)")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="our TrainerConfig.autocast: bf16 chooses the sparse kernels' entries on bf16 pre-activations "
+                        "on a CPU with AMX / AVX512-BF16 (values and gradients float32; sae/mixed.py)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: width 1536, 16 batches, 4,096 held-out tokens")
@@ -202,7 +205,8 @@ def train_ours(args, cache: str, targets: dict[str, float]) -> dict:
     saes = {name: jumpscope.build("jumprelu", d_in=D_IN, d_sae=args.width, target_l0=target, seed=args.seed,
                                   model=MODEL, site=SITE) for name, target in targets.items()}
     trainer = jumpscope.Trainer(saes, jumpscope.TrainerConfig(
-        total_tokens=args.tokens, batch_size=args.batch, device="cpu", progress=False, checkpoint_every=0))
+        total_tokens=args.tokens, batch_size=args.batch, device="cpu", progress=False, checkpoint_every=0,
+        autocast=args.autocast))
     provider = Provider(cache, SITE, args.seed, 65_536, args.batch, steps)
     load_start = os.getloadavg()[0]
     start = time.perf_counter()

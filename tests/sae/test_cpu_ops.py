@@ -88,3 +88,4 @@ def test_nonzero_flat_matches_nonzero():
     for shape, density in (((512, 1024), 0.01), ((512, 1024), 0.6), ((300, 301), 0.02), ((64, 64), 0.1)):
         mask = torch.rand(shape, generator=generator) < density
         assert torch.equal(nonzero_flat(mask), mask.reshape(-1).nonzero().squeeze(1))
+        assert torch.equal(nonzero_flat(mask.T), mask.T.reshape(-1).nonzero().squeeze(1))  # not contiguous

@@ -75,8 +75,11 @@ def test_auxk_entries_equal_the_float32_selection_in_both_layouts(k_aux):
         torch.testing.assert_close(chosen.acts, exact.acts, rtol=0, atol=1e-5)
 
 
-def test_batch_topk_entries_differ_from_float32_only_by_summation_order_at_the_boundary():
+@pytest.mark.parametrize("sampled_bound", ["estimated", "too high", "too low"])
+def test_batch_topk_entries_differ_from_float32_only_by_summation_order_at_the_boundary(monkeypatch, sampled_bound):
     x, W, b, z = _problem(seed=5)
+    if sampled_bound != "estimated":  # too high: the check falls back to the exact bf16 bound
+        monkeypatch.setattr(mixed, "_sampled_bound", lambda *_: torch.tensor(50.0 if sampled_bound == "too high" else -50.0))
     (exact, smallest), (chosen, smallest_mixed) = (kernels.batch_topk_entries(z, 16),
                                                    mixed.batch_topk_entries(mixed.BF16Preactivations(x, W, b), 16))
     assert chosen.rows.numel() == exact.rows.numel()
@@ -117,3 +120,16 @@ def test_trainer_requests_bf16_selection_only_where_the_cpu_has_native_bf16(monk
     monkeypatch.setattr(mixed, "fast_bf16_matmul", lambda: True)
     assert mixed.bf16_selection_available(True, cpu)
     assert not mixed.bf16_selection_available(True, torch.device("meta"))
+
+
+def test_an_all_zero_encoder_gives_the_float32_entries():  # no bf16 error: the margin must stay positive
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(7))
+    pre = mixed.BF16Preactivations(x, torch.zeros(8, 40), torch.zeros(40))
+    entries, smallest = mixed.batch_topk_entries(pre, 3)
+    assert entries.rows.numel() == 0 and smallest == float("inf")  # all z are 0: ReLU'd away, as in float32
+    exact, _ = kernels.batch_topk_entries(torch.zeros(64, 40), 3)
+    assert exact.rows.numel() == 0
+    threshold = torch.full((40,), 0.01)
+    chosen = mixed.jumprelu_entries(pre, threshold, 0.05)
+    assert chosen.rows.numel() == 64 * 40  # every z = 0 lies in the kernel window
+    assert _pairs(chosen) == _pairs(kernels.jumprelu_entries(torch.zeros(64, 40), threshold, 0.05))

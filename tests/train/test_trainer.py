@@ -336,3 +336,19 @@ def test_the_trainer_tells_losses_how_far_the_run_has_gone(tmp_path):
     assert len(rows) == 40
     with_term = [row["step"] for row in rows if "pre_act" in row]
     assert with_term == list(range(1, 21))  # logged steps count from 1
+
+
+@pytest.mark.parametrize("autocast, native_bf16, expected", [("bf16", True, True), ("bf16", False, False),
+                                                             ("none", True, False)])
+def test_autocast_bf16_on_cpu_asks_the_losses_for_bf16_selection_where_native(monkeypatch, autocast, native_bf16,
+                                                                              expected):
+    from jumpscope.sae import mixed
+    monkeypatch.setattr(mixed, "fast_bf16_matmul", lambda: native_bf16)
+    sae = build("topk", d_in=16, d_sae=64, k=4, kernel="sparse")
+    seen = []
+    loss = sae.loss
+    monkeypatch.setattr(sae, "loss", lambda x, ctx, target=None: seen.append(ctx.bf16_selection) or loss(x, ctx, target))
+    data = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+    Trainer(sae, TrainerConfig(total_tokens=256, batch_size=64, device="cpu", progress=False, autocast=autocast,
+                               init_sample_tokens=64, checkpoint_every=0)).fit([data])
+    assert seen and set(seen) == {expected}

@@ -72,11 +72,10 @@ def row_top_indices(matrix: Tensor, k: int) -> Tensor:
 
 
 def nonzero_flat(mask: Tensor) -> Tensor:
-    """Flat indices (ascending) of the True entries of a contiguous bool tensor. A sparse mask is
-    scanned as 8-byte words first: most are all False, and only the others are read bytewise."""
+    """Flat indices (ascending, int64) of the True entries of a bool tensor. On the CPU numpy's
+    flatnonzero: 4096 x 4096 at 2% True 7.7 ms against torch's 15 ms (and 13 ms for torch on
+    8-byte words first), at 50% 21 against 113 ms."""
     flat = mask.reshape(-1)
-    if flat.numel() % 8 or flat.numel() < 1 << 16 or flat.storage_offset() % 8:
+    if flat.device.type != "cpu" or flat.requires_grad:
         return flat.nonzero().squeeze(1)
-    words = flat.view(torch.int64).nonzero().squeeze(1)
-    hits = flat.view(-1, 8).index_select(0, words).nonzero()
-    return words.index_select(0, hits[:, 0]) * 8 + hits[:, 1]
+    return torch.from_numpy(np.flatnonzero(flat.numpy()))

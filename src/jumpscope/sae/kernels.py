@@ -141,7 +141,7 @@ class Entries:
 
 
 def _select(keep: Tensor, *tensors: Tensor) -> list[Tensor]:
-    index = keep.nonzero().squeeze(1)
+    index = nonzero_flat(keep)
     return [t.index_select(0, index) for t in tensors]
 
 
