@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 
 import numpy as np
 import torch
@@ -78,9 +79,13 @@ class BF16Preactivations:
 
     def __init__(self, x_in: Tensor, W_enc: Tensor, b_enc: Tensor):
         self.x_in, self.W_enc, self.b_enc = x_in.detach(), W_enc.detach(), b_enc.detach()
-        ones = self.x_in.new_ones(self.x_in.shape[0], 1)
-        self.z = (torch.cat([self.x_in, ones], 1).bfloat16()
-                  @ torch.cat([self.W_enc, self.b_enc[None]], 0).bfloat16())
+        (B, d), n = self.x_in.shape, self.W_enc.shape[1]
+        inputs, encoder = _buffer("inputs", B, d + 1), _buffer("encoder", d + 1, n)
+        inputs[:, :d].copy_(self.x_in)  # converted in the copy
+        inputs[:, d] = 1.0
+        encoder[:d].copy_(self.W_enc)
+        encoder[d].copy_(self.b_enc)
+        self.z = torch.mm(inputs, encoder, out=_buffer("z", B, n))
         self.shape = tuple(self.z.shape)
         self._rows_of_W: Tensor | None = None
 
@@ -102,6 +107,19 @@ class BF16Preactivations:
         norms = torch.linalg.vector_norm(torch.cat([self.W_enc, self.b_enc[None]], 0), dim=0)
         tiny = torch.finfo(torch.float32).tiny  # positive even for an all-zero encoder
         return MARGIN_UNITS * UNIT_ROUNDOFF * (rms + 1.0) * norms / math.sqrt(self.x_in.shape[1]) + tiny
+
+
+_BUFFERS = threading.local()
+
+
+def _buffer(name: str, rows: int, cols: int) -> Tensor:
+    """A bf16 (rows, cols) CPU tensor kept for the next step (per thread): a fresh 32 MB product
+    each step cost 20 ms instead of 8.5 in page faults (4096 x 4096, one thread)."""
+    kept = getattr(_BUFFERS, name, None)
+    if kept is None or kept.shape != (rows, cols):
+        kept = torch.empty(rows, cols, dtype=torch.bfloat16)
+        setattr(_BUFFERS, name, kept)
+    return kept
 
 
 def bf16_greater(values: Tensor, bound: Tensor) -> Tensor:
