@@ -58,7 +58,10 @@ def bf16_selection_available(requested: bool, device: torch.device) -> bool:
     if not fast_bf16_matmul():
         log.warning("autocast 'bf16': this CPU has no native bfloat16 products (AMX, AVX512-BF16), "
                     "so the sparse kernels keep choosing their entries in float32")
-    return fast_bf16_matmul()
+        return False
+    log.info("autocast 'bf16' on the CPU: sparse kernels choose their entries on bf16 pre-activations "
+             "(values and gradients float32)")
+    return True
 
 
 def wanted(ctx: StepContext, device: torch.device) -> bool:
