@@ -133,3 +133,24 @@ def test_an_all_zero_encoder_gives_the_float32_entries():  # no bf16 error: the 
     chosen = mixed.jumprelu_entries(pre, threshold, 0.05)
     assert chosen.rows.numel() == 64 * 40  # every z = 0 lies in the kernel window
     assert _pairs(chosen) == _pairs(kernels.jumprelu_entries(torch.zeros(64, 40), threshold, 0.05))
+
+
+def test_jumprelu_candidates_cover_outlier_features_and_wide_rows():
+    # an LLM-like batch: one feature 30x the others on a few tokens, a BOS-like row 50x the norm,
+    # and latents reading mostly that feature: their bf16 error is far above the typical row's
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1024, 64, generator=g)
+    x[::16, 0] *= 30
+    x[5] *= 50
+    W = torch.randn(64, 512, generator=g) / 8
+    W[0, :64] = 3.0  # concentrated columns
+    b = torch.randn(512, generator=g) * 0.1
+    z = torch.addmm(b, x, W)
+    pre = mixed.BF16Preactivations(x, W, b)
+    # thresholds just above each column's 95th percentile, where entries are dense, and just below
+    # the wide row's pre-activations, whose bf16 errors are the largest
+    for threshold, bandwidth in ((z.quantile(0.95, dim=0) + 1e-3, 0.01), (z.quantile(0.95, dim=0) + 1e-3, 0.1),
+                                 (z[5] - 1e-4, 1e-4), (z[16] - 1e-4, 1e-4)):
+        exact, chosen = kernels.jumprelu_entries(z, threshold, bandwidth), mixed.jumprelu_entries(pre, threshold, bandwidth)
+        assert _pairs(chosen) == _pairs(exact)
+        assert torch.equal(_dense(chosen, "active"), _dense(exact, "active"))
