@@ -154,3 +154,14 @@ def test_jumprelu_candidates_cover_outlier_features_and_wide_rows():
         exact, chosen = kernels.jumprelu_entries(z, threshold, bandwidth), mixed.jumprelu_entries(pre, threshold, bandwidth)
         assert _pairs(chosen) == _pairs(exact)
         assert torch.equal(_dense(chosen, "active"), _dense(exact, "active"))
+
+
+def test_kept_bf16_buffers_are_bounded_and_reused():
+    for width in range(40, 40 + 2 * mixed.KEPT_SHAPES):  # more shapes than are kept
+        x, W, b = torch.randn(8, 4), torch.randn(4, width), torch.zeros(width)
+        first = mixed.BF16Preactivations(x, W, b).z
+        again = mixed.BF16Preactivations(x * 2, W, b).z
+        assert again.data_ptr() == first.data_ptr()  # the same storage, written again
+        fresh = torch.cat([x * 2, torch.ones(8, 1)], 1).bfloat16() @ torch.cat([W, b[None]]).bfloat16()
+        assert torch.equal(again, fresh)
+    assert len(mixed._BUFFERS.tensors) <= 3 * mixed.KEPT_SHAPES
