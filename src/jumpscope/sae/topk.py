@@ -154,7 +154,8 @@ class TopKSAE(SAE):
     def _sparse_loss(self, x: Tensor, z: Tensor | mixed.BF16Preactivations, entries: kernels.Entries,
                      ctx: StepContext, target: Tensor) -> LossOutput:
         """``loss`` through sae/kernels.py (the AuxK decode is sparse too); z (B, d_sae) is the
-        detached pre-activation, whose buffer becomes the dense feature_acts (or the bf16 ones)."""
+        detached pre-activation, whose buffer becomes the dense feature_acts (or the bf16 ones, and
+        the dense acts get a buffer of their own if something reads them)."""
         cfg = self.cfg
         aux = None
         bf16 = isinstance(z, mixed.BF16Preactivations)
