@@ -46,6 +46,9 @@ def test_harvest_train_reload_encode(tmp_path, minilm):
     assert report["n_tokens"] > 0 and f"| {SITE} | 128 |" in summary
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [2, 4, 6]
+    trainer = json.loads((tmp_path / "run" / "summary.json").read_text())["trainer"]  # what the run used
+    assert (trainer["batch_size"], trainer["total_tokens"], trainer["autocast"], trainer["bf16_selection"]) == \
+        (512, 512 * 6, "none", False)
 
 
 def test_cache_is_written_once_and_replays_the_same_training(tmp_path, monkeypatch):

@@ -134,14 +134,15 @@ def build_saes(job: TrainJobConfig, source: ActivationSource, sae_fields: dict[s
 
 
 def write_summary(out: Path, job: TrainJobConfig, source: ActivationSource, results: dict[str, dict],
-                  training: dict[str, dict], seconds: float) -> str:
+                  training: dict[str, dict], seconds: float, trainer: dict[str, Any] | None = None) -> str:
     text = (f"# {job.arch} SAEs on {source.loaded.name}\n\ncorpus {source.corpus.name}, {job.tokens:,} training "
             f"tokens, held-out evaluation on {next(iter(results.values()))['n_tokens']:,} tokens, {seconds:.0f} s\n\n"
             + results_table(results, source.loaded.kind))
     write_text(out / "summary.md", text)
     write_text(out / "summary.json", json.dumps({"job": job_record(job), "source": source.manifest(),
                                                  "main_measure": MAIN_MEASURE[source.loaded.kind], "seconds": seconds,
-                                                 "held_out": results, "training_window": training}, indent=2))
+                                                 "trainer": trainer, "held_out": results, "training_window": training},
+                                                indent=2, default=str))
     return text
 
 
@@ -160,4 +161,5 @@ def run_train(job: TrainJobConfig, activations: ActivationConfig | None = None,
                             progress=trainer.cfg.progress and main, cache_dir=out / "eval_cache")
     if not main:
         return trained, ""
-    return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started)
+    return trained, write_summary(out, job, source, results, trainer.final_summary(), time.time() - started,
+                                  {**dataclasses.asdict(trainer.cfg), "bf16_selection": trainer.bf16_selection})
