@@ -107,7 +107,7 @@ def run_width(d_sae: int, args, generator: torch.Generator) -> list[dict]:
     inputs = {conv: x_raw / estimate_scale(x_raw, conv) for conv in ("unit_mean_sq_norm", "sqrt_d_in_norm", "none")}
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[torch.randperm(d_sae, generator=generator)[: int(round(args.dead_fraction * d_sae))]] = True
-    ctx = StepContext(dead_mask=dead, bf16_selection=args.bf16_selection)  # bf16: the sparse rows only
+    contexts = {False: StepContext(dead_mask=dead), True: StepContext(dead_mask=dead, bf16_selection=True)}
     W = torch.randn(args.d_in, d_sae, generator=generator) / args.d_in ** 0.5
     x_mm = inputs["unit_mean_sq_norm"]
 
@@ -117,14 +117,15 @@ def run_width(d_sae: int, args, generator: torch.Generator) -> list[dict]:
         # bf16 selection recomputes z at the entries in another summation order: thresholds initialised on
         # the timed rows would tie with their z exactly, and those ties could flip against the dense twin
         init = x.roll(1, dims=0).flip(1) if args.bf16_selection else x
-        sae, optimizer = make_sae(arch, fields, kernel, args.d_in, d_sae, init)
-        rows.append(dict(label=label, arch=arch, d_sae=d_sae, kernel=kernel, x=x, sae=sae, opt=optimizer,
-                         times=[], grads={}))
+        for bf16 in (False, True) if kernel == "sparse" and args.bf16_selection else (False,):
+            sae, optimizer = make_sae(arch, fields, kernel, args.d_in, d_sae, init)
+            rows.append(dict(label=label, arch=arch, d_sae=d_sae, kernel=kernel + (", bf16 sel." if bf16 else ""),
+                             x=x, sae=sae, opt=optimizer, ctx=contexts[bf16], times=[], grads={}))
     matmul: list[float] = []
     for round_index in range(args.repeats + 1):
         # Dense rows are timed in the first --dense-repeats rounds only (they take most of the time);
         # round 0 warms up every row and holds the gradient check.
-        stepping = [row for row in rows if row["kernel"] == "sparse" or round_index <= args.dense_repeats]
+        stepping = [row for row in rows if row["kernel"].startswith("sparse") or round_index <= args.dense_repeats]
         for index, row in enumerate(stepping):
             if index % 3 == 0:  # the reference matmul, several times per round
                 start = time.perf_counter()
@@ -133,7 +134,7 @@ def run_width(d_sae: int, args, generator: torch.Generator) -> list[dict]:
                     matmul.append(time.perf_counter() - start)
                 del product
             start = time.perf_counter()
-            out = train_step(row["sae"], row["opt"], row["x"], ctx, row["grads"] if round_index == 0 else None)
+            out = train_step(row["sae"], row["opt"], row["x"], row["ctx"], row["grads"] if round_index == 0 else None)
             seconds = time.perf_counter() - start
             if round_index:
                 row["times"].append(seconds)
@@ -141,7 +142,7 @@ def run_width(d_sae: int, args, generator: torch.Generator) -> list[dict]:
             del out
         if round_index == 0:  # the gradient check: sparse rows against their dense twins, first step
             for row in rows:
-                if row["kernel"] == "sparse":
+                if row["kernel"].startswith("sparse"):
                     twin = next(r for r in rows if r["label"] == row["label"] and r["kernel"] == "dense")
                     row["grad_errors"] = relative_errors(row["grads"], twin["grads"])
             for row in rows:
@@ -154,7 +155,7 @@ def run_width(d_sae: int, args, generator: torch.Generator) -> list[dict]:
         seconds = statistics.median(row["times"])
         result = dict(label=row["label"], arch=row["arch"], d_sae=d_sae, kernel=row["kernel"], l0=row["l0"],
                       seconds=seconds, matmul_seconds=mm, ratio=seconds / mm, times=row["times"])
-        if row["kernel"] == "sparse":
+        if row["kernel"].startswith("sparse"):
             twin = next(r for r in rows if r["label"] == row["label"] and r["kernel"] == "dense")
             result["speedup"] = statistics.median(twin["times"]) / seconds
             result["grad_errors"] = row["grad_errors"]
@@ -172,7 +173,7 @@ def table(results: list[dict], target: float) -> str:
     for r in results:
         speedup = f"{r['speedup']:.1f}x" if "speedup" in r else ("1.0x" if r["kernel"] == "dense" else "-")
         error = f"{r['max_grad_error']:.1e}" if "max_grad_error" in r else "-"
-        verdict = ("yes" if r["ratio"] <= target else "no") if r["kernel"] == "sparse" else "-"
+        verdict = ("yes" if r["ratio"] <= target else "no") if r["kernel"].startswith("sparse") else "-"
         lines.append(f"| {r['label']} | {r['d_sae']} | {r['l0']:.1f} | {r['kernel']} | {r['seconds']:.3f} "
                      f"| {r['ratio']:.1f}x | {speedup} | {error} | {verdict} |")
     return "\n".join(lines)
@@ -193,8 +194,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=3.0, help="the target step / matmul ratio")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--bf16-selection", action="store_true",
-                        help="sparse rows choose their entries on bf16 pre-activations (the trainer's autocast bf16 "
-                             "on a CPU with AMX or AVX512-BF16; sae/mixed.py)")
+                        help="every sparse row runs twice in the same rounds: entries chosen in float32, and on bf16 "
+                             "pre-activations (the trainer's autocast bf16 on a CPU with AMX or AVX512-BF16; "
+                             "sae/mixed.py)")
     parser.add_argument("--no-reuse-cpu-memory", action="store_true",
                         help="leave glibc's allocator as it is (the trainer's reuse_cpu_memory default sets it)")
     args = parser.parse_args()
@@ -211,7 +213,7 @@ def main() -> None:
               f"batch {args.batch}, medians over {args.repeats} rounds after a warm-up round (dense rows: the first "
               f"{args.dense_repeats}), freed CPU memory reused: {not args.no_reuse_cpu_memory}, "
               f"dead fraction {args.dead_fraction} (TopK/BatchTopK AuxK), sparse entries chosen in "
-              f"{'bf16 (float32 values)' if args.bf16_selection else 'float32'}")
+              f"{'float32, and again in bf16 (float32 values; sparse, bf16 sel.)' if args.bf16_selection else 'float32'}")
     print(header + "\nThe cores may be shared with other jobs (e.g. a test run or another benchmark): load average "
           f"{load_start:.1f} at the start; only the ratios within one run are meaningful.", flush=True)
     results = []
@@ -222,11 +224,16 @@ def main() -> None:
     print(f"\n{header}; load average {load_start:.1f} at the start, {load_end:.1f} at the end; "
           f"{time.perf_counter() - args.started:.0f} s in all.\n")
     print(table(results, args.target))
-    worst = max((r for r in results if "max_grad_error" in r), key=lambda r: r["max_grad_error"], default=None)
+    bf16_rows = [r for r in results if "max_grad_error" in r and r["kernel"] != "sparse"]
+    if bf16_rows:  # another summation order: entries within float32 rounding of a bound fall either side
+        print(f"\nLargest gradient error of a bf16-selection row: {max(r['max_grad_error'] for r in bf16_rows):.2e} "
+              "(not held to 1e-5: its entries are chosen on a recomputed z, see sae/mixed.py).")
+    worst = max((r for r in results if "max_grad_error" in r and r["kernel"] == "sparse"),
+                key=lambda r: r["max_grad_error"], default=None)
     if worst is not None:
         name, value = max(worst["grad_errors"].items(), key=lambda item: item[1])
         verdict = "OK" if value < 1e-5 else "ABOVE 1e-5"
-        print(f"\nLargest gradient error of any sparse row: {value:.2e} ({worst['label']}, d_sae {worst['d_sae']}, "
+        print(f"\nLargest gradient error of any float32 sparse row: {value:.2e} ({worst['label']}, d_sae {worst['d_sae']}, "
               f"{name}): {verdict}.")
         for r in results:
             if "grad_errors" in r:
