@@ -119,6 +119,11 @@ def test_trainer_requests_bf16_selection_only_where_the_cpu_has_native_bf16(monk
     assert "no native bfloat16" in caplog.text
     monkeypatch.setattr(mixed, "fast_bf16_matmul", lambda: True)
     assert mixed.bf16_selection_available(True, cpu)
+    monkeypatch.setattr(mixed, "_HINTED", [])
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert not mixed.bf16_selection_available(False, cpu) and not mixed.bf16_selection_available(False, cpu)
+    assert caplog.text.count("--autocast bf16") == 1  # the hint, once
     assert not mixed.bf16_selection_available(True, torch.device("meta"))
 
 

@@ -35,6 +35,7 @@ from .cpu_ops import nonzero_flat, row_top_indices
 from .step import StepContext
 
 log = logging.getLogger(__name__)
+_HINTED: list[bool] = []  # the hint to use bf16 selection is logged once per process
 
 UNIT_ROUNDOFF = 2.0 ** -8  # bfloat16: 8 significant bits
 # BatchTopK's and JumpReLU's candidate margin for z_bj, in units of u * |x_b| * max_i |W_ij|. Rounding
@@ -61,7 +62,13 @@ def fast_bf16_matmul() -> bool:
 def bf16_selection_available(requested: bool, device: torch.device) -> bool:
     """Whether a trainer asked for bf16 (autocast 'bf16') on ``device`` chooses entries in bf16: on
     a CPU with native bf16 products only (elsewhere bf16 would be slower; warned once)."""
-    if not requested or device.type != "cpu":
+    if device.type != "cpu":
+        return False
+    if not requested:
+        if fast_bf16_matmul() and not _HINTED:
+            _HINTED.append(True)
+            log.info("this CPU multiplies bfloat16 natively: autocast 'bf16' (--autocast bf16) trains the sparse "
+                     "SAEs 1.1-1.65x faster, values and gradients staying float32")
         return False
     if not fast_bf16_matmul():
         log.warning("autocast 'bf16': this CPU has no native bfloat16 products (AMX, AVX512-BF16), "
