@@ -189,9 +189,12 @@ def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``z.topk(k, dim=-1, sorted=False)`` (values, indices; the same set up to ties) for z (B, n),
     on a shortlist: split each row into G strided groups of S; the k groups with the largest
     maxima hold the row's k largest entries, so one top-k over the G maxima and one over those
-    k groups' S * k entries replace the top-k over n (G * S = n, S about sqrt(n / k))."""
+    k groups' S * k entries replace the top-k over n (G * S = n). S = 4, 8 or 16 as n / k is at most
+    32, under 256, or more: the fastest S or within 5% of it for n 2048-16384, k 32-80, 4096 rows
+    (float32 and bf16; sqrt(n / k) rounded down to a power of two: the selection alone 1.2-1.35x
+    slower at n/k 51, a whole TopK step 1.00-1.02x)."""
     B, n = z.shape
-    S = 1 << max(0, int(math.log2(max(1.0, n / k))) // 2)
+    S = 2 if n < 16 * k else 4 if n <= 32 * k else 8 if n < 256 * k else 16  # 2: a plain top-k (below)
     G = n // S
     if S < 4 or n % S or G < k or not z.is_contiguous():
         return z.topk(k, dim=-1, sorted=False)
