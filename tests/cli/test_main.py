@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -394,3 +395,17 @@ def test_library_warnings_are_one_line(monkeypatch, capsys) -> None:
     monkeypatch.setitem(COMMANDS, "archs", Command("archs", "warns", lambda parser: None, run))
     assert main(["archs"]) == 0
     assert capsys.readouterr().err == "jumpscope: warning: context_size 4096 is above the tokenizer's limit\n"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_logs_reach_stderr_as_one_line_each_info_only_when_verbose(capsys, verbose):
+    from jumpscope.cli import _logging_to_stderr
+    logger = logging.getLogger("jumpscope")
+    level, handlers = logger.level, list(logger.handlers)
+    with _logging_to_stderr(verbose):
+        logging.getLogger("jumpscope.train.trainer").info("resuming from step 4")
+        logging.getLogger("jumpscope.sae.mixed").warning("no native bfloat16")
+    err = capsys.readouterr().err
+    assert "jumpscope: no native bfloat16\n" in err
+    assert ("jumpscope: resuming from step 4\n" in err) == verbose
+    assert (logger.level, logger.handlers) == (level, handlers)  # left as it was found

@@ -14,8 +14,11 @@ registers every command (the imports below), and nothing in it imports back from
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 from .. import __version__
@@ -60,11 +63,32 @@ def _warning_line(message: Warning | str, category: type, *args: Any, **kwargs: 
     print(f"jumpscope: warning: {one_line(message, None)}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: bool) -> Iterator[None]:
+    """The library's log records as ``jumpscope: <message>`` lines on stderr while a command runs
+    (warnings always, INFO with --verbose); the logger is left as it was found."""
+    logger = logging.getLogger("jumpscope")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jumpscope: %(message)s"))
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    level = logger.level
+    if verbose and logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="jumpscope", description="Train, evaluate and use JumpReLU sparse autoencoders.")
     parser.add_argument("--version", action="version", version=f"jumpscope {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also show what the library logs as it works (resuming, calibrations, hints)")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
@@ -84,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _logging_to_stderr(args.verbose):
                 if not args.debug:  # a library warning is one line too, without the source line
                     warnings.showwarning = _warning_line
                 return int(args.run(args) or 0)
