@@ -66,3 +66,11 @@ def safetensors_meta(path) -> dict:
 
     with safe_open(str(path), "pt") as handle:
         return handle.metadata() or {}
+
+
+def add_autocast_option(parser) -> None:
+    """``--autocast``: our side's TrainerConfig.autocast (both peer benchmarks)."""
+    parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                        help="our TrainerConfig.autocast: bf16 chooses the sparse kernels' entries on bf16 "
+                             "pre-activations on a CPU with AMX / AVX512-BF16 (values and gradients float32; "
+                             "sae/mixed.py)")

@@ -57,7 +57,7 @@ from jumpscope.sae.registry import config_class  # noqa: E402
 from jumpscope.train.optim import peak_lr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_batches import Provider, evaluate, safetensors_meta  # noqa: E402
+from cache_batches import Provider, add_autocast_option, evaluate, safetensors_meta  # noqa: E402
 from shared_data import GUTENBERG, data_dir, verified  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +89,7 @@ def parse_args() -> argparse.Namespace:
                    help="start sparsify with jumpscope.device.MALLOC_REUSE_ENV, the glibc "
                         "setting our trainer applies on the CPU (reuse_cpu_memory), so its steps skip the same "
                         "page faults")
-    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
-                   help="our TrainerConfig.autocast: bf16 chooses the sparse kernels' entries on bf16 pre-activations "
-                        "on a CPU with AMX / AVX512-BF16 (values and gradients float32; sae/mixed.py)")
+    add_autocast_option(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: width 512, 16 batches of 1,024, 4,096 held out")

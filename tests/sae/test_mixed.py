@@ -83,7 +83,8 @@ def test_auxk_entries_are_the_float32_ones_up_to_bf16_rounding_in_both_layouts(k
 def test_batch_topk_entries_differ_from_float32_only_by_summation_order_at_the_boundary(monkeypatch, sampled_bound):
     x, W, b, z = _problem(seed=5)
     if sampled_bound != "estimated":  # too high: the check falls back to the exact bf16 bound
-        monkeypatch.setattr(mixed, "_sampled_bound", lambda *_: torch.tensor(50.0 if sampled_bound == "too high" else -50.0))
+        monkeypatch.setattr(mixed, "sampled_bound",
+                            lambda *_: torch.tensor(50.0 if sampled_bound == "too high" else -50.0))
     (exact, smallest), (chosen, smallest_mixed) = (kernels.batch_topk_entries(z, 16),
                                                    mixed.batch_topk_entries(mixed.BF16Preactivations(x, W, b), 16))
     assert chosen.rows.numel() == exact.rows.numel()

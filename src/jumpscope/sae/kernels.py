@@ -28,7 +28,6 @@ something reads it, takes over the detached ``z`` buffer.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
 
-from .cpu_ops import greater, nonzero_flat, row_top_indices
+from .cpu_ops import greater, nonzero_flat, row_top_indices, sampled_bound
 from .step import SparseActs
 
 Kernel = Literal["auto", "dense", "sparse"]
@@ -242,16 +241,8 @@ def _flat_topk_index(flat: Tensor, keep: int) -> Tensor:
     """Indices of the ``keep`` largest entries of ``flat``, as ``flat.topk(keep)`` picks them, but
     running the top-k on the entries above a threshold estimated from a strided sample (exact: it
     falls back to the full top-k unless at least ``keep`` entries pass the threshold)."""
-    n = flat.numel()
-    if n >= 16 * keep and n >= 1 << 18:
-        stride = n // (1 << 16)
-        while math.gcd(stride, n) != 1 and stride > 1:
-            stride -= 1
-        sample = flat[::stride]
-        m = sample.numel()
-        expected = 2.0 * keep / n * m  # aim at twice keep candidates
-        above = min(m - 1, math.ceil(expected + 6 * math.sqrt(expected) + 16))
-        bound = sample.kthvalue(m - above).values
+    bound = sampled_bound(flat, keep, 2.0)  # aim at twice keep candidates
+    if bound is not None:
         candidates = nonzero_flat(greater(flat, bound))
         if candidates.numel() >= keep:
             return candidates.index_select(0, flat.index_select(0, candidates).topk(keep, sorted=False).indices)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .cpu_ops import nonzero_flat, row_top_indices
+from .cpu_ops import nonzero_flat, row_top_indices, sampled_bound
 from .step import StepContext
 
 log = logging.getLogger(__name__)
@@ -205,7 +204,7 @@ def batch_topk_entries(pre: BF16Preactivations, k: int) -> tuple[kernels.Entries
         chosen = row_top_indices(exact[None], keep)[0].sort().values if index.numel() > keep else torch.arange(keep)
         return index.index_select(0, chosen), exact.index_select(0, chosen)
 
-    sampled = _sampled_bound(pre.z, keep)
+    sampled = sampled_bound(pre.z.reshape(-1), keep, 1.1)
     found = None if sampled is None else top_among_candidates(sampled)
     if found is None or sampled > found[1].min():  # the estimate was too high: the exact bf16 one
         flat = pre.z.float().reshape(-1)
@@ -224,21 +223,6 @@ def jumprelu_selection(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Te
         return jumprelu_entries(BF16Preactivations(x_in, W_enc, b_enc), threshold, bandwidth), None
     product = x_in @ W_enc
     return kernels.jumprelu_entries(product.detach(), threshold, bandwidth, bias=b_enc.detach()), product
-
-
-def _sampled_bound(z: Tensor, keep: int) -> Tensor | None:
-    """A value about 1.1 * keep entries of z from the top, estimated on a strided sample of 65,536
-    (None for small batches: there the exact bf16 k-th value is cheap)."""
-    total = z.numel()
-    if total < 16 * keep or total < 1 << 18:
-        return None
-    stride = total // (1 << 16)
-    while math.gcd(stride, total) != 1 and stride > 1:  # not in step with the rows
-        stride -= 1
-    sample = z.reshape(-1)[::stride].float()
-    expected = 1.1 * keep / total * sample.numel()
-    above = min(sample.numel() - 1, math.ceil(expected + 4 * math.sqrt(expected) + 8))
-    return sample.kthvalue(sample.numel() - above).values
 
 
 @torch.no_grad()
