@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from jumpscope.sae.cpu_ops import column_kth_smallest, column_max, fired_latents, greater, nonzero_flat, row_top_indices
+from jumpscope.sae.cpu_ops import (column_kth_smallest, column_max, fired_latents, greater, nonzero_flat, row_top_indices,
+                                   split_flat, stable_order)
 
 
 def awkward(rows=37, cols=11, dtype=torch.float32):
@@ -89,3 +90,20 @@ def test_nonzero_flat_matches_nonzero():
         mask = torch.rand(shape, generator=generator) < density
         assert torch.equal(nonzero_flat(mask), mask.reshape(-1).nonzero().squeeze(1))
         assert torch.equal(nonzero_flat(mask.T), mask.T.reshape(-1).nonzero().squeeze(1))  # not contiguous
+
+
+@pytest.mark.parametrize("n", [1, 7, 4096, 3000])
+def test_split_flat_is_floor_division_and_remainder(n):
+    flat = torch.randint(0, 5000 * n, (1000,), generator=torch.Generator().manual_seed(n))
+    flat[:3] = torch.tensor([0, n - 1, n])  # row edges
+    rows, cols = split_flat(flat, n)
+    assert rows.dtype == cols.dtype == torch.int64
+    assert torch.equal(rows, flat // n) and torch.equal(cols, flat % n)
+
+
+@pytest.mark.parametrize("n_keys", [4, 4096, 1 << 16, (1 << 16) + 1])
+def test_stable_order_is_torchs_stable_argsort(n_keys):
+    keys = torch.randint(0, n_keys, (5000,), generator=torch.Generator().manual_seed(n_keys))
+    keys[:50] = n_keys - 1  # many ties: a stable sort keeps them in their order
+    order = stable_order(keys, n_keys)
+    assert order.dtype == torch.int64 and torch.equal(order, torch.argsort(keys, stable=True))

@@ -7,7 +7,10 @@ identical (IEEE comparisons and maxima, NaN compares False). Anything numpy cann
 bfloat16, tensors needing grad) goes through torch. ``column_kth_smallest`` replaces
 ``kthvalue(dim=0)`` (3.8 s on 16,384 x 4,096, JumpReLU's threshold initialisation) by a top-k along
 rows of the transpose (0.48 s), on every device. ``sampled_bound`` estimates a top-k's bound from a
-strided sample, for callers that check the candidates it admits.
+strided sample, for callers that check the candidates it admits. Index arithmetic on entry lists
+(``split_flat``, ``stable_order``) goes through numpy too: torch's int64 division takes 1.0 ms for
+370k indices against numpy's 0.23, its stable argsort of 370k latent ids 9 ms against numpy's
+radix sort on 16-bit keys 1.9.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents", "nonzero_flat", "row_top_indices",
-           "sampled_bound"]
+           "sampled_bound", "split_flat", "stable_order"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
@@ -100,3 +103,19 @@ def sampled_bound(flat: Tensor, keep: int, factor: float) -> Tensor | None:
     expected = factor * keep / n * m
     above = min(m - 1, math.ceil(expected + 6 * math.sqrt(expected) + 16))
     return sample.kthvalue(m - above).values
+
+
+def split_flat(flat: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``(flat // n, flat % n)`` for non-negative int64 indices into rows of ``n``."""
+    if flat.device.type != "cpu" or flat.dtype != torch.int64:
+        return flat // n, flat % n
+    index = flat.numpy()
+    rows = index // n  # numpy divides by a constant with multiplications (libdivide)
+    return torch.from_numpy(rows), torch.from_numpy(index - rows * n)
+
+
+def stable_order(keys: Tensor, n_keys: int) -> Tensor:
+    """``torch.argsort(keys, stable=True)`` (int64) for integer ``keys`` in [0, n_keys)."""
+    if keys.device.type != "cpu" or n_keys > 1 << 16:
+        return torch.argsort(keys, stable=True)
+    return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))  # a radix sort

@@ -28,16 +28,15 @@ something reads it, takes over the detached ``z`` buffer.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
 
-from .cpu_ops import greater, nonzero_flat, row_top_indices, sampled_bound
+from .cpu_ops import greater, nonzero_flat, row_top_indices, sampled_bound, split_flat
+from .entries import Entries
 from .step import SparseActs
 
 Kernel = Literal["auto", "dense", "sparse"]
@@ -76,69 +75,6 @@ def use_sparse(kernel: str, z: Tensor, density: float | None) -> bool:
     return sparse_wanted(kernel, z.device, z.shape[-1], density)
 
 
-def _index_dtype(nnz: int, shape: tuple[int, int]) -> torch.dtype:
-    # 32-bit indices where they fit: embedding_bag runs faster on them, and cuSPARSE takes them.
-    return torch.int32 if max(nnz, *shape) < 2**31 - 1 else torch.int64
-
-
-def _offsets(index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    """CSR row pointers (n + 1,) of a list grouped by ``index``."""
-    counts = torch.bincount(index, minlength=n)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)
-
-
-@dataclass
-class Entries:
-    """(row, col) entries of a (n_rows, n_cols) matrix, grouped by row, with the activation value
-    at each and its derivative d value / d z (0 or 1). JumpReLU's entries also carry ``window``
-    (kernel-window entries), ``pre`` (z at each entry) and ``at_or_above`` (z >= theta)."""
-
-    rows: Tensor
-    cols: Tensor
-    values: Tensor
-    active: Tensor
-    shape: tuple[int, int]
-    window: Tensor | None = None
-    pre: Tensor | None = None
-    at_or_above: Tensor | None = None
-    _index: tuple[Tensor, Tensor] = field(init=False, repr=False)
-    _transpose: tuple[Tensor, Tensor, Tensor] | None = field(init=False, repr=False, default=None)
-
-    def __post_init__(self) -> None:
-        dtype = self.index_dtype = _index_dtype(self.rows.numel(), self.shape)
-        self._index = (_offsets(self.rows, self.shape[0], dtype), self.cols.to(dtype))
-        self.flat = self.rows * self.shape[1] + self.cols
-
-    def gather_rows(self, table: Tensor, weights: Tensor) -> Tensor:
-        """(n_rows, d): for each row, sum over its entries of weight * table[col] (a CSR x dense product)."""
-        crow, col = self._index
-        return F.embedding_bag(col, table, crow[:-1], mode="sum", per_sample_weights=weights)
-
-    def gather_cols(self, table: Tensor, weights: Tensor) -> Tensor:
-        """(n_cols, d): for each column, sum over its entries of weight * table[row] (the transpose's product)."""
-        if self._transpose is None:
-            order = torch.argsort(self._index[1], stable=True)
-            crow = _offsets(self.cols, self.shape[1], self.index_dtype)
-            self._transpose = (order, crow, self.rows.index_select(0, order).to(self.index_dtype))
-        order, crow, row = self._transpose
-        return F.embedding_bag(row, table, crow[:-1], mode="sum", per_sample_weights=weights.index_select(0, order))
-
-    def sddmm(self, left: Tensor, right: Tensor) -> Tensor:
-        """``left[row] . right[col]`` at every entry (left (n_rows, d), right (n_cols, d))."""
-        try:
-            with warnings.catch_warnings():  # "CSR support is in beta" (once per process)
-                warnings.simplefilter("ignore")
-                mask = torch.sparse_csr_tensor(*self._index, left.new_zeros(self.rows.numel()), self.shape,
-                                               check_invariants=False)
-            return torch.sparse.sampled_addmm(mask, left, right.T, beta=0.0).values()
-        except (RuntimeError, NotImplementedError):  # no sampled_addmm for this device or build
-            pieces = zip(self.rows.split(1 << 14), self.cols.split(1 << 14))
-            return torch.cat([left.new_zeros(0)] + [(left[r] * right[c]).sum(-1) for r, c in pieces])
-
-    def scatter_cols(self, values: Tensor) -> Tensor:
-        return values.new_zeros(self.shape[1]).index_add_(0, self.cols, values)
-
-
 def _select(keep: Tensor, *tensors: Tensor) -> list[Tensor]:
     index = nonzero_flat(keep)
     return [t.index_select(0, index) for t in tensors]
@@ -154,7 +90,7 @@ def jumprelu_entries(z: Tensor, threshold: Tensor, bandwidth: float, bias: Tenso
     if bias is not None:  # on z without the bias, with a margin far above the rounding of z + bias
         low = low - bias - 1e-5 * (low.abs() + bias.abs()) - torch.finfo(z.dtype).tiny
     flat = nonzero_flat(greater(z, low))
-    rows, cols = flat // n, flat % n
+    rows, cols = split_flat(flat, n)
     zu = z.reshape(-1).index_select(0, flat)
     if bias is not None:
         zu = zu + bias.index_select(0, cols)
@@ -258,7 +194,7 @@ def batch_topk_entries(z: Tensor, k: int) -> tuple[Entries, Tensor]:
     values = z.reshape(-1).index_select(0, index)
     inf = values.new_tensor(float("inf"))
     smallest = torch.where(values > 0, values, inf).min() if values.numel() else inf
-    return _positive(z, index // n, index % n, values), smallest
+    return _positive(z, *split_flat(index, n), values), smallest
 
 
 class _SparseSAE(torch.autograd.Function):
@@ -388,4 +324,4 @@ def sparse_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Te
     b_dec and theta (JumpReLU: pass ``bandwidth`` and entries with a window)."""
     recon, aux_recon, l0, values, gap = _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, theta, main, aux,
                                                          apply_b_dec_to_input, bandwidth, pre_act_gap)
-    return recon, aux_recon, l0, SparseActs(main.flat, main.cols, values, main.shape, buffer), gap
+    return recon, aux_recon, l0, SparseActs(main.flat_index, main.cols, values, main.shape, buffer), gap

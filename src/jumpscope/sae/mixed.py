@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .cpu_ops import nonzero_flat, row_top_indices, sampled_bound
+from .cpu_ops import nonzero_flat, row_top_indices, sampled_bound, split_flat
 from .step import StepContext
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def batch_topk_entries(pre: BF16Preactivations, k: int) -> tuple[kernels.Entries
         index = pre.candidates_above(bound.expand(n))
         if index.numel() < keep:
             return None
-        exact = pre.at(index // n, index % n)
+        exact = pre.at(*split_flat(index, n))
         chosen = row_top_indices(exact[None], keep)[0].sort().values if index.numel() > keep else torch.arange(keep)
         return index.index_select(0, chosen), exact.index_select(0, chosen)
 
@@ -212,7 +212,7 @@ def batch_topk_entries(pre: BF16Preactivations, k: int) -> tuple[kernels.Entries
     index, values = found  # the margin is positive: every bf16 value at or above the bound is a candidate
     inf = values.new_tensor(float("inf"))
     smallest = torch.where(values > 0, values, inf).min() if values.numel() else inf
-    return kernels._positive(pre.z, index // n, index % n, values), smallest
+    return kernels._positive(pre.z, *split_flat(index, n), values), smallest
 
 
 def jumprelu_selection(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, bandwidth: float,
@@ -230,5 +230,5 @@ def jumprelu_entries(pre: BF16Preactivations, threshold: Tensor, bandwidth: floa
     """JumpReLU's entries (active and kernel-window) among the bf16 candidates above theta - eps - margin."""
     flat = pre.candidates_above(threshold - bandwidth)  # theta - eps: a superset of active | window
     n = pre.shape[1]
-    rows, cols = flat // n, flat % n
+    rows, cols = split_flat(flat, n)
     return kernels.jumprelu_from_candidates(rows, cols, pre.at(rows, cols), threshold, bandwidth, pre.shape)

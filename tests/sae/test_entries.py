@@ -1,0 +1,75 @@
+"""sae/entries.py: the entry list's three products against dense float64 references."""
+
+import pytest
+import torch
+
+from jumpscope.sae import entries as entries_module
+from jumpscope.sae.entries import Entries, block_width
+
+
+def entry_list(n_rows, n_cols, per_row, seed=0, cols_in=None, shuffled=False):
+    """Entries grouped by row; ``cols_in`` restricts the columns (leaving some blocks empty),
+    ``shuffled`` leaves each row's columns unsorted (as TopK's selection gives them)."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.arange(n_cols) if cols_in is None else cols_in
+    cols = torch.stack([pool[torch.randperm(len(pool), generator=generator)[:per_row]] for _ in range(n_rows)])
+    if not shuffled:
+        cols = cols.sort(1).values
+    rows = torch.arange(n_rows).repeat_interleave(per_row)
+    values = torch.rand(n_rows * per_row, generator=generator)
+    return Entries(rows, cols.reshape(-1), values, torch.ones_like(values), (n_rows, n_cols))
+
+
+def dense(e: Entries) -> torch.Tensor:
+    return torch.zeros(e.shape, dtype=torch.float64).index_put_((e.rows, e.cols), e.values.double())
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+@pytest.mark.parametrize("n_cols,cols_in", [(640, None), (600, None), (640, torch.arange(128, 256))])
+def test_blocked_sampled_product_is_the_dot_product_at_every_entry(monkeypatch, shuffled, n_cols, cols_in):
+    # 64-row blocks: several blocks, a last one cut short (600), or all entries in one block (128-255)
+    monkeypatch.setattr(entries_module, "SDDMM_BLOCK_BYTES", 64 * 24 * 4)
+    generator = torch.Generator().manual_seed(1)
+    left, right = torch.randn(50, 24, generator=generator), torch.randn(n_cols, 24, generator=generator)
+    e = entry_list(50, n_cols, 9, cols_in=cols_in, shuffled=shuffled)
+    assert block_width(right) == 64
+    got = e.sddmm(left, right)
+    want = (left.double()[e.rows] * right.double()[e.cols]).sum(1)
+    assert len(e._blocks) == 1  # the blocked path ran
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_product_without_sampled_addmm(monkeypatch):
+    monkeypatch.setattr(entries_module, "SDDMM_BLOCK_BYTES", 64 * 24 * 4)
+    generator = torch.Generator().manual_seed(2)
+    left, right = torch.randn(30, 24, generator=generator), torch.randn(300, 24, generator=generator)
+    e = entry_list(30, 300, 7, shuffled=True)
+    want = e.sddmm(left, right)
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("no sampled_addmm here")
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", missing)
+    blocked = e.sddmm(left, right)
+    monkeypatch.setattr(entries_module, "SDDMM_BLOCK_BYTES", 1 << 30)  # one block: the plain path
+    whole = e.sddmm(left, right)
+    torch.testing.assert_close(blocked, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-6)
+
+
+def test_block_width_is_a_power_of_two_that_fits():
+    for d, itemsize_dtype in ((384, torch.float32), (576, torch.float32), (2048, torch.float32), (384, torch.float64),
+                              (100_000, torch.float32)):
+        width = block_width(torch.empty(4, d, dtype=itemsize_dtype))
+        assert width & (width - 1) == 0 and width >= 64
+        assert width == 64 or width * d * torch.empty(0, dtype=itemsize_dtype).element_size() <= (3 << 19)
+    assert block_width(torch.empty(4, 384)) == 1024
+
+
+def test_gathers_are_the_csr_products():
+    generator = torch.Generator().manual_seed(3)
+    e = entry_list(40, 70, 6, seed=3, shuffled=True)
+    table_cols, table_rows = torch.randn(70, 5, generator=generator), torch.randn(40, 5, generator=generator)
+    torch.testing.assert_close(e.gather_rows(table_cols, e.values).double(), dense(e) @ table_cols.double())
+    torch.testing.assert_close(e.gather_cols(table_rows, e.values).double(), dense(e).T @ table_rows.double())
+    assert torch.equal(e.flat_index(), e.rows * 70 + e.cols)
