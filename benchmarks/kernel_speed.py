@@ -195,8 +195,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--bf16-selection", action="store_true",
                         help="every sparse row runs twice in the same rounds: entries chosen in float32, and on bf16 "
-                             "pre-activations (the trainer's autocast bf16 on a CPU with AMX or AVX512-BF16; "
-                             "sae/mixed.py)")
+                             "pre-activations with bf16 gathered products (the trainer's autocast bf16 on a CPU "
+                             "with AMX or AVX512-BF16; sae/mixed.py, sae/kernels.py)")
     parser.add_argument("--no-reuse-cpu-memory", action="store_true",
                         help="leave glibc's allocator as it is (the trainer's reuse_cpu_memory default sets it)")
     args = parser.parse_args()
@@ -213,7 +213,7 @@ def main() -> None:
               f"batch {args.batch}, medians over {args.repeats} rounds after a warm-up round (dense rows: the first "
               f"{args.dense_repeats}), freed CPU memory reused: {not args.no_reuse_cpu_memory}, "
               f"dead fraction {args.dead_fraction} (TopK/BatchTopK AuxK), sparse entries chosen in "
-              f"{'float32, and again in bf16 (float32 values; sparse, bf16 sel.)' if args.bf16_selection else 'float32'}")
+              f"{'float32, and again in bf16 (float32 values at the entries, bf16 gathered products; sparse, bf16 sel.)' if args.bf16_selection else 'float32'}")
     print(header + "\nThe cores may be shared with other jobs (e.g. a test run or another benchmark): load average "
           f"{load_start:.1f} at the start; only the ratios within one run are meaningful.", flush=True)
     results = []
@@ -227,7 +227,8 @@ def main() -> None:
     bf16_rows = [r for r in results if "max_grad_error" in r and r["kernel"] != "sparse"]
     if bf16_rows:  # another summation order: entries within float32 rounding of a bound fall either side
         print(f"\nLargest gradient error of a bf16-selection row: {max(r['max_grad_error'] for r in bf16_rows):.2e} "
-              "(not held to 1e-5: its entries are chosen on a recomputed z, see sae/mixed.py).")
+              "(not held to 1e-5: bf16 tables in the decoder and weight-gradient products, about 4e-3; see "
+              "sae/kernels.py).")
     worst = max((r for r in results if "max_grad_error" in r and r["kernel"] == "sparse"),
                 key=lambda r: r["max_grad_error"], default=None)
     if worst is not None:

@@ -73,3 +73,14 @@ def test_gathers_are_the_csr_products():
     torch.testing.assert_close(e.gather_rows(table_cols, e.values).double(), dense(e) @ table_cols.double())
     torch.testing.assert_close(e.gather_cols(table_rows, e.values).double(), dense(e).T @ table_rows.double())
     assert torch.equal(e.flat_index(), e.rows * 70 + e.cols)
+
+
+def test_bf16_tables_give_float32_sums_within_bf16_rounding():
+    generator = torch.Generator().manual_seed(4)
+    e = entry_list(200, 300, 16, seed=4, shuffled=True)
+    table_cols, table_rows = torch.randn(300, 64, generator=generator), torch.randn(200, 64, generator=generator)
+    for got, want in ((e.gather_rows(table_cols.bfloat16(), e.values), dense(e) @ table_cols.double()),
+                      (e.gather_cols(table_rows.bfloat16(), e.values), dense(e).T @ table_rows.double())):
+        assert got.dtype == torch.float32
+        error = (got.double() - want).norm() / want.norm()
+        assert 1e-4 < error < 4e-3  # rounded (2^-9 relative per input), but summed in float32

@@ -312,3 +312,12 @@ def test_sparse_matches_dense_on_the_large_fast_paths(arch, fields):
     randomise(sae)
     dead = torch.rand(1024, generator=torch.Generator().manual_seed(1)) < 0.1
     assert_paths_agree(sae, x, StepContext(dead_mask=dead, sparsity_scale=0.7), extra_acts_loss=True)
+
+
+@pytest.mark.parametrize("rows", [0, 5, 64, 130, 4096])
+def test_column_sum_is_the_float64_sum(rows):
+    # JumpReLU's pre-activation gap needs sum_b x_b in float64 (two large sums nearly cancel there)
+    x = torch.randn(rows, 9, generator=torch.Generator().manual_seed(rows)) * 50 + 1000
+    got = kernels.column_sum(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, x.double().sum(0), rtol=1e-7, atol=1e-6 * rows)

@@ -75,18 +75,20 @@ class Entries:
         return self.rows * self.shape[1] + self.cols
 
     def gather_rows(self, table: Tensor, weights: Tensor) -> Tensor:
-        """(n_rows, d): for each row, sum over its entries of weight * table[col] (a CSR x dense product)."""
+        """(n_rows, d): for each row, sum over its entries of weight * table[col] (a CSR x dense
+        product). A bf16 ``table`` takes the weights in bf16 too (``bag``)."""
         crow, col = self._index
-        return F.embedding_bag(col, table, crow[:-1], mode="sum", per_sample_weights=weights)
+        return bag(col, table, crow, weights)
 
     def gather_cols(self, table: Tensor, weights: Tensor) -> Tensor:
-        """(n_cols, d): for each column, sum over its entries of weight * table[row] (the transpose's product)."""
+        """(n_cols, d): for each column, sum over its entries of weight * table[row] (the
+        transpose's product; a bf16 ``table`` as in ``gather_rows``)."""
         if self._transpose is None:
             order = stable_order(self.cols, self.shape[1])
             crow = offsets(self.cols, self.shape[1], self.index_dtype)
             self._transpose = (order, crow, self.rows.index_select(0, order).to(self.index_dtype))
         order, crow, row = self._transpose
-        return F.embedding_bag(row, table, crow[:-1], mode="sum", per_sample_weights=weights.index_select(0, order))
+        return bag(row, table, crow, weights.index_select(0, order))
 
     def sddmm(self, left: Tensor, right: Tensor) -> Tensor:
         """``left[row] . right[col]`` at every entry (left (n_rows, d), right (n_cols, d))."""
@@ -119,6 +121,15 @@ class Entries:
 
     def scatter_cols(self, values: Tensor) -> Tensor:
         return values.new_zeros(self.shape[1]).index_add_(0, self.cols, values)
+
+
+def bag(index: Tensor, table: Tensor, crow: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sums of ``table`` rows, one per CSR row of ``crow``: float32 from a float32 table,
+    and from a bf16 one the weights rounded to bf16 and the sums (accumulated in float32 by
+    fbgemm, rounded to bf16 once) returned as float32."""
+    if table.dtype == torch.bfloat16:
+        return F.embedding_bag(index, table, crow[:-1], mode="sum", per_sample_weights=weights.to(table.dtype)).float()
+    return F.embedding_bag(index, table, crow[:-1], mode="sum", per_sample_weights=weights)
 
 
 def _sampled(crow: Tensor, col: Tensor, left: Tensor, right: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

@@ -301,8 +301,8 @@ class JumpReLUSAE(SAE):
         flat_x = x.reshape(-1, cfg.d_in)
         x_in = flat_x - self.b_dec if cfg.apply_b_dec_to_input else flat_x
         pre_act = self.pre_act_strength(ctx)
-        entries, product = mixed.jumprelu_selection(x_in, self.W_enc, self.b_enc, threshold.detach(), cfg.bandwidth,
-                                                    mixed.wanted(ctx, x.device))
+        bf16 = mixed.wanted(ctx, x.device)
+        entries, product = mixed.jumprelu_selection(x_in, self.W_enc, self.b_enc, threshold.detach(), cfg.bandwidth, bf16)
         z = None if product is None else product.detach()
         if cfg.kernel == "auto" and entries.rows.numel() > kernels.AUTO_MAX_DENSITY * x_in.shape[0] * cfg.d_sae:
             product = x_in @ self.W_enc if product is None else product
@@ -310,7 +310,7 @@ class JumpReLUSAE(SAE):
         recon, _, l0, acts, gap = kernels.sparse_sae(
             flat_x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, theta=threshold, buffer=z,
             apply_b_dec_to_input=cfg.apply_b_dec_to_input, bandwidth=cfg.bandwidth,
-            pre_act_gap=bool(pre_act))
+            pre_act_gap=bool(pre_act), bf16_products=bf16)
         recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
         terms = {"mse": reconstruction_error(target, recon),
                  "sparsity": ctx.sparsity_scale * self._l0_penalty(l0.mean(), ctx)}

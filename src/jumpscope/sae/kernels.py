@@ -197,6 +197,22 @@ def batch_topk_entries(z: Tensor, k: int) -> tuple[Entries, Tensor]:
     return _positive(z, *split_flat(index, n), values), smallest
 
 
+def column_sum(x: Tensor) -> Tensor:
+    """``x.sum(0)`` in float64 from float32 sums of 64 rows at a time (4096 x 384, one thread: 0.28
+    against 2.3 ms for ``sum(0, dtype=float64)``; each partial sum is as exact as x's float32)."""
+    whole = x.shape[0] // 64 * 64
+    partial = x[:whole].reshape(-1, 64, x.shape[1]).sum(1).sum(0, dtype=torch.float64)
+    return partial + x[whole:].sum(0, dtype=torch.float64)
+
+
+def _to_bf16(table: Tensor) -> Tensor:
+    return table.detach().to(torch.bfloat16)
+
+
+def _unchanged(table: Tensor) -> Tensor:
+    return table
+
+
 class _SparseSAE(torch.autograd.Function):
     """(x, W_enc, b_enc, W_dec, b_dec, theta) -> (x_hat, aux e_hat, per-token L0, f at the
     entries, gap): gap (n,) is JumpReLU's sum_b ReLU(theta_i - z_bi) when asked for (else empty)."""
@@ -205,12 +221,14 @@ class _SparseSAE(torch.autograd.Function):
     @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
                 theta: Tensor | None, main: Entries, aux: AuxEntries | Entries | None,
-                apply_b_dec: bool, bandwidth: float, gap: bool) -> tuple[Tensor, ...]:
+                apply_b_dec: bool, bandwidth: float, gap: bool, bf16_products: bool) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.main, ctx.aux, ctx.apply_b_dec, ctx.bandwidth = main, aux, apply_b_dec, bandwidth
-        recon = main.gather_rows(W_dec, main.values) + b_dec
+        ctx.table = _to_bf16 if bf16_products else _unchanged  # the tables of the gathered products
+        decoder = ctx.table(W_dec)
+        recon = main.gather_rows(decoder, main.values) + b_dec
         if isinstance(aux, Entries):
-            aux_recon = aux.gather_rows(W_dec, aux.values)
+            aux_recon = aux.gather_rows(decoder, aux.values)
         elif aux is not None:
             ctx.W_dec_dead = W_dec.index_select(0, aux.columns)
             aux_recon = aux.acts @ ctx.W_dec_dead
@@ -220,7 +238,7 @@ class _SparseSAE(torch.autograd.Function):
         values = main.values.clone()  # an output of its own: its gradient is dL/df at the entries
         x_sum = above = None
         if gap:  # all tokens minus those at or above theta, in float64 (the two sums nearly cancel)
-            x_sum = (x - b_dec if apply_b_dec else x).sum(0, dtype=torch.float64)
+            x_sum = column_sum(x) - (x.shape[0] * b_dec.double() if apply_b_dec else 0.0)
             above = main.scatter_cols(main.at_or_above)
             z_all = x_sum @ W_enc.double() + main.shape[0] * b_enc.double()  # sum_b z_bi
             z_above = main.scatter_cols(main.pre.double() * main.at_or_above)
@@ -237,7 +255,7 @@ class _SparseSAE(torch.autograd.Function):
                  g_values: Tensor | None, g_gap: Tensor | None) -> tuple[Tensor | None, ...]:
         x, W_enc, W_dec, b_dec, theta = ctx.saved_tensors
         main, aux, need = ctx.main, ctx.aux, ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * 11
+        grads: list[Tensor | None] = [None] * 12
         B = main.shape[0]
         g = main.sddmm(g_recon, W_dec) if g_recon is not None else None  # dL/df at the entries
         if g_values is not None:
@@ -257,13 +275,13 @@ class _SparseSAE(torch.autograd.Function):
             else:
                 g_dead = (g_aux @ ctx.W_dec_dead.T) * (aux.acts > 0)
         if need[3] and g_recon is not None:
-            grads[3] = main.gather_cols(g_recon, main.values)
+            grads[3] = main.gather_cols(ctx.table(g_recon), main.values)
         if need[3] and g_dead is not None:
             dead_grad = aux.acts.T @ g_aux
             grads[3] = (W_dec.new_zeros(W_dec.shape) if grads[3] is None else grads[3]).index_add_(
                 0, aux.columns, dead_grad)
         if need[3] and g_aux_at is not None:
-            aux_grad = aux.gather_cols(g_aux, aux.values)
+            aux_grad = aux.gather_cols(ctx.table(g_aux), aux.values)
             grads[3] = aux_grad if grads[3] is None else grads[3].add_(aux_grad)  # a fresh tensor of ours
         if need[4] and g_recon is not None:
             grads[4] = g_recon.sum(0)
@@ -277,13 +295,14 @@ class _SparseSAE(torch.autograd.Function):
             if g_aux_at is not None:
                 grad_b_enc += aux.scatter_cols(g_aux_at)
             if need[1]:  # computed as its transpose (n, d_in)
-                grad_W_enc = main.gather_cols(x_in, g_main) if g_main is not None else W_enc.new_zeros(W_enc.shape).T
+                inputs = ctx.table(x_in)
+                grad_W_enc = main.gather_cols(inputs, g_main) if g_main is not None else W_enc.new_zeros(W_enc.shape).T
                 if g_gap is not None:
-                    grad_W_enc -= torch.outer(g_gap, ctx.x_sum.to(x.dtype))
+                    grad_W_enc.addr_(g_gap, ctx.x_sum.to(x.dtype), alpha=-1.0)
                 if g_dead is not None:
                     grad_W_enc.index_add_(0, aux.columns, g_dead.T @ x_in)
                 if g_aux_at is not None:
-                    grad_W_enc += aux.gather_cols(x_in, g_aux_at)
+                    grad_W_enc += aux.gather_cols(inputs, g_aux_at)
                 grads[1] = grad_W_enc.T
             if need[2]:
                 grads[2] = grad_b_enc
@@ -316,12 +335,16 @@ class _SparseSAE(torch.autograd.Function):
 def sparse_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, main: Entries, *,
                theta: Tensor | None = None, aux: AuxEntries | Entries | None = None, buffer: Tensor | None = None,
                apply_b_dec_to_input: bool = False, bandwidth: float = 0.0,
-               pre_act_gap: bool = False) -> tuple[Tensor, Tensor, Tensor, SparseActs, Tensor]:
+               pre_act_gap: bool = False, bf16_products: bool = False) -> tuple[Tensor, Tensor, Tensor, SparseActs, Tensor]:
     """Reconstruction (B, d_out), AuxK reconstruction (B, d_out; empty without ``aux``), per-token
     L0 (B,), the feature acts as ``SparseActs`` (whose dense form takes over ``buffer`` when
     given, e.g. the detached z) and, with ``pre_act_gap`` (JumpReLU), sum_b ReLU(theta_i - z_bi)
     per latent (n,; else empty) from entries selected on z = x_in @ W_enc + b_enc. Differentiable in x, W_enc, b_enc, W_dec,
-    b_dec and theta (JumpReLU: pass ``bandwidth`` and entries with a window)."""
+    b_dec and theta (JumpReLU: pass ``bandwidth`` and entries with a window). ``bf16_products`` (CPU):
+    the decoder forward and the two weight gradients gather bf16 copies of their tables (W_dec,
+    dL/dx_hat, x_in) with bf16 weights, summed in float32 and rounded to bf16 once, 3x faster than
+    float32 (4096 tokens, 64 entries each, d 384: 4.8 against 15.7 ms); dL/df at the entries and
+    everything else stay float32."""
     recon, aux_recon, l0, values, gap = _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, theta, main, aux,
-                                                         apply_b_dec_to_input, bandwidth, pre_act_gap)
+                                                         apply_b_dec_to_input, bandwidth, pre_act_gap, bf16_products)
     return recon, aux_recon, l0, SparseActs(main.flat_index, main.cols, values, main.shape, buffer), gap

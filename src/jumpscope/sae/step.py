@@ -46,7 +46,8 @@ class StepContext:
 
     bf16_selection: bool = False
     """On the CPU, choose the sparse kernels' entries on bfloat16 pre-activations and recompute
-    their values in float32 (sae/mixed.py; the trainer's autocast 'bf16')."""
+    their values in float32 (sae/mixed.py), and gather the decoder forward and the weight
+    gradients from bf16 tables (sae/kernels.py ``bf16_products``): the trainer's autocast 'bf16'."""
 
 
 class SparseActs:

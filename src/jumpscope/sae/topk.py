@@ -166,7 +166,7 @@ class TopKSAE(SAE):
                 aux = mixed.auxk_entries(z, dead, k_aux) if bf16 else kernels.auxk_entries(z, dead, k_aux)
         recon, aux_recon, _, acts, _ = kernels.sparse_sae(
             x.reshape(-1, cfg.d_in), self.W_enc, self.b_enc, self.W_dec, self.b_dec, entries, aux=aux,
-            buffer=None if bf16 else z, apply_b_dec_to_input=cfg.apply_b_dec_to_input)
+            buffer=None if bf16 else z, apply_b_dec_to_input=cfg.apply_b_dec_to_input, bf16_products=bf16)
         recon = recon.reshape(*target.shape[:-1], recon.shape[-1])
         terms = {"mse": reconstruction_error(target, recon)}
         if aux is not None:
