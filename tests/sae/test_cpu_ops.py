@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jumpscope.sae.cpu_ops import (column_kth_smallest, column_max, fired_latents, greater, nonzero_flat, row_top_indices,
-                                   split_flat, stable_order)
+                                   split_flat, stable_order, group_maxima)
 
 
 def awkward(rows=37, cols=11, dtype=torch.float32):
@@ -107,3 +107,21 @@ def test_stable_order_is_torchs_stable_argsort(n_keys):
     keys[:50] = n_keys - 1  # many ties: a stable sort keeps them in their order
     order = stable_order(keys, n_keys)
     assert order.dtype == torch.int64 and torch.equal(order, torch.argsort(keys, stable=True))
+
+
+@pytest.mark.parametrize("shift", [0.0, -2.5])  # -2.5: most groups all negative, many rows short of k
+def test_group_maxima_rank_groups_as_the_maxima_do(shift):
+    generator = torch.Generator().manual_seed(9)
+    grouped = (torch.randn(300, 8, 64, generator=generator) + shift).bfloat16()
+    grouped[0, :, :] = -1.0  # a row with no nonnegative value
+    grouped[1, 3, 5], grouped[2, :, 7] = -0.0, 0.0  # signed zeros
+    k = 10
+    exact = grouped.amax(1)
+    maxima = group_maxima(grouped, k)
+    for row in range(grouped.shape[0]):  # the same k largest groups (the top-k values agree)
+        assert torch.equal(maxima[row].float().topk(k).values, exact[row].float().topk(k).values), row
+    nonnegative = exact >= 0
+    assert torch.equal(maxima[nonnegative], exact[nonnegative])
+    if shift == 0.0:  # nearly every row has k nonnegative groups: the stand-in is taken there
+        assert not torch.equal(maxima, exact)
+    assert torch.equal(group_maxima(grouped.float(), k), grouped.float().amax(1))

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from jumpscope.sae import StepContext, build, kernels
+from jumpscope.sae import StepContext, build, kernels, mixed
 from jumpscope.train import Trainer, TrainerConfig
 from recipes import adam_build
 
@@ -135,10 +135,13 @@ TOPK_CASES = [
 ]
 
 
-@pytest.fixture(params=["block", "entries"])
+@pytest.fixture(params=["positive", "block", "entries"])
 def aux_layout(request, monkeypatch):
-    """AuxK's selection as a dense block of the dead latents or as an entry list (both layouts)."""
-    monkeypatch.setattr(kernels, "AUX_MAX_DENSITY", 0.0 if request.param == "block" else 1.0)
+    """AuxK's selection as the positive dead entries where it can be (as training runs), or, from
+    the top-k over the dead pool, as a dense block of the dead latents or as an entry list."""
+    if request.param != "positive":
+        monkeypatch.setattr(kernels, "_positive_dead_entries", lambda *args: None)
+        monkeypatch.setattr(kernels, "AUX_MAX_DENSITY", 0.0 if request.param == "block" else 1.0)
     return request.param
 
 
@@ -321,3 +324,39 @@ def test_column_sum_is_the_float64_sum(rows):
     got = kernels.column_sum(x)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, x.double().sum(0), rtol=1e-7, atol=1e-6 * rows)
+
+
+def auxk_reference(z, dead, k_aux):
+    """The dense path's AuxK selection (topk.py): the top k_aux over the dead latents, ReLU'd, as a set."""
+    pool = torch.where(dead, z, torch.tensor(float("-inf"))).float()
+    values, cols = pool.topk(k_aux, dim=1)
+    return {(r, int(c), float(v)) for r in range(z.shape[0]) for v, c in zip(values[r], cols[r]) if v > 0}
+
+
+def as_set(entries):
+    return {(int(r), int(c), float(v)) for r, c, v in zip(entries.rows, entries.cols, entries.values)}
+
+
+@pytest.mark.parametrize("k_aux", [3, 50])
+def test_auxk_positive_entries_are_the_relud_top_k(k_aux):
+    generator = torch.Generator().manual_seed(7)
+    z = torch.randn(40, 64, generator=generator) - 2.0  # mostly negative: few positives per token
+    z[5, :] = torch.rand(64, generator=generator) + 0.1  # one token with every latent positive
+    z[6, 0], z[7, 1] = float("nan"), float("inf")  # a NaN never counts; latent 1 is live
+    dead = torch.ones(64, dtype=torch.bool)
+    dead[1::4] = False
+    chosen = kernels.auxk_entries(z, dead, k_aux)
+    # token 5 has 48 positive dead values: over k_aux 3 the top-k runs, under 50 the comparison does
+    assert isinstance(chosen, kernels.Entries)
+    assert as_set(chosen) == auxk_reference(torch.nan_to_num(z, nan=-1.0), dead, k_aux)
+    fast = kernels._positive_dead_entries(z, dead, k_aux, kernels.greater)
+    assert (fast is None) == (k_aux == 3)
+
+
+def test_auxk_positive_entries_on_bf16_values():
+    generator = torch.Generator().manual_seed(8)
+    z = (torch.randn(30, 80, generator=generator) - 2.5).bfloat16()
+    dead = torch.rand(80, generator=generator) < 0.6
+    chosen = kernels.auxk_entries(z, dead, 10, mixed.bf16_greater)
+    assert chosen.values.dtype == torch.float32 and chosen.rows.numel() > 0
+    assert as_set(chosen) == auxk_reference(z.float(), dead, 10)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents", "nonzero_flat", "row_top_indices",
-           "sampled_bound", "split_flat", "stable_order"]
+           "sampled_bound", "split_flat", "stable_order", "group_maxima"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
@@ -119,3 +119,24 @@ def stable_order(keys: Tensor, n_keys: int) -> Tensor:
     if keys.device.type != "cpu" or n_keys > 1 << 16:
         return torch.argsort(keys, stable=True)
     return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))  # a radix sort
+
+
+def group_maxima(grouped: Tensor, k: int) -> Tensor:
+    """``grouped.amax(1)`` of a (B, S, G) tensor, for choosing each row's k largest groups: on the
+    CPU in bfloat16 a stand-in that ranks them the same. A group's largest int16 bit pattern is its
+    float maximum wherever that is +0 or more (nonnegative floats order as their patterns, every
+    negative one below them); rows with fewer than k such groups take the exact maxima. 4096 x 8 x
+    1024: 7-8 against torch's 16.5 ms (numpy's elementwise maximum over the S slices; its reduction
+    along axis 1 takes 18)."""
+    if grouped.dtype != torch.bfloat16 or grouped.device.type != "cpu" or grouped.requires_grad:
+        return grouped.amax(1)
+    bits = grouped.view(torch.int16).numpy()
+    top = bits[:, 0].copy()
+    for s in range(1, bits.shape[1]):
+        np.maximum(top, bits[:, s], out=top)
+    maxima = torch.from_numpy(top).view(torch.bfloat16)
+    short = np.flatnonzero(np.count_nonzero(top >= 0, axis=1) < k)
+    if short.size:  # rows mostly negative: the patterns of negative floats order in reverse
+        rows = torch.from_numpy(short)
+        maxima[rows] = grouped.index_select(0, rows).amax(1)
+    return maxima

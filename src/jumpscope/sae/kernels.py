@@ -29,13 +29,13 @@ something reads it, takes over the detached ``z`` buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 from torch.amp import custom_bwd, custom_fwd
 
-from .cpu_ops import greater, nonzero_flat, row_top_indices, sampled_bound, split_flat
+from .cpu_ops import greater, group_maxima, nonzero_flat, row_top_indices, sampled_bound, split_flat
 from .entries import Entries
 from .step import SparseActs
 
@@ -134,7 +134,7 @@ def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if S < 4 or n % S or G < k or not z.is_contiguous():
         return z.topk(k, dim=-1, sorted=False)
     grouped = z.view(B, S, G)  # group g: columns g, g + G, g + 2G, ...
-    groups = row_top_indices(grouped.amax(1), k)  # (B, k)
+    groups = row_top_indices(group_maxima(grouped, k), k)  # (B, k)
     shortlist = grouped.gather(2, groups.unsqueeze(1).expand(B, S, k)).reshape(B, S * k)
     position = row_top_indices(shortlist, k)
     return shortlist.gather(1, position), groups.gather(1, position % k) + G * (position // k)
@@ -158,9 +158,16 @@ class AuxEntries:
 
 
 @torch.no_grad()
-def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int) -> AuxEntries | Entries:
-    """The top ``k_aux`` pre-activations of each token among the dead latents, as topk.py picks them:
-    as entries (ReLU'd, the non-positive left out) while k_aux <= AUX_MAX_DENSITY * n_dead, else a block."""
+def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int,
+                 greater_than: Callable[[Tensor, Tensor], Tensor] = greater) -> AuxEntries | Entries:
+    """The top ``k_aux`` pre-activations of each token among the dead latents, as topk.py picks them,
+    ReLU'd: the positive ones as entries where no token has more than k_aux of them (the usual case,
+    ``_positive_dead_entries``), else as entries (the non-positive left out) while k_aux <=
+    AUX_MAX_DENSITY * n_dead, else a block. ``greater_than(z, bound)`` is ``z > bound`` with a
+    bound per column (mixed.py passes its bf16 comparison)."""
+    few = _positive_dead_entries(z, dead_mask, k_aux, greater_than)
+    if few is not None:
+        return few
     columns = dead_mask.nonzero().squeeze(1)
     pool = z.index_select(1, columns)
     if k_aux >= columns.numel():  # every dead latent is picked
@@ -171,6 +178,26 @@ def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int) -> AuxEntries | Entri
         rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k_aux)
         return _positive(z, rows, columns.index_select(0, index.reshape(-1)), values.reshape(-1))
     return AuxEntries(columns, torch.zeros_like(pool).scatter_(-1, index, torch.relu(values)).float())
+
+
+def _positive_dead_entries(z: Tensor, dead_mask: Tensor, k_aux: int,
+                           greater_than: Callable[[Tensor, Tensor], Tensor]) -> Entries | None:
+    """AuxK's selection where no token has more than k_aux positive pre-activations among the dead
+    latents: the ReLU'd top k_aux are then exactly those, found by one comparison instead of a top-k
+    over each token's dead pool (dead latents rarely fire: MiniLM, 8192 latents, ~3,300 dead, TopK
+    k 32: at most 23 per token, against k_aux 192; 8 against 70 ms). None where some token has more."""
+    B, n = z.shape
+    bound = torch.full((n,), torch.finfo(torch.float32).max, device=z.device)  # live columns: never above
+    bound[dead_mask] = 0.0
+    flat = nonzero_flat(greater_than(z, bound.to(z.dtype) if z.dtype == torch.float64 else bound))
+    rows, cols = split_flat(flat, n)
+    if rows.numel() and int(torch.bincount(rows, minlength=B).max()) > k_aux:
+        return None
+    values = z.reshape(-1).index_select(0, flat)
+    keep = dead_mask.index_select(0, cols) & (values > 0)  # NaN, or an infinite live value, never counts
+    rows, cols, values = _select(keep, rows, cols, values)
+    values = values.float()
+    return Entries(rows, cols, values, torch.ones_like(values), (B, n))
 
 
 def _flat_topk_index(flat: Tensor, keep: int) -> Tensor:

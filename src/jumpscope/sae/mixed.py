@@ -156,11 +156,11 @@ def bf16_greater(values: Tensor, bound: Tensor) -> Tensor:
     if values.device.type != "cpu":
         return values > low
     bits, low_bits = values.view(torch.int16).numpy(), low.view(torch.int16).numpy()
-    if bool((low > 0).all()):  # positive bounds: the int16 order of the bits is the float order
+    negative = np.signbit(low.float().numpy())
+    if not negative.any():  # bounds of +0 or more: the int16 order of the bits is the float order
         return torch.from_numpy(np.greater(bits, low_bits))
     # a negative bound b: v > b for every v >= 0 (sign bit clear), and for negative v of smaller
     # magnitude (a smaller int16: more negative); a bound of -0 or 0 is greater(bits, 0) or the same
-    negative = np.signbit(low.float().numpy())
     above = np.where(negative, (bits >= 0) | (bits < low_bits), bits > low_bits)
     return torch.from_numpy(above)
 
@@ -184,7 +184,7 @@ def auxk_entries(pre: BF16Preactivations, dead_mask: Tensor, k_aux: int) -> kern
     revives dead latents) is chosen and valued in bf16, relative error 2^-9 in its activations.
     Recomputing its k_aux entries per token in float32 (192 per token against TopK's k) took 100
     ms of a 180 ms step at 8192 latents half dead; the float32 path reads them off the dense z."""
-    return kernels.auxk_entries(pre.z, dead_mask, k_aux)
+    return kernels.auxk_entries(pre.z, dead_mask, k_aux, bf16_greater)
 
 
 @torch.no_grad()
