@@ -333,23 +333,34 @@ def auxk_reference(z, dead, k_aux):
     return {(r, int(c), float(v)) for r in range(z.shape[0]) for v, c in zip(values[r], cols[r]) if v > 0}
 
 
-def as_set(entries):
-    return {(int(r), int(c), float(v)) for r, c, v in zip(entries.rows, entries.cols, entries.values)}
+def as_set(chosen):
+    if isinstance(chosen, kernels.AuxEntries):  # the block layout: its nonzero acts
+        rows, at = chosen.acts.nonzero(as_tuple=True)
+        return {(int(r), int(chosen.columns[c]), float(chosen.acts[r, c])) for r, c in zip(rows, at)}
+    return {(int(r), int(c), float(v)) for r, c, v in zip(chosen.rows, chosen.cols, chosen.values)}
 
 
+@pytest.mark.parametrize("many_dead", [True, False])  # compared over z, or over their columns copied out
 @pytest.mark.parametrize("k_aux", [3, 50])
-def test_auxk_positive_entries_are_the_relud_top_k(k_aux):
+def test_auxk_positive_entries_are_the_relud_top_k(k_aux, many_dead):
     generator = torch.Generator().manual_seed(7)
     z = torch.randn(40, 64, generator=generator) - 2.0  # mostly negative: few positives per token
     z[5, :] = torch.rand(64, generator=generator) + 0.1  # one token with every latent positive
-    z[6, 0], z[7, 1] = float("nan"), float("inf")  # a NaN never counts; latent 1 is live
-    dead = torch.ones(64, dtype=torch.bool)
-    dead[1::4] = False
+    z[7, 1] = float("inf")  # latent 1 is live
+    if many_dead:  # a NaN never counts (the dense block the top-k falls back to with few dead keeps it)
+        z[6, 0] = float("nan")
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[0::16 if not many_dead else 1] = True
+    if many_dead:
+        dead[1::4] = False
+    assert (dead.sum() > kernels.AUX_GATHER_FRACTION * 64) == many_dead
     chosen = kernels.auxk_entries(z, dead, k_aux)
-    # token 5 has 48 positive dead values: over k_aux 3 the top-k runs, under 50 the comparison does
-    assert isinstance(chosen, kernels.Entries)
+    # token 5's positive dead values (48 or 4) exceed k_aux 3: the top-k runs; under 50 the comparison does
+    assert isinstance(chosen, kernels.Entries) or k_aux == 3
     assert as_set(chosen) == auxk_reference(torch.nan_to_num(z, nan=-1.0), dead, k_aux)
-    fast = kernels._positive_dead_entries(z, dead, k_aux, kernels.greater)
+    columns = dead.nonzero().squeeze(1)
+    pool = None if many_dead else z.index_select(1, columns)
+    fast = kernels._positive_dead_entries(z, dead, columns, pool, k_aux, kernels.greater)
     assert (fast is None) == (k_aux == 3)
 
 

@@ -53,6 +53,9 @@ AUTO_MIN_LATENTS = 512
 # block. TopK step, one thread, 4096 tokens, k_aux 192 (block / entries): 0.97x at k_aux / n_dead
 # 0.094, 1.23x at 0.047 (8192 latents, half dead), 1.51x at 0.023 (16384, half dead).
 AUX_MAX_DENSITY = 0.075
+# Up to this fraction of the latents dead, AuxK copies their columns out before comparing (the copy
+# costs about 5x a comparison per column: 8192 latents, bf16, half dead: 27 against 7 ms over all).
+AUX_GATHER_FRACTION = 0.125
 
 
 def check_kernel(kernel: str) -> None:
@@ -165,11 +168,13 @@ def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int,
     ``_positive_dead_entries``), else as entries (the non-positive left out) while k_aux <=
     AUX_MAX_DENSITY * n_dead, else a block. ``greater_than(z, bound)`` is ``z > bound`` with a
     bound per column (mixed.py passes its bf16 comparison)."""
-    few = _positive_dead_entries(z, dead_mask, k_aux, greater_than)
+    columns = dead_mask.nonzero().squeeze(1)
+    # a few dead latents: their columns copied out first; many: one comparison over the whole z
+    pool = z.index_select(1, columns) if columns.numel() <= AUX_GATHER_FRACTION * z.shape[1] else None
+    few = _positive_dead_entries(z, dead_mask, columns, pool, k_aux, greater_than)
     if few is not None:
         return few
-    columns = dead_mask.nonzero().squeeze(1)
-    pool = z.index_select(1, columns)
+    pool = z.index_select(1, columns) if pool is None else pool
     if k_aux >= columns.numel():  # every dead latent is picked
         return AuxEntries(columns, torch.relu_(pool).float())
     index = row_top_indices(pool, k_aux)
@@ -180,20 +185,26 @@ def auxk_entries(z: Tensor, dead_mask: Tensor, k_aux: int,
     return AuxEntries(columns, torch.zeros_like(pool).scatter_(-1, index, torch.relu(values)).float())
 
 
-def _positive_dead_entries(z: Tensor, dead_mask: Tensor, k_aux: int,
+def _positive_dead_entries(z: Tensor, dead_mask: Tensor, columns: Tensor, pool: Tensor | None, k_aux: int,
                            greater_than: Callable[[Tensor, Tensor], Tensor]) -> Entries | None:
     """AuxK's selection where no token has more than k_aux positive pre-activations among the dead
-    latents: the ReLU'd top k_aux are then exactly those, found by one comparison instead of a top-k
-    over each token's dead pool (dead latents rarely fire: MiniLM, 8192 latents, ~3,300 dead, TopK
-    k 32: at most 23 per token, against k_aux 192; 8 against 70 ms). None where some token has more."""
+    latents ``columns`` (``pool``: z's columns there, or None to compare over z): the ReLU'd top k_aux
+    are then exactly those, found by one comparison instead of a top-k over each token's dead pool
+    (dead latents rarely fire: MiniLM, 8192 latents, ~3,300 dead, TopK k 32: at most 23 per token,
+    against k_aux 192; 8 against 70 ms). None where some token has more."""
     B, n = z.shape
-    bound = torch.full((n,), torch.finfo(torch.float32).max, device=z.device)  # live columns: never above
-    bound[dead_mask] = 0.0
-    flat = nonzero_flat(greater_than(z, bound.to(z.dtype) if z.dtype == torch.float64 else bound))
-    rows, cols = split_flat(flat, n)
+    if pool is None:
+        source = z
+        bound = torch.full((n,), torch.finfo(torch.float32).max, device=z.device)  # live columns: never above
+        bound[dead_mask] = 0.0
+    else:
+        source, bound = pool, torch.zeros(pool.shape[1], device=z.device)
+    flat = nonzero_flat(greater_than(source, bound.to(source.dtype) if source.dtype == torch.float64 else bound))
+    rows, cols = split_flat(flat, source.shape[1])
     if rows.numel() and int(torch.bincount(rows, minlength=B).max()) > k_aux:
         return None
-    values = z.reshape(-1).index_select(0, flat)
+    values = source.reshape(-1).index_select(0, flat)
+    cols = cols if pool is None else columns.index_select(0, cols)
     keep = dead_mask.index_select(0, cols) & (values > 0)  # NaN, or an infinite live value, never counts
     rows, cols, values = _select(keep, rows, cols, values)
     values = values.float()

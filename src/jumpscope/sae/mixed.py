@@ -9,9 +9,12 @@ token, BatchTopK everything above (an estimate of) the batch's k * B-th value, J
 above theta - eps, both less a margin for bf16's rounding that scales with each row's norm and each
 latent's largest encoder weight (MARGIN_UNITS). Then the float32 pre-activations are recomputed at
 those candidates (a sampled product, exactly the float32 expression up to summation order) and the
-entries are chosen among them as the float32 path chooses them. Values, losses and gradients are
-float32 throughout, unlike a GPU under autocast, where z itself is bf16; the one exception is
-TopK's AuxK, an auxiliary loss for dead latents, chosen and valued on the bf16 z (``auxk_entries``).
+entries are chosen among them as the float32 path chooses them: the selection and the values at
+the entries are float32's, unlike a GPU under autocast, where z itself is bf16. The exceptions are
+TopK's AuxK, an auxiliary loss for dead latents, chosen and valued on the bf16 z (``auxk_entries``),
+and, as under autocast, the gathered products after the selection: the decoder forward and the
+weight gradients read bf16 tables (kernels.sparse_sae's ``bf16_products``, gradients within about
+4e-3 of float32's).
 
 What can differ from the float32 path: an entry whose bf16 error moves it across the whole margin
 (k + extra ranks for TopK: 10 of 16 million entries over a 122-step SmolLM2 run, 5 swaps; for
