@@ -191,7 +191,8 @@ def _positive_dead_entries(z: Tensor, dead_mask: Tensor, columns: Tensor, pool: 
     latents ``columns`` (``pool``: z's columns there, or None to compare over z): the ReLU'd top k_aux
     are then exactly those, found by one comparison instead of a top-k over each token's dead pool
     (dead latents rarely fire: MiniLM, 8192 latents, ~3,300 dead, TopK k 32: at most 23 per token,
-    against k_aux 192; 8 against 70 ms). None where some token has more."""
+    against k_aux 192; 8 against 70 ms). None where some token has more, or where they fill more
+    than AUX_MAX_DENSITY of the (tokens, dead latents) block (its dense products are then cheaper)."""
     B, n = z.shape
     if pool is None:
         source = z
@@ -201,6 +202,8 @@ def _positive_dead_entries(z: Tensor, dead_mask: Tensor, columns: Tensor, pool: 
         source, bound = pool, torch.zeros(pool.shape[1], device=z.device)
     flat = nonzero_flat(greater_than(source, bound.to(source.dtype) if source.dtype == torch.float64 else bound))
     rows, cols = split_flat(flat, source.shape[1])
+    if rows.numel() > AUX_MAX_DENSITY * B * columns.numel():  # dense enough for the block's matmuls
+        return None
     if rows.numel() and int(torch.bincount(rows, minlength=B).max()) > k_aux:
         return None
     values = source.reshape(-1).index_select(0, flat)
