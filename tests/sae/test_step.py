@@ -59,3 +59,16 @@ def test_loss_output_reads_firings_and_l0_alike_from_sparse_and_dense_acts():
         assert torch.equal(out.fired_latents(), expected_fired)
         assert out.mean_l0().item() == 1.0  # one positive act in each row
     assert torch.equal(sparse_out.feature_acts.detach(), dense)
+
+
+def test_sparse_acts_compute_flat_indices_only_when_the_dense_tensor_is_read():
+    calls = []
+
+    def flat_indices():
+        calls.append(1)
+        return torch.tensor([1, 3, 5])
+
+    acts = SparseActs(flat_indices, torch.tensor([1, 3, 1]), torch.tensor([2.0, 0.0, 5.0]), (2, 4)).reshape(1, 2, 4)
+    assert torch.equal(acts.firing_counts(), torch.tensor([0, 2, 0, 0])) and not calls
+    assert torch.equal(acts.to_dense(), torch.tensor([[[0.0, 2.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0]]]))
+    assert torch.equal(acts.flat, torch.tensor([1, 3, 5])) and len(calls) == 1

@@ -20,7 +20,8 @@ to select the active latents). Everything else runs on a list of (token, latent)
   width n_dead (never more work than the dense path's AuxK).
 
 The gradients equal the dense reference path's (tests/sae/test_kernels.py) up to float summation
-order. Selection is done by the caller (the architecture's ``loss``) from a detached ``z`` (for
+order (with ``bf16_products``, autocast 'bf16' on the CPU, up to bf16's rounding of the gathered
+tables). Selection is done by the caller (the architecture's ``loss``) from a detached ``z`` (for
 JumpReLU without b_enc: the bias is folded into the threshold and added at the entries only);
 the feature acts come out as a ``SparseActs`` (the entries), whose dense tensor, built only when
 something reads it, takes over the detached ``z`` buffer.

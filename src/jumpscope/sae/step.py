@@ -52,8 +52,9 @@ class StepContext:
 
 class SparseActs:
     """A batch's feature activations as the entries a sparse kernel worked on: ``flat`` indices
-    into the (rows, d_sae) matrix (or a function giving them, called when first needed), their latents ``cols`` and ``values`` (differentiable; entries
-    with value 0 are allowed and count as silent). The dense tensor is built only when read
+    into the (rows, d_sae) matrix (or a function giving them, called when first needed), their
+    latents ``cols`` and ``values`` (differentiable; entries with value 0 are allowed and count as
+    silent). The dense tensor is built only when read
     (``to_dense``, once), so a training step that only counts firings never writes B x d_sae
     floats: at batch 4096 and d_sae 4096 that was 17 ms of a 0.26 s JumpReLU step (one thread)."""
 
