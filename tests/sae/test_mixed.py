@@ -195,3 +195,12 @@ def test_kept_bf16_buffers_are_bounded_and_reused():
         fresh = torch.cat([x * 2, torch.ones(8, 1)], 1).bfloat16() @ torch.cat([W, b[None]]).bfloat16()
         assert torch.equal(again, fresh)
     assert len(mixed._BUFFERS.tensors) <= 3 * mixed.KEPT_SHAPES
+
+
+def test_the_padding_of_the_kept_buffers_is_zeroed_each_time():
+    x, W, b = torch.randn(8, 5), torch.randn(5, 24), torch.randn(24)  # inner width 6, padded to 8
+    mixed._buffer("inputs", 8, 8).fill_(float("nan"))  # whatever an earlier step left there
+    mixed._buffer("encoder", 8, 24).fill_(float("nan"))
+    z = mixed.BF16Preactivations(x, W, b).z
+    fresh = torch.cat([x, torch.ones(8, 1)], 1).bfloat16() @ torch.cat([W, b[None]]).bfloat16()
+    assert torch.equal(z, fresh)

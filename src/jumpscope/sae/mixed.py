@@ -101,11 +101,16 @@ class BF16Preactivations:
     def __init__(self, x_in: Tensor, W_enc: Tensor, b_enc: Tensor):
         self.x_in, self.W_enc, self.b_enc = x_in.detach(), W_enc.detach(), b_enc.detach()
         (B, d), n = self.x_in.shape, self.W_enc.shape[1]
-        inputs, encoder = _buffer("inputs", B, d + 1), _buffer("encoder", d + 1, n)
+        # inner width d + 1 (the bias) padded with zeros to a multiple of 8: (4096, 385) @ (385, 8192)
+        # took 21.1 ms, (4096, 392) @ (392, 8192) 17.4
+        width = -(-(d + 1) // 8) * 8
+        inputs, encoder = _buffer("inputs", B, width), _buffer("encoder", width, n)
         inputs[:, :d].copy_(self.x_in)  # converted in the copy
         inputs[:, d] = 1.0
+        inputs[:, d + 1:] = 0.0
         encoder[:d].copy_(self.W_enc)
         encoder[d].copy_(self.b_enc)
+        encoder[d + 1:] = 0.0
         self.z = torch.mm(inputs, encoder, out=_buffer("z", B, n))
         self.shape = tuple(self.z.shape)
         self._rows_of_W: Tensor | None = None
