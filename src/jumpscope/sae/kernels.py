@@ -201,7 +201,7 @@ def _positive_dead_entries(z: Tensor, dead_mask: Tensor, columns: Tensor, pool: 
         bound[dead_mask] = 0.0
     else:
         source, bound = pool, torch.zeros(pool.shape[1], device=z.device)
-    flat = nonzero_flat(greater_than(source, bound.to(source.dtype) if source.dtype == torch.float64 else bound))
+    flat = nonzero_flat(greater_than(source, bound))  # a float32 bound: bf16 and float64 z compare against it too
     rows, cols = split_flat(flat, source.shape[1])
     if rows.numel() > AUX_MAX_DENSITY * B * columns.numel():  # dense enough for the block's matmuls
         return None
