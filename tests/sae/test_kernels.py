@@ -258,6 +258,21 @@ def test_auto_takes_the_sparse_path_on_cpu_when_sparse_enough():
     assert "_SparseSAEBackward" not in graph_names(topk.loss(x, StepContext()).loss)
 
 
+def test_auto_on_cuda_takes_the_sparse_path_from_the_measured_widths(monkeypatch):
+    # sparse_wanted reads only the device's type, so the policy is checked without a GPU
+    cuda, mps = torch.device("cuda"), torch.device("mps")
+    assert not kernels.sparse_wanted("auto", cuda, kernels.CUDA_MIN_LATENTS // 2, 0.004)
+    assert kernels.sparse_wanted("auto", cuda, kernels.CUDA_MIN_LATENTS, 0.004)
+    assert kernels.sparse_wanted("auto", cuda, kernels.CUDA_MIN_LATENTS, None)
+    assert not kernels.sparse_wanted("auto", cuda, kernels.CUDA_MIN_LATENTS, 0.5)  # too dense
+    assert not kernels.sparse_wanted("auto", mps, 1 << 20, 0.004)
+    assert kernels.sparse_wanted("sparse", mps, 8, 0.5) and not kernels.sparse_wanted("dense", cuda, 1 << 20, 0.004)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: device == ("cuda",))
+    assert not kernels.sparse_wanted("auto", cuda, kernels.CUDA_MIN_LATENTS, 0.004)
+    assert kernels.sparse_wanted("auto", cuda, kernels.CUDA_AUTOCAST_MIN_LATENTS, 0.004)
+    assert kernels.sparse_wanted("auto", torch.device("cpu"), 512, 0.004)  # the CPU's rule ignores CUDA autocast
+
+
 def test_pre_act_penalty_gradients_match_dense_at_quantile_init_ties():
     # The quantile threshold init makes theta equal one pre-activation per latent (a tie, where
     # ReLU(theta - z) has no gradient); the sparse form must treat those ties like the dense path.

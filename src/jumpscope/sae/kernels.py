@@ -50,6 +50,13 @@ KERNELS = ("auto", "dense", "sparse")
 AUTO_MAX_DENSITY = 0.1
 # ... and the dictionary has at least this many latents (below it both paths take milliseconds).
 AUTO_MIN_LATENTS = 512
+# On CUDA, from this many latents in float32 and from the second under autocast (the dense path's
+# matmuls are then cheap; its elementwise passes over (batch, d_sae) are not). benchmarks/gpu_check.py,
+# H200, d_in 768, batch 4096, L0 64, Trainer tokens/s sparse / dense (JumpReLU, TopK, BatchTopK):
+# float32 16384: 1.5-1.8x, 1.7x, 1.5x; 65536: 3.1x, 3.0x, 2.6x; bf16 autocast 16384: 0.9x, 0.6-1.0x,
+# 0.7x; 65536: 1.9x, 1.3x, 1.4x; one step at 4096, float32: 0.8x, 1.4x, 1.3x. Peak memory 2.6-3x lower.
+CUDA_MIN_LATENTS = 16384
+CUDA_AUTOCAST_MIN_LATENTS = 32768
 # AuxK's selection as entries when k_aux is at most this fraction of the dead latents, else a dense
 # block. TopK step, one thread, 4096 tokens, k_aux 192 (block / entries): 0.97x at k_aux / n_dead
 # 0.094, 1.23x at 0.047 (8192 latents, half dead), 1.51x at 0.023 (16384, half dead).
@@ -69,9 +76,13 @@ def sparse_wanted(kernel: str, device: torch.device, n_latents: int, density: fl
     entries (None when unknown, e.g. JumpReLU before counting its candidates)."""
     if kernel != "auto":
         return kernel == "sparse"
-    if device.type != "cpu" or n_latents < AUTO_MIN_LATENTS:
-        return False  # dense matmuls are fast on accelerators; tiny SAEs gain nothing
-    return density is None or density <= AUTO_MAX_DENSITY
+    if device.type == "cuda":
+        floor = CUDA_AUTOCAST_MIN_LATENTS if torch.is_autocast_enabled("cuda") else CUDA_MIN_LATENTS
+    elif device.type == "cpu":
+        floor = AUTO_MIN_LATENTS  # below it both paths take milliseconds
+    else:
+        return False  # other accelerators: not measured; their dense matmuls are the safe choice
+    return n_latents >= floor and (density is None or density <= AUTO_MAX_DENSITY)
 
 
 def use_sparse(kernel: str, z: Tensor, density: float | None) -> bool:
