@@ -297,7 +297,9 @@ def test_jumprelu_with_target_l0_ends_at_it_on_training_rows_spread_over_the_run
     assert 3 - 0.02 <= l0 <= 3
     summary = trainer.final_summary()["jump"]
     assert summary["calibration_l0_after"] == pytest.approx(l0, abs=1e-6)
-    assert summary["calibration_l0_before"] != pytest.approx(3, abs=0.02)  # there was something to do
+    # there was something to do, and the calibration did it (the gap before is machine-dependent:
+    # 0.017 on one CPU, above 0.02 on another, so no fixed margin)
+    assert abs(summary["calibration_l0_before"] - 3) > abs(summary["calibration_l0_after"] - 3)
 
 
 def test_resumed_run_calibrates_on_the_sample_its_checkpoint_kept(tmp_path):
