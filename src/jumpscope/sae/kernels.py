@@ -51,7 +51,7 @@ AUTO_MAX_DENSITY = 0.1
 # ... and the dictionary has at least this many latents (below it both paths take milliseconds).
 AUTO_MIN_LATENTS = 512
 # On CUDA, from this many latents in float32 and from the second under autocast (the dense path's
-# matmuls are then cheap; its elementwise passes over (batch, d_sae) are not). benchmarks/gpu_check.py,
+# matmuls are then cheap; its elementwise passes over (batch, d_sae) are not). benchmarks/gpu_speed.py,
 # H200, d_in 768, batch 4096, L0 64, Trainer tokens/s sparse / dense (JumpReLU, TopK, BatchTopK):
 # float32 16384: 1.5-1.8x, 1.7x, 1.5x; 65536: 3.1x, 3.0x, 2.6x; bf16 autocast 16384: 0.9x, 0.6-1.0x,
 # 0.7x; 65536: 1.9x, 1.3x, 1.4x; one step at 4096, float32: 0.8x, 1.4x, 1.3x. Peak memory 2.6-3x lower.

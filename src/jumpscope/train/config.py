@@ -62,10 +62,11 @@ class TrainerConfig:
 
     autocast: Literal["none", "bf16"] = "none"
     """Mixed precision. CUDA: autocast of the SAE forward (an H200: FVU as float32's at width
-    16384; 1.5-3.4x the tokens/s on the dense path at 16384-65536; benchmarks/README.md, "On a GPU"). CPU with native bf16 products (AMX,
-    AVX512-BF16): the sparse kernels choose their entries on bf16 pre-activations (values at the
-    entries float32) and gather the decoder and weight-gradient products from bf16 tables (about
-    1.3-1.7x faster steps, gradients within about 4e-3 of float32's; sae/mixed.py). Else float32."""
+    16384; 1.5-3.4x the tokens/s on the dense path at 16384-65536; benchmarks/README.md, "On a
+    GPU"). CPU with native bf16 products (AMX, AVX512-BF16): the sparse kernels choose their
+    entries on bf16 pre-activations (values at the entries float32) and gather the decoder and
+    weight-gradient products from bf16 tables (about 1.3-1.8x faster steps, gradients within
+    about 4e-3 of float32's; sae/mixed.py). Else float32."""
 
     progress: bool = True
     """Show a progress bar."""
