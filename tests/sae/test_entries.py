@@ -84,3 +84,63 @@ def test_bf16_tables_give_float32_sums_within_bf16_rounding():
         assert got.dtype == torch.float32
         error = (got.double() - want).norm() / want.norm()
         assert 1e-4 < error < 4e-3  # rounded (2^-9 relative per input), but summed in float32
+
+
+def sparse_acts(shape, density, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(shape, generator=generator) < density
+    return torch.rand(shape, generator=generator) * keep
+
+
+def test_sparse_decode_is_the_dense_product_and_keeps_zeros_nan_and_batch_dims():
+    table = torch.randn(600, 24, generator=torch.Generator().manual_seed(1))
+    acts = sparse_acts((3, 40, 600), 0.05)
+    acts[0, 0] = 0.0  # a row with no entry: b_dec alone in a decode
+    acts[1, 2, 7] = -0.0
+    acts[2, 5, 11] = float("nan")
+    got = entries_module.sparse_decode(acts, table)
+    reference = acts.double() @ table.double()
+    assert got is not None and got.shape == (3, 40, 24)
+    assert torch.equal(got.isnan(), reference.isnan()) and got[2, 5].isnan().all()
+    finite = ~reference.isnan()
+    assert torch.allclose(got[finite].double(), reference[finite], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0, 0], torch.zeros(24))
+
+
+def test_sparse_decode_declines_where_the_dense_product_is_needed_or_cheaper():
+    table = torch.randn(600, 8)
+    acts = sparse_acts((16, 600), 0.05)
+    assert entries_module.sparse_decode(sparse_acts((16, 600), 0.3), table) is None  # too dense
+    assert entries_module.sparse_decode(acts[:, :500], table[:500]) is None  # too few latents
+    assert entries_module.sparse_decode(acts.double(), table.double()) is None
+    assert entries_module.sparse_decode(acts[:0], table) is None
+    recorded = acts.clone().requires_grad_()
+    assert entries_module.sparse_decode(recorded, table) is None  # autograd would lose the values' gradient
+    with torch.no_grad():
+        assert entries_module.sparse_decode(recorded, table.requires_grad_()) is not None
+
+
+def test_an_sae_decodes_through_entries_at_inference_and_densely_under_autograd(monkeypatch):
+    from jumpscope.sae import build
+
+    taken = []
+    real = entries_module.sparse_decode
+
+    def spy(acts, table):
+        out = real(acts, table)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr("jumpscope.sae.base.sparse_decode", spy)
+    sae = build("topk", d_in=16, d_sae=1024, k=8, seed=0)
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        acts = sae.encode(x)
+        recon = sae.decode(acts)
+    assert taken == [True]
+    assert torch.allclose(recon, acts @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-6)
+    acts = acts.clone().requires_grad_()
+    sae.decode(acts).sum().backward()  # the dense product, so the gradient reaches acts and W_dec
+    assert taken == [True, False]
+    assert torch.allclose(acts.grad, sae.W_dec.sum(1).expand_as(acts).detach(), rtol=1e-5, atol=1e-6)
+    assert sae.W_dec.grad is not None

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import check_positive
+from .entries import sparse_decode
 from .step import LossOutput, StepContext
 
 
@@ -242,7 +243,10 @@ class SAE(nn.Module):
         return x @ self.W_enc + self.b_enc
 
     def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
+        """``f @ W_dec + b_dec``; outside training on the CPU through f's nonzero entries when it is
+        sparse (sae/entries.py ``sparse_decode``: 13x faster at 8192 latents, 32 per token)."""
+        product = sparse_decode(f, self.W_dec)
+        return (f @ self.W_dec if product is None else product) + self.b_dec
 
     def predict(self, x: Tensor, latents: Tensor) -> Tensor:
         """The output for input ``x`` from its (possibly edited) ``latents``: the decoding, plus the
