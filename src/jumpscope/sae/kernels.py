@@ -50,11 +50,9 @@ KERNELS = ("auto", "dense", "sparse")
 AUTO_MAX_DENSITY = 0.1
 # ... and the dictionary has at least this many latents (below it both paths take milliseconds).
 AUTO_MIN_LATENTS = 512
-# On CUDA, from this many latents in float32 and from the second under autocast (the dense path's
-# matmuls are then cheap; its elementwise passes over (batch, d_sae) are not). benchmarks/gpu_speed.py,
-# H200, d_in 768, batch 4096, L0 64, Trainer tokens/s sparse / dense (JumpReLU, TopK, BatchTopK):
-# float32 16384: 1.5-1.8x, 1.7x, 1.5x; 65536: 3.1x, 3.0x, 2.6x; bf16 autocast 16384: 0.9x, 0.6-1.0x,
-# 0.7x; 65536: 1.9x, 1.3x, 1.4x; one step at 4096, float32: 0.8x, 1.4x, 1.3x. Peak memory 2.6-3x lower.
+# On CUDA from these many latents (float32, autocast). gpu_speed.py, H200, d_in 768, L0 64, Trainer tokens/s
+# sparse / dense (JumpReLU, TopK, BatchTopK): float32 16384 1.5-1.8x, 1.7x, 1.5x, 65536 3.1x, 3.0x, 2.6x;
+# bf16 16384 0.9x, 0.6-1.0x, 0.7x, 65536 1.9x, 1.3x, 1.4x; one float32 step at 4096: 0.8x, 1.4x, 1.3x.
 CUDA_MIN_LATENTS = 16384
 CUDA_AUTOCAST_MIN_LATENTS = 32768
 # AuxK's selection as entries when k_aux is at most this fraction of the dead latents, else a dense

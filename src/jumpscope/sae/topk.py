@@ -63,9 +63,8 @@ class TopKSAEConfig(TunedSignDescentRecipe, SAEConfig):
     kernel: kernels.Kernel = "auto"
     """Training kernel: 'dense' (the reference path), 'sparse' (decoder and backward over the active
     entries only, plus JumpReLU's threshold-window and TopK's AuxK entries; sae/kernels.py) or 'auto'
-    (sparse when at most 10% of the (token, latent) entries are active and d_sae is at least 512 on
-    CPU, 16384 on CUDA, 32768 on CUDA under autocast; dense otherwise, and on other devices).
-    JumpReLU's sparse kernel needs sparsity_loss='l0'."""
+    (sparse when at most 10% of the entries are active and d_sae >= 512 on CPU, 16384 on CUDA, 32768
+    under CUDA autocast; else dense). JumpReLU's sparse kernel needs sparsity_loss='l0'."""
 
     nonnegative_fields: ClassVar[tuple[str, ...]] = ("aux_coefficient",)
 
