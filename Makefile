@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 LOCK := constraints.txt
 LATEST := .venv-latest
 
-.PHONY: demo test test-latest lock venv clean bench bench-frontier bench-peer interop
+.PHONY: demo test test-latest lock venv clean bench bench-frontier bench-peer interop gpu-check
 
 $(VENV)/.base: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-frontier: $(VENV)/.dev
 # Our JumpReLU against SAELens's on the same cached activations (sae-lens in .venv-saelens).
 bench-peer: $(VENV)/.dev
 	$(PY) benchmarks/peer_saelens.py
+
+# On a machine with a CUDA GPU: every CUDA path against the CPU's, resume and harvest (exit 1 on a failure).
+gpu-check: $(VENV)/.dev
+	$(PY) benchmarks/gpu_check.py
 
 # Two-way format checks against the real SAELens package, in its own venv (never our dependency).
 interop:
