@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from jumpscope.sae.cpu_ops import (column_kth_smallest, column_max, fired_latents, greater, nonzero_flat, row_top_indices,
-                                   split_flat, stable_order, group_maxima)
+from jumpscope.sae.cpu_ops import (column_kth_smallest, column_max, fired_latents, greater, kept_above, nonzero_flat,
+                                   row_top_indices, split_flat, stable_order, group_maxima)
 
 
 def awkward(rows=37, cols=11, dtype=torch.float32):
@@ -27,6 +27,21 @@ def test_greater_on_tensors_needing_grad_and_mixed_dtypes():
     values = awkward().requires_grad_()
     assert torch.equal(greater(values, torch.zeros(11)), values > 0)
     assert torch.equal(greater(awkward(), torch.zeros(11, dtype=torch.float64)), awkward() > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kept_above_is_torchs_masked_product(dtype):
+    values = awkward(dtype=dtype)
+    for bound in (values[8], torch.tensor(0.25, dtype=dtype), values.flip(0)[0], torch.zeros(11, dtype=dtype)):
+        result, expected = kept_above(values, bound), values * (values > bound).to(dtype)
+        assert result.dtype == dtype and torch.equal(result.isnan(), expected.isnan())
+        assert torch.equal(result.nan_to_num(7.0), expected.nan_to_num(7.0))
+    needing_grad = awkward().requires_grad_()
+    kept = kept_above(needing_grad, torch.zeros(11))
+    assert kept.requires_grad  # torch's own product, so autograd still reaches the values
+    with torch.no_grad():  # a parameter as the bound at inference: numpy's product, the same values
+        kept = kept_above(awkward(), torch.nn.Parameter(torch.zeros(11)))
+    assert not kept.requires_grad and torch.equal(kept.nan_to_num(7.0), (awkward() * (awkward() > 0)).nan_to_num(7.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents", "nonzero_flat", "row_top_indices",
-           "sampled_bound", "split_flat", "stable_order", "group_maxima"]
+           "sampled_bound", "split_flat", "stable_order", "group_maxima", "kept_above"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
@@ -36,6 +36,19 @@ def greater(values: Tensor, bound: Tensor) -> Tensor:
     if not _numpy_ready(values, bound) or values.dtype != bound.dtype:
         return values > bound
     return torch.from_numpy(np.greater(values.numpy(), bound.numpy()))
+
+
+def kept_above(values: Tensor, bound: Tensor) -> Tensor:
+    """``values * (values > bound)``: values above their bound (broadcast), zeros elsewhere (NaN
+    stays NaN, as in the product). numpy multiplies by its bool mask in one pass: 4096 x 8192, one
+    thread, 29 against 66 ms for torch's comparison, conversion and product."""
+    if not torch.is_grad_enabled():  # e.g. JumpReLU's threshold parameter at inference
+        values, bound = values.detach(), bound.detach()
+    if not _numpy_ready(values, bound) or values.dtype != bound.dtype:
+        return values * (values > bound).to(values.dtype)
+    array = values.numpy()
+    with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as in torch, without numpy's warning
+        return torch.from_numpy(array * np.greater(array, bound.numpy()))
 
 
 def column_max(matrix: Tensor) -> Tensor:

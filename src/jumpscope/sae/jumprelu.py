@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from . import kernels, mixed
 from .base import SAE, InputScaling, LossOutput, SAEConfig, StepContext, reconstruction_error
 from .calibrate import l0_factor, mean_l0
-from .cpu_ops import column_kth_smallest
+from .cpu_ops import column_kth_smallest, kept_above
 from .recipes import ADAM_RECIPE, FIXED_LR, TunedSignDescentRecipe
 from .registry import register
 
@@ -246,8 +246,7 @@ class JumpReLUSAE(SAE):
             self.threshold_raw.copy_(values)
 
     def encode(self, x: Tensor) -> Tensor:
-        pre = self.pre_activation(x)
-        return pre * (pre > self.threshold).to(pre.dtype)
+        return kept_above(self.pre_activation(x), self.threshold)
 
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
         cfg = self.cfg
