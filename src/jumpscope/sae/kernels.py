@@ -53,8 +53,7 @@ AUTO_MIN_LATENTS = 512
 # On CUDA from these many latents (float32, autocast). gpu_speed.py, H200, d_in 768, L0 64, Trainer tokens/s
 # sparse / dense (JumpReLU, TopK, BatchTopK): float32 16384 1.5-1.8x, 1.7x, 1.5x, 65536 3.1x, 3.0x, 2.6x;
 # bf16 16384 0.9x, 0.6-1.0x, 0.7x, 65536 1.9x, 1.3x, 1.4x; one float32 step at 4096: 0.8x, 1.4x, 1.3x.
-CUDA_MIN_LATENTS = 16384
-CUDA_AUTOCAST_MIN_LATENTS = 32768
+CUDA_MIN_LATENTS, CUDA_AUTOCAST_MIN_LATENTS = 16384, 32768
 # AuxK's selection as entries when k_aux is at most this fraction of the dead latents, else a dense
 # block. TopK step, one thread, 4096 tokens, k_aux 192 (block / entries): 0.97x at k_aux / n_dead
 # 0.094, 1.23x at 0.047 (8192 latents, half dead), 1.51x at 0.023 (16384, half dead).
