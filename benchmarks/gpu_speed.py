@@ -22,6 +22,7 @@ Run by hand on a CUDA machine (CI has none); gpu_check.py checks the CUDA paths'
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import time
@@ -90,48 +91,65 @@ def speed(device: torch.device, widths: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def trainer_throughput(device: torch.device, widths: list[int], steps: int, profile_width: int | None = None) -> list[dict]:
-    """The Trainer end to end on host batches (copied in each step): tokens per second by
-    architecture, kernel and autocast; with ``profile_width``, one profiled 60-step TopK run
-    (sparse, bf16) at that width instead."""
-    d_in, batch = 768, 4096
+def operator_profiler(device: torch.device):
+    """torch.profiler over the CPU and, where there is one, the GPU."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    return torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+def profile_sorts(device: torch.device) -> tuple[str, ...]:
+    return ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",)
+
+
+@functools.cache
+def host_batches(count: int = 8, batch: int = 4096, d_in: int = 768) -> list[torch.Tensor]:
+    """The Trainer runs' host batches (Gaussian), drawn once per process."""
     generator = torch.Generator().manual_seed(0)
-    host = [torch.randn(batch, d_in, generator=generator) for _ in range(8)]
-    rows = []
-    archs = (("jumprelu", dict(target_l0=64)), ("topk", dict(k=64)), ("batchtopk", dict(k=64)))
-    runs = [(d_sae, arch, fields, kernel, precision) for d_sae in widths for arch, fields in archs
+    return [torch.randn(batch, d_in, generator=generator) for _ in range(count)]
+
+
+TRAINER_ARCHS = (("jumprelu", dict(target_l0=64)), ("topk", dict(k=64)), ("batchtopk", dict(k=64)))
+
+
+def trainer_run(device: torch.device, d_sae: int, arch: str, fields: dict, kernel: str, precision: str, steps: int,
+                profiled: bool = False) -> dict:
+    """One Trainer run on host batches (Gaussian, d_in 768, batch 4096; copied in each step):
+    tokens per second, and with ``profiled`` the top operators."""
+    host = host_batches()
+    d_in, batch = host[0].shape[1], host[0].shape[0]
+    sae = build(arch, d_in=d_in, d_sae=d_sae, seed=0, kernel=kernel, **fields)
+    cfg = TrainerConfig(total_tokens=batch * steps, batch_size=batch, progress=False, device=str(device),
+                        autocast=precision, log_every=50, checkpoint_every=0)
+    start = time.perf_counter()
+    with operator_profiler(device) if profiled else contextlib.nullcontext() as prof:
+        Trainer({arch: sae}, cfg).fit(host[i % len(host)] for i in range(steps + 8))
+        synchronize(device)
+    seconds = time.perf_counter() - start
+    row = dict(arch=arch, kernel=kernel, autocast=precision, d_sae=d_sae, steps=steps, seconds=seconds,
+               tokens_per_second=batch * steps / seconds)
+    print("  trainer", json.dumps(row), flush=True)
+    if profiled:
+        row["table"] = prof.key_averages().table(sort_by=profile_sorts(device)[0], row_limit=25)
+        print(row["table"], flush=True)
+    return row
+
+
+def trainer_throughput(device: torch.device, widths: list[int], steps: int) -> list[dict]:
+    """The Trainer end to end: tokens per second by width, architecture, kernel and autocast."""
+    return [trainer_run(device, d_sae, arch, fields, kernel, precision, steps)
+            for d_sae in widths for arch, fields in TRAINER_ARCHS
             for kernel, precision in itertools.product(("dense", "sparse"), ("none", "bf16"))]
-    if profile_width is not None:
-        runs = [(profile_width, "topk", dict(k=64), kernel, "bf16") for kernel in ("dense", "sparse")]
-        steps = 60
-    for d_sae, arch, fields, kernel, precision in runs:
-        sae = build(arch, d_in=d_in, d_sae=d_sae, seed=0, kernel=kernel, **fields)
-        cfg = TrainerConfig(total_tokens=batch * steps, batch_size=batch, progress=False, device=str(device),
-                            autocast=precision, log_every=50, checkpoint_every=0)
-        profiler = contextlib.nullcontext()
-        if profile_width is not None:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
-            profiler = torch_profile(activities=[ProfilerActivity.CPU] + (
-                [ProfilerActivity.CUDA] if device.type == "cuda" else []))
-        start = time.perf_counter()
-        with profiler as prof:
-            Trainer({arch: sae}, cfg).fit(host[i % len(host)] for i in range(steps + 8))
-            synchronize(device)
-        seconds = time.perf_counter() - start
-        rows.append(dict(arch=arch, kernel=kernel, autocast=precision, d_sae=d_sae, steps=steps, seconds=seconds,
-                         tokens_per_second=batch * steps / seconds))
-        print("  trainer", json.dumps(rows[-1]), flush=True)
-        if profile_width is not None:
-            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            rows[-1]["table"] = prof.key_averages().table(sort_by=sort, row_limit=25)
-            print(rows[-1]["table"], flush=True)
-    return rows
+
+
+def trainer_profile(device: torch.device, d_sae: int) -> list[dict]:
+    """A profiled 60-step TopK Trainer run under bf16 autocast, dense and sparse."""
+    return [trainer_run(device, d_sae, "topk", dict(k=64), kernel, "bf16", 60, profiled=True)
+            for kernel in ("dense", "sparse")]
 
 
 def profile(device: torch.device, d_sae: int) -> list[dict]:
     """torch.profiler over 5 sparse steps (bf16 autocast) of JumpReLU and TopK: the top operators."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     d_in = 768
     inputs = scaled_inputs(device)
     dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
@@ -144,12 +162,11 @@ def profile(device: torch.device, d_sae: int) -> list[dict]:
         optimizer = make_optimizer(sae)
         step = stepper(sae, optimizer, x, StepContext(dead_mask=dead), "bf16")
         timed(step, device, 1)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch_profile(activities=activities) as prof:
+        with operator_profiler(device) as prof:
             for _ in range(5):
                 step()
             synchronize(device)
-        for sort in ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
+        for sort in profile_sorts(device):
             text = prof.key_averages().table(sort_by=sort, row_limit=18)
             print(f"  profile {arch} d_sae {d_sae}, 5 steps, sorted by {sort}\n{text}", flush=True)
             rows.append(dict(arch=arch, d_sae=d_sae, sort=sort, table=text))
@@ -212,7 +229,7 @@ def main() -> None:
     run_sections("gpu_speed", args, dict(
         speed=lambda d: speed(d, args.widths, args.repeats),
         trainer=lambda d: trainer_throughput(d, args.trainer_widths, args.trainer_steps),
-        trainer_profile=lambda d: trainer_throughput(d, [], 0, args.profile_width),
+        trainer_profile=lambda d: trainer_profile(d, args.profile_width),
         profile=lambda d: profile(d, args.profile_width), quality=lambda d: quality(d, args.quality_steps)))
 
 

@@ -22,13 +22,20 @@ import torch
 from torch import Tensor
 
 __all__ = ["greater", "column_max", "column_kth_smallest", "fired_latents", "nonzero_flat", "row_top_indices",
-           "sampled_bound", "split_flat", "stable_order", "group_maxima", "kept_above"]
+           "sampled_bound", "split_flat", "stable_order", "group_maxima", "kept_above",
+           "unrecorded"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 def _numpy_ready(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad for t in tensors)
+
+
+def unrecorded(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors, detached where autograd is not recording (so that numpy may read them); as
+    they are under grad mode, where one that requires grad keeps torch's own path."""
+    return tensors if torch.is_grad_enabled() else tuple(t.detach() for t in tensors)
 
 
 def greater(values: Tensor, bound: Tensor) -> Tensor:
@@ -42,8 +49,7 @@ def kept_above(values: Tensor, bound: Tensor) -> Tensor:
     """``values * (values > bound)``: values above their bound (broadcast), zeros elsewhere (NaN
     stays NaN, as in the product). numpy multiplies by its bool mask in one pass: 4096 x 8192, one
     thread, 29 against 66 ms for torch's comparison, conversion and product."""
-    if not torch.is_grad_enabled():  # e.g. JumpReLU's threshold parameter at inference
-        values, bound = values.detach(), bound.detach()
+    values, bound = unrecorded(values, bound)  # e.g. JumpReLU's threshold parameter at inference
     if not _numpy_ready(values, bound) or values.dtype != bound.dtype:
         return values * (values > bound).to(values.dtype)
     array = values.numpy()

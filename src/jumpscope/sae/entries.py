@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cpu_ops import split_flat, stable_order
+from .cpu_ops import nonzero_flat, split_flat, stable_order, unrecorded
 
 # Dense activations decoded on the CPU outside training (evaluation, calibration, steering) go through
 # their nonzero entries when at most this fraction is nonzero and there are at least this many latents:
@@ -137,21 +137,20 @@ def sparse_decode(acts: Tensor, table: Tensor) -> Tensor | None:
     recording through either, fewer than SPARSE_DECODE_MIN_LATENTS latents or no rows, or more
     than SPARSE_DECODE_MAX_DENSITY of the entries nonzero. Sums in another order than the dense
     product: equal to it within float32 rounding (NaN and inf entries propagate alike)."""
-    n = acts.shape[-1] if acts.dim() else 0
-    recording = torch.is_grad_enabled() and (acts.requires_grad or table.requires_grad)
+    shape, n = acts.shape, acts.shape[-1] if acts.dim() else 0
+    acts, table = unrecorded(acts, table)
     if (acts.device.type != "cpu" or table.device.type != "cpu" or acts.dtype != torch.float32
-            or table.dtype != torch.float32 or recording or n < SPARSE_DECODE_MIN_LATENTS or acts.numel() == 0):
+            or table.dtype != torch.float32 or acts.requires_grad or table.requires_grad
+            or n < SPARSE_DECODE_MIN_LATENTS or acts.numel() == 0):
         return None
-    flat = acts.detach().reshape(-1, n)
+    flat = acts.reshape(-1, n)
     nonzero = np.not_equal(flat.numpy(), 0)
     if np.count_nonzero(nonzero) > SPARSE_DECODE_MAX_DENSITY * nonzero.size:
         return None
-    index = torch.from_numpy(np.flatnonzero(nonzero))
+    index = nonzero_flat(torch.from_numpy(nonzero))
     rows, cols = split_flat(index, n)
     values = flat.reshape(-1).index_select(0, index)
-    crow = offsets(rows, flat.shape[0], torch.int64)
-    out = F.embedding_bag(cols, table.detach(), crow[:-1], mode="sum", per_sample_weights=values)
-    return out.reshape(*acts.shape[:-1], table.shape[1])
+    return bag(cols, table, offsets(rows, flat.shape[0], torch.int64), values).reshape(*shape[:-1], table.shape[1])
 
 
 def bag(index: Tensor, table: Tensor, crow: Tensor, weights: Tensor) -> Tensor:
