@@ -14,7 +14,12 @@ figures:
 2. Resume: a Trainer run on CUDA interrupted after 31 of 40 steps and resumed ends with the
    weights of an uninterrupted run (bit for bit), for JumpReLU, TopK and BatchTopK, float32 and
    bf16 autocast.
-3. Harvest: a tiny random Llama's activations at two sites, model on CUDA, rows delivered on the
+3. Prefetch: a Trainer run on CUDA fed host batches (pageable float32, float16, pinned, rows
+   re-chunked) copied one batch ahead on a side stream ends with the weights of the same run copied
+   in each step (bit for bit).
+4. The test suite's tests marked ``cuda`` (prefetch, evaluation on the GPU, a cached clean pass
+   scored on the GPU), which CI skips.
+5. Harvest: a tiny random Llama's activations at two sites, model on CUDA, rows delivered on the
    CPU, against the CPU model's (bound 1e-4 relative).
 
     python benchmarks/gpu_check.py --out results/gpu_check.json
@@ -140,6 +145,39 @@ def resume_check(device: torch.device) -> list[dict]:
     return rows
 
 
+def prefetch_check(device: torch.device) -> list[dict]:
+    def run(prefetch: bool, items) -> dict:
+        saes = {"jumprelu": build("jumprelu", d_in=32, d_sae=256, target_l0=8, seed=1),
+                "topk": build("topk", d_in=32, d_sae=256, k=8, seed=2)}
+        cfg = TrainerConfig(total_tokens=256 * 30, batch_size=256, init_sample_tokens=512, log_every=5,
+                            checkpoint_every=0, progress=False, device=str(device), prefetch=prefetch)
+        return Trainer(saes, cfg).fit(items)
+
+    feeds = {"float32": lambda: stream(40), "float16": lambda: (b.half() for b in stream(40)),
+             "pinned": lambda: (b.pin_memory() if device.type == "cuda" else b for b in stream(40)),
+             "rechunked": lambda: (part for b in stream(40) for part in b.split(100))}
+    rows = []
+    for feed, items in feeds.items():
+        plain, ahead = run(False, items()), run(True, items())
+        for name in plain:
+            ref, got = plain[name].state_dict(), ahead[name].state_dict()
+            differing = [key for key in ref if not torch.equal(ref[key], got[key])]
+            rows.append(dict(feed=feed, sae=name, identical=not differing, differing=differing, ok=not differing))
+            print("  prefetch", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def cuda_tests(device: torch.device) -> list[dict]:
+    """The test suite's tests marked ``cuda`` (skipped where there is no CUDA device, as in CI)."""
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    status = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "cuda", "--rootdir", str(root), str(root / "tests")])
+    row = dict(pytest="-m cuda", exit_status=int(status), ok=status == 0 and device.type == "cuda")
+    print("  cuda_tests", json.dumps(row), flush=True)
+    return [row]
+
+
 def harvest_check(device: torch.device) -> list[dict]:
     """A tiny random Llama's residual stream harvested on CUDA against the CPU's."""
     import transformers
@@ -167,8 +205,9 @@ def harvest_check(device: torch.device) -> list[dict]:
 
 def main() -> None:
     args = parser(__doc__, "gpu_check.json").parse_args()
-    run_sections("gpu_check", args, dict(agreement=agreement, resume=resume_check, harvest=harvest_check),
-                 checks=("agreement", "resume", "harvest"))
+    run_sections("gpu_check", args, dict(agreement=agreement, resume=resume_check, prefetch=prefetch_check,
+                                           cuda_tests=cuda_tests, harvest=harvest_check),
+                 checks=("agreement", "resume", "prefetch", "cuda_tests", "harvest"))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ Run by hand on a CUDA machine (CI has none); gpu_check.py checks the CUDA paths'
    Gaussian rows scaled as the trainer scales them, d_in 768, batch 4096, L0 about 64 (5% of the latents dead: AuxK runs), at --widths; median
    over --repeats steps after 3 warm-ups with CUDA synchronised around each step, as a ratio to
    one dense x @ W_enc in the same precision; and the peak memory.
-2. trainer: the Trainer end to end on host batches (copied in each step; metrics, schedule, the
-   final calibration): tokens per second for JumpReLU, TopK and BatchTopK by kernel and autocast.
+2. trainer: the Trainer end to end on host batches (metrics, schedule, the final calibration):
+   tokens per second for JumpReLU, TopK and BatchTopK by kernel, autocast and how each batch
+   reaches the GPU (prefetch: pinned and copied one batch ahead on a side stream; else a plain
+   pageable copy in the step), interleaved so that each pair runs side by side.
 3. trainer_profile / profile: torch.profiler's top operators of a TopK Trainer run (dense and
    sparse, bf16) and of five sparse steps of JumpReLU and TopK (bf16) at --profile-width.
 4. quality: runs of --quality-steps on synthetic data drawn on the device (32768 true features
@@ -113,20 +115,20 @@ TRAINER_ARCHS = (("jumprelu", dict(target_l0=64)), ("topk", dict(k=64)), ("batch
 
 
 def trainer_run(device: torch.device, d_sae: int, arch: str, fields: dict, kernel: str, precision: str, steps: int,
-                profiled: bool = False) -> dict:
+                profiled: bool = False, prefetch: bool = True) -> dict:
     """One Trainer run on host batches (Gaussian, d_in 768, batch 4096; copied in each step):
     tokens per second, and with ``profiled`` the top operators."""
     host = host_batches()
     d_in, batch = host[0].shape[1], host[0].shape[0]
     sae = build(arch, d_in=d_in, d_sae=d_sae, seed=0, kernel=kernel, **fields)
     cfg = TrainerConfig(total_tokens=batch * steps, batch_size=batch, progress=False, device=str(device),
-                        autocast=precision, log_every=50, checkpoint_every=0)
+                        autocast=precision, log_every=50, checkpoint_every=0, prefetch=prefetch)
     start = time.perf_counter()
     with operator_profiler(device) if profiled else contextlib.nullcontext() as prof:
         Trainer({arch: sae}, cfg).fit(host[i % len(host)] for i in range(steps + 8))
         synchronize(device)
     seconds = time.perf_counter() - start
-    row = dict(arch=arch, kernel=kernel, autocast=precision, d_sae=d_sae, steps=steps, seconds=seconds,
+    row = dict(arch=arch, kernel=kernel, autocast=precision, prefetch=prefetch, d_sae=d_sae, steps=steps, seconds=seconds,
                tokens_per_second=batch * steps / seconds)
     print("  trainer", json.dumps(row), flush=True)
     if profiled:
@@ -135,11 +137,11 @@ def trainer_run(device: torch.device, d_sae: int, arch: str, fields: dict, kerne
     return row
 
 
-def trainer_throughput(device: torch.device, widths: list[int], steps: int) -> list[dict]:
-    """The Trainer end to end: tokens per second by width, architecture, kernel and autocast."""
-    return [trainer_run(device, d_sae, arch, fields, kernel, precision, steps)
+def trainer_throughput(device: torch.device, widths: list[int], steps: int, precisions: list[str]) -> list[dict]:
+    """The Trainer end to end: tokens per second by width, architecture, kernel, autocast and prefetch."""
+    return [trainer_run(device, d_sae, arch, fields, kernel, precision, steps, prefetch=prefetch)
             for d_sae in widths for arch, fields in TRAINER_ARCHS
-            for kernel, precision in itertools.product(("dense", "sparse"), ("none", "bf16"))]
+            for kernel, precision in itertools.product(("dense", "sparse"), precisions) for prefetch in (False, True)]
 
 
 def trainer_profile(device: torch.device, d_sae: int) -> list[dict]:
@@ -223,12 +225,13 @@ def main() -> None:
     cli.add_argument("--repeats", type=int, default=10, help="timed steps per speed row (median)")
     cli.add_argument("--trainer-steps", type=int, default=150)
     cli.add_argument("--trainer-widths", type=int, nargs="+", default=[16384, 65536])
+    cli.add_argument("--trainer-precisions", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
     cli.add_argument("--profile-width", type=int, default=16384)
     cli.add_argument("--quality-steps", type=int, default=1000)
     args = cli.parse_args()
     run_sections("gpu_speed", args, dict(
         speed=lambda d: speed(d, args.widths, args.repeats),
-        trainer=lambda d: trainer_throughput(d, args.trainer_widths, args.trainer_steps),
+        trainer=lambda d: trainer_throughput(d, args.trainer_widths, args.trainer_steps, args.trainer_precisions),
         trainer_profile=lambda d: trainer_profile(d, args.profile_width),
         profile=lambda d: profile(d, args.profile_width), quality=lambda d: quality(d, args.quality_steps)))
 

@@ -96,3 +96,18 @@ def test_norm_outliers_are_left_out_of_fvu_and_counted_beside_it(source, monkeyp
     every = evaluate_saes(off, {"s": sae}, 128, ablations=("none",), progress=False)["s"]
     assert every["outlier_rows"] == 0 and every["fvu"] == pytest.approx(results["fvu_all_rows"], rel=1e-6)
     assert "FVU (all rows)" not in results_table({"s": every}, "causal_lm")
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_the_evaluation_equals_the_cpus_and_reuses_its_cache(source, tmp_path):
+    # the model, its rows and the SAE on CUDA; the second evaluation reads the clean pass back from the
+    # cache on the CPU (both failed on a GPU once: the metrics' sums, then the cached targets)
+    sae = jumpscope.build("jumprelu", d_in=32, d_sae=64, site=SITE, seed=0)
+    on_cpu = evaluate_saes(source, {"s": sae}, 64, ablations=("zero",), progress=False)["s"]
+    gpu_source = ActivationSource(source.cfg, [SITE], device="cuda")
+    for _ in range(2):
+        got = evaluate_saes(gpu_source, {"s": sae.to("cuda")}, 64, ablations=("zero",), progress=False,
+                            cache_dir=tmp_path)["s"]
+        for key in ("fvu", "l0", "ce_clean", "delta_lm_loss", "ce_loss_recovered_zero"):
+            assert got[key] == pytest.approx(on_cpu[key], rel=1e-4, abs=1e-6), key
+    assert len(list(tmp_path.glob("clean-*"))) == 1

@@ -113,3 +113,18 @@ def test_a_logit_transform_after_the_head_falls_back_to_the_models_own_logits(ca
         delta, kl = independent(model, batches, saes)
         assert result[group]["delta_lm_loss"] == pytest.approx(delta, abs=1e-5)
         assert result[group]["kl_div"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.cuda
+def test_targets_on_the_cpu_score_values_on_the_gpu():
+    # a cached clean pass is read onto the CPU while the model's values are on the GPU (the eval job
+    # on CUDA failed there once); the sums must be those of the CPU
+    from jumpscope.evaluate.readout import chunked_sums
+
+    model, _ = build("llama")
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(50, V, generator=generator)
+    targets = torch.randint(0, V, (50,), generator=generator)
+    cpu = chunked_sums(model, values, targets, values.flip(0), via_head=False, chunk=16)
+    gpu = chunked_sums(model.cuda(), values.cuda(), targets, values.flip(0).cuda(), via_head=False, chunk=16)
+    assert gpu == pytest.approx(cpu, rel=1e-5)

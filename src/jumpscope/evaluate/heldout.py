@@ -78,8 +78,8 @@ def evaluate_saes(source: ActivationSource, saes: Mapping[str, SAE], eval_tokens
             raise ValueError(f"SAE {name!r} records no hook site; give one (--site)")
         check_sae_fits(sae, replaced_site(sae), model)
     windows = evaluation_windows(source, eval_tokens)
-    metrics = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output) for name, sae in saes.items()}
-    all_rows = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output) for name, sae in saes.items()}
+    metrics = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output, sae.W_enc.device) for name, sae in saes.items()}
+    all_rows = {name: StreamingMetrics(sae.cfg.d_sae, sae.cfg.d_output, sae.W_enc.device) for name, sae in saes.items()}
     sites = sorted({site for sae in saes.values() for site in (sae.cfg.site, sae.cfg.target_site) if site})
     factor, outliers = source.cfg.outlier_norm_factor, 0
     with torch.inference_mode():

@@ -125,6 +125,7 @@ def chunked_sums(model: Any, values: Tensor, targets: Tensor, clean: Tensor | No
         vocab = unwrap(model).get_output_embeddings().weight.shape[0] if via_head else values.shape[-1]
         chunk = chunk_positions(vocab)
     ce = kl = 0.0
+    targets = targets.to(values.device)  # a cached clean pass (evaluate/passcache.py) is read onto the CPU
     for start in range(0, values.shape[0], chunk):
         part = slice(start, start + chunk)
         logprobs = _logprobs(model, values[part], via_head)

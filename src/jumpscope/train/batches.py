@@ -4,6 +4,7 @@ Items (tensors, ``(input, target)`` pairs, ``{site: tensor}`` dicts) become cano
 through :func:`jumpscope.data.batch.as_batch`, the same coercion the shuffle buffer and the cache
 use; items of any row count are re-chunked to exactly ``batch_size`` rows, after the first
 ``start_row`` rows are skipped (how a resumed run finds its place in the same data).
+:func:`copied_ahead` moves host batches to a CUDA device one batch ahead of the step.
 """
 
 from __future__ import annotations
@@ -45,6 +46,44 @@ def rebatch(items: Iterable, batch_size: int, widths: Mapping[str, int], start_r
             yield {key: value[:batch_size] for key, value in joined.items()}
             pending_rows -= batch_size
             pending = [{key: value[batch_size:] for key, value in joined.items()}] if pending_rows else []
+
+
+def copied_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """``batches`` on CUDA ``device``, each host batch pinned and copied on a side stream while the
+    step before it computes (a pageable copy blocks the host: a quarter of an H200 Trainer run's
+    time, benchmarks/README.md "On a GPU"). The copy keeps the host dtype (fp16 caches move half
+    the bytes); the step converts. One batch more is drawn than is yielded. Other devices: as given."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    side = torch.cuda.Stream(device)
+
+    def start_copy(batch: Batch) -> tuple[Batch, list[str], torch.cuda.Event, bool]:
+        moved, copied = dict(batch), [key for key, value in batch.items() if value.device.type == "cpu"]
+        borrowed = any(batch[key].is_pinned() for key in copied)  # copied from the caller's own memory
+        with torch.cuda.stream(side):
+            for key in copied:  # the caching host allocator keeps each pinned block until its copy ends
+                value = batch[key]
+                moved[key] = (value if value.is_pinned() else value.pin_memory()).to(device, non_blocking=True)
+        return moved, copied, side.record_event(), borrowed
+
+    def finish_copy(moved: Batch, copied: list[str], done: torch.cuda.Event, borrowed: bool) -> Batch:
+        current = torch.cuda.current_stream(device)
+        current.wait_event(done)
+        for key in copied:
+            moved[key].record_stream(current)  # allocated on the side stream, used and freed on this one
+        return moved
+
+    pending = None
+    for batch in batches:
+        ahead = start_copy(batch)
+        if pending is not None:
+            yield finish_copy(*pending)
+        pending = ahead
+        if pending[3]:  # the caller may refill pinned memory it lent once it is asked for more
+            pending[2].synchronize()
+    if pending is not None:
+        yield finish_copy(*pending)
 
 
 def check_finite(batch: Batch, step: int) -> None:

@@ -55,6 +55,12 @@ class TrainerConfig:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
 
+    prefetch: bool = True
+    """On CUDA, copy the next host batch to the GPU while this step computes (pinned host memory,
+    a side stream): an H200 under bf16 autocast trains 1.3-1.9x the tokens/s of a copy in the step
+    at 16384 latents, 1.1-1.2x at 65536 (benchmarks/README.md, "On a GPU"), with the same weights
+    bit for bit. It costs one more batch on the GPU. Ignored elsewhere."""
+
     reuse_cpu_memory: bool = True
     """On the CPU (Linux, glibc), keep freed blocks of up to 1 GiB for reuse instead of returning
     them to the system (device.reuse_freed_cpu_memory): each step's large tensors then skip the

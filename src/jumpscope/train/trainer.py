@@ -27,7 +27,7 @@ from ..device import resolve_device, reuse_freed_cpu_memory
 from ..sae.base import SAE, StepContext
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from ..sae.mixed import bf16_selection_available
-from .batches import check_finite, rebatch
+from .batches import check_finite, copied_ahead, rebatch
 from .calibration import CalibrationSample, finish_point
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
@@ -44,10 +44,7 @@ LOG_FILE = "train_log.jsonl"
 def name_saes(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
     if isinstance(saes, SAE):
         saes = [saes]
-    if isinstance(saes, Mapping):
-        named = dict(saes)
-    else:
-        named = {f"{sae.architecture}_{index}": sae for index, sae in enumerate(saes)}
+    named = dict(saes) if isinstance(saes, Mapping) else {f"{sae.architecture}_{i}": sae for i, sae in enumerate(saes)}
     if not named:
         raise ValueError("no SAEs to train")
     return named
@@ -140,6 +137,8 @@ class Trainer:
         stream = rebatch(batches, cfg.batch_size, self.widths, start_row=self.step * cfg.batch_size)
         if not self.input_scales:
             stream = self._initialise(stream)
+        stream = itertools.islice(stream, max(cfg.total_steps - self.step, 0))  # none past the last step
+        stream = copied_ahead(stream, self.device) if cfg.prefetch else stream
         is_main = self.processes.is_main
         reporter = ProgressReporter(self.out_dir / LOG_FILE if self.out_dir and is_main else None,
                                     total=cfg.total_steps, start=self.step, enabled=cfg.progress and is_main,
