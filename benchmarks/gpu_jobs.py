@@ -64,7 +64,7 @@ def chain_jobs(model: Path, corpus: Path, tmp: str, device: str, trained: list[s
         return [dict(job="chain", error="no setting trained an SAE to chain from", ok=False)]
     sae = str(Path(tmp) / ("cuda" if "cuda" in trained else trained[0]) / "layers.2.resid_post")
     concepts = Path(__file__).resolve().parents[1] / "examples" / "concepts"
-    jobs = {"eval": ["eval", sae, "--corpus", str(corpus), "--eval-tokens", "8192"],
+    jobs = {"eval": ["eval", sae, "--corpus", str(corpus), "--eval-tokens", "8192", "--out", f"{tmp}/eval.json"],
             "dashboard": ["dashboard", sae, "--corpus", str(corpus), "--tokens", "50000", "--out", f"{tmp}/dash"],
             "find": ["find", sae, "--positive", str(concepts / "animals.txt"), "--negative",
                      str(concepts / "finance.txt"), "--out", f"{tmp}/found.json"],
