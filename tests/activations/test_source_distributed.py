@@ -89,9 +89,11 @@ def test_each_process_runs_the_model_on_half_the_windows_and_trains_as_one_proce
         assert_close(weights, reference["weights"])
         seen.append(record["forward_tokens"])
     # windows of 32 tokens in batches of 4: batch i on process i mod 2, so the two shares differ
-    # by at most one batch and together are what one process ran
-    assert abs(seen[0] - seen[1]) <= worker.MODEL_BATCH * worker.CONTEXT
-    assert sum(seen) == reference["forward_tokens"] > 0
+    # by at most one batch and together are what one process ran, rounded up to a whole round
+    # (the rows are gathered a batch from each process at a time)
+    one_batch = worker.MODEL_BATCH * worker.CONTEXT
+    assert abs(seen[0] - seen[1]) <= one_batch
+    assert 0 < reference["forward_tokens"] <= sum(seen) <= reference["forward_tokens"] + one_batch
     if scenario == "live_saes":
         mine = [set(rank_result(launch, scenario, rank)[1]["trained_here"]) for rank in (0, 1)]
         assert not mine[0] & mine[1] and len(mine[0]) == len(mine[1]) == 2

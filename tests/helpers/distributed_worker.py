@@ -125,6 +125,7 @@ def run(scenario: str, out: Path, results: Path, rank: int, crash_after: int) ->
     save_file(flat_state(trained), str(results / f"{scenario}.rank{rank}.safetensors"))
     (results / f"{scenario}.rank{rank}.json").write_text(json.dumps(
         {"world_size": trainer.processes.world_size, "trained_here": sorted(trainer.saes),
+         "scales": [sorted(trainer.input_scales), sorted(trainer.output_scales)],
          "summary": trainer.final_summary()}))
 
 

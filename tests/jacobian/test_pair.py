@@ -170,3 +170,33 @@ def test_the_pair_is_not_an_ordinary_architecture_for_train_sweep_or_suite(tmp_p
     assert "jumpscope jsae" in capsys.readouterr().err
     assert main(["sweep", "--archs", "jsae", "--out", str(tmp_path / "s")]) == 2
     assert "jumpscope jsae" in capsys.readouterr().err
+
+
+def test_the_attached_mlp_moves_with_the_pair():
+    # the trainer moves the pair with .to(device) after the job attached the MLP on the CPU: the MLP
+    # must follow (it crashed at the reconstruction point on a GPU, and was copied over every step)
+    model, _, _ = pair_data()
+    pair = make_pair(model).to("meta")  # a second device any machine has
+    tensors = [value for value in vars(pair.mlp).values() if torch.is_tensor(value)]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert pair.W_enc.device.type == "meta"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("point", ["input", "reconstruction"])
+def test_on_the_gpu_a_training_step_and_the_measures_match_the_cpu(point):
+    from jumpscope.jacobian.jacobian import classify_response, latent_response
+
+    model, x, y = pair_data()
+    cpu = make_pair(model, jacobian_point=point, jacobian_coefficient=1.0)
+    gpu = make_pair(model, jacobian_point=point, jacobian_coefficient=1.0).to("cuda")  # attached on the CPU, moved
+    ctx = StepContext()
+    losses = [pair.loss(x[:32].to(device), ctx, y[:32].to(device)).loss.item() for pair, device in
+              ((cpu, "cpu"), (gpu, "cuda"))]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    values = torch.linspace(0.0, 2.0, 9)  # on the CPU, as the jsae job sweeps them
+    curves = [latent_response(pair.mlp, pair.W_dec, pair.output.W_enc, x[0].to(device), 0, 1, values,
+                              out_bias=pair.output.b_enc) for pair, device in ((cpu, "cpu"), (gpu, "cuda"))]
+    torch.testing.assert_close(curves[1].cpu(), curves[0], rtol=1e-4, atol=1e-6)
+    flat = torch.zeros(9, device="cuda")  # a rank-deficient design: CUDA's least squares cannot solve it
+    assert classify_response(flat, curves[1]) == classify_response(torch.zeros(9), curves[0])

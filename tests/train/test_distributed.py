@@ -158,8 +158,10 @@ def test_each_process_trains_and_writes_its_own_saes(launch, one_process):
     assert {path.name for path in (out / "saes_full" / "rank1").iterdir()} == trained_here[1]
     assert {path.name for path in (out / "saes_full" / "rank0").iterdir()} == \
         trained_here[0] | {"checkpoint.safetensors", "train_log.jsonl"}
-    for rank in (0, 1):  # every process's summary covers every SAE, its own and the others'
-        assert set(json.loads((results / f"saes_full.rank{rank}.json").read_text())["summary"]) == names
+    for rank in (0, 1):  # every process's summary and scales cover every SAE, its own and the others'
+        record = json.loads((results / f"saes_full.rank{rank}.json").read_text())
+        assert set(record["summary"]) == names
+        assert record["scales"] == [sorted(names), sorted(names)]  # the jsae job reads every pair's scales
     assert {name for _, name in log_rows(out / "saes_full" / "rank0" / "train_log.jsonl")} == names
     initial = worker.flat_state(worker.make_saes("saes"))
     for rank in (0, 1):  # every process returns every SAE, trained by its owner as in one process

@@ -247,7 +247,7 @@ def latent_response(mlp: Callable[[Tensor], Tensor], decoder: Tensor, encoder: T
     ``activate``, which needs every latent). ``out_bias``: the output SAE's effective encoder bias
     (``b_enc - b_dec @ W_enc`` when it subtracts b_dec from its input), a vector or a scalar."""
     with torch.no_grad():
-        steps = (values.to(decoder.dtype) - base_value)[:, None]
+        steps = (values.to(decoder) - base_value)[:, None]  # the sweep may come from the CPU
         y = mlp(x_raw.to(decoder.dtype)[None, :] + in_scale * steps * decoder[in_latent])
         if out_activation is None:
             bias = out_bias[out_latent] if isinstance(out_bias, Tensor) and out_bias.dim() else out_bias
@@ -269,8 +269,9 @@ def classify_response(values: Tensor, response: Tensor, *, tol: float = 0.05, mi
     """
     if values.shape != response.shape or values.dim() != 1:
         raise ValueError("values and response must be 1-D tensors of the same length")
+    values, response = values.detach().double().cpu(), response.detach().double().cpu()  # CUDA's lstsq needs full rank
     order = torch.argsort(values)
-    v, r = values[order].double(), response[order].double()
+    v, r = values[order], response[order]
     bound = tol * max(float(r.abs().max()) if len(r) else 0.0, 1e-12)
 
     def linear(vs: Tensor, rs: Tensor) -> bool:

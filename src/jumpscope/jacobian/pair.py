@@ -123,6 +123,13 @@ class JacobianSAE(TopKSAE):
         self.mlp = mlp.to(self.W_enc.device)
         return self
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` and the like move the attached MLP with the pair (it is no submodule)."""
+        super()._apply(fn, recurse)
+        if getattr(self, "mlp", None) is not None:
+            self.mlp = self.mlp.to(self.W_enc.device)
+        return self
+
     def jacobian(self, x: Tensor, ctx: StepContext, *, point: str | None = None,
                  target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(J [N, k, k] in the units of ``ctx``, the active input and output latents [N, k] it is

@@ -143,7 +143,7 @@ class BatchTopKSAE(TopKSAE):
         flat, training = x.reshape(-1, self.cfg.d_in), self.training
         self.eval()
         try:
-            base = self.threshold if self.threshold > 0 else torch.ones(())  # 0: never estimated
+            base = self.threshold if self.threshold > 0 else torch.ones_like(self.threshold)  # 0: never estimated
             before = mean_l0(self.encode, flat, ctx, self.cfg.d_sae)  # against the threshold in use, 0 included
             factor = l0_factor(self.pre_activation, flat, base.expand(self.cfg.d_sae).clone(), self.cfg.k, ctx)[0]
             self.threshold.copy_(base * factor)

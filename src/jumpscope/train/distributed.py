@@ -306,6 +306,13 @@ def share_saes(group: SingleProcess, saes: dict[str, nn.Module], owners: dict[st
     return shared
 
 
+def share_scales(group: SingleProcess, *scales: dict[str, float]) -> tuple[dict[str, float], ...]:
+    """After each process trained its own SAEs: every SAE's scales (``{name: scale}`` dicts of each
+    process's own) on every process."""
+    parts = group.all_gather_object(scales)
+    return tuple({name: value for part in parts for name, value in part[i].items()} for i in range(len(scales)))
+
+
 def reduced_row(group: SingleProcess, weight: float, loss: Tensor, terms: dict[str, Tensor], l0: Tensor,
                 reference: Tensor, reconstruction: Tensor) -> dict[str, float]:
     """The log values of the whole batch from the slices: the loss terms and L0 (weighted means;

@@ -32,7 +32,7 @@ from .calibration import CalibrationSample, finish_point
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
-                          reduce_metrics, reduced_row, shard_batch, share_saes, step_context)
+                          reduce_metrics, reduced_row, shard_batch, share_saes, share_scales, step_context)
 from .optim import lr_factor, make_optimizer, peak_lr, schedule_warnings, sparsity_factor, use_average
 from .progress import ProgressReporter
 
@@ -396,4 +396,5 @@ class Trainer:
                             metadata=metadata)
         if self.batch_sharers is not self.processes:  # each process trained its own SAEs: give every one all
             self.final_metrics = share_saes(self.processes, self.all_saes, self.owners, self.final_metrics, self.device)
+            self.input_scales, self.output_scales = share_scales(self.processes, self.input_scales, self.output_scales)
         return self.all_saes
