@@ -93,7 +93,7 @@ def test_run_length_scaled_learning_rate_goes_as_one_over_sqrt_steps_within_four
     assert peak_lr(both, 2000) == pytest.approx(7e-3 * 0.5 * 0.5)
     every = jumpscope.build("topk", d_in=8, d_sae=64, k=4, lr=7e-3, lr_reference_width=16, lr_reference_steps=500,
                             lr_reference_d_in=2)
-    assert peak_lr(every, 2000) == pytest.approx(7e-3 * 0.5 * 0.5 * 2 / 8)
+    assert peak_lr(every, 2000) == pytest.approx(7e-3 * 0.5 * 0.5 * 0.5)  # sqrt(2 / 8): half the step at 4x the input
     for field in ("lr_reference_steps", "lr_reference_d_in"):
         with pytest.raises(ValueError, match=field):
             jumpscope.build("topk", d_in=8, d_sae=64, k=4, **{field: 0})

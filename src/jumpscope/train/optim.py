@@ -125,13 +125,13 @@ def peak_lr(sae: SAE, total_steps: int | None = None) -> float:
     (sparsify's width rule: wider dictionaries take smaller steps) and times
     sqrt(lr_reference_steps / total_steps) when a reference run length is set and the run's is
     known (clamped to RUN_LENGTH_RANGE either way: longer runs take smaller steps), and times
-    lr_reference_d_in / d_in when a reference input width is set."""
+    sqrt(lr_reference_d_in / d_in) when a reference input width is set."""
     cfg = sae.cfg
     lr = cfg.lr
     if cfg.lr_reference_width is not None:
         lr *= math.sqrt(cfg.lr_reference_width / cfg.d_sae)
     if cfg.lr_reference_d_in is not None:
-        lr *= cfg.lr_reference_d_in / cfg.d_in
+        lr *= math.sqrt(cfg.lr_reference_d_in / cfg.d_in)
     if cfg.lr_reference_steps is not None and total_steps:
         reference = cfg.lr_reference_steps
         steps = min(max(total_steps, reference / RUN_LENGTH_RANGE), reference * RUN_LENGTH_RANGE)
