@@ -52,7 +52,8 @@ def copied_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[Bat
     """``batches`` on CUDA ``device``, each host batch pinned and copied on a side stream while the
     step before it computes (a pageable copy blocks the host: a quarter of an H200 Trainer run's
     time, benchmarks/README.md "On a GPU"). The copy keeps the host dtype (fp16 caches move half
-    the bytes); the step converts. One batch more is drawn than is yielded. Other devices: as given."""
+    the bytes); the step converts. Each batch is drawn a step before it is yielded. Other devices:
+    as given."""
     if device.type != "cuda":
         yield from batches
         return
@@ -67,7 +68,7 @@ def copied_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[Bat
                 moved[key] = (value if value.is_pinned() else value.pin_memory()).to(device, non_blocking=True)
         return moved, copied, side.record_event(), borrowed
 
-    def finish_copy(moved: Batch, copied: list[str], done: torch.cuda.Event, borrowed: bool) -> Batch:
+    def finish_copy(moved: Batch, copied: list[str], done: torch.cuda.Event) -> Batch:
         current = torch.cuda.current_stream(device)
         current.wait_event(done)
         for key in copied:
@@ -78,12 +79,12 @@ def copied_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[Bat
     for batch in batches:
         ahead = start_copy(batch)
         if pending is not None:
-            yield finish_copy(*pending)
+            yield finish_copy(*pending[:3])
         pending = ahead
         if pending[3]:  # the caller may refill pinned memory it lent once it is asked for more
             pending[2].synchronize()
     if pending is not None:
-        yield finish_copy(*pending)
+        yield finish_copy(*pending[:3])
 
 
 def check_finite(batch: Batch, step: int) -> None:
