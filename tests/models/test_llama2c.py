@@ -166,6 +166,25 @@ def test_matches_runc_encode_on_random_text(tok_and_pieces):
         assert tok.encode(text, add_special_tokens=False) == runc_encode(toks, text), text
 
 
+def test_word_by_word_encoding_equals_runc_and_a_vocabulary_that_joins_words_falls_back(tmp_path, monkeypatch):
+    # no test piece holds an inner space, so the tokenizer merges word by word (with a cache of
+    # words, here cleared every 3 words); a piece with an inner space ("a b", two spaces) can join a
+    # space to what precedes it, so that vocabulary is merged over the whole text, as run.c does
+    import jumpscope.models.llama2c_tokenizer as module
+
+    monkeypatch.setattr(module, "_WORD_CACHE_SIZE", 3)
+    rng = random.Random(1)
+    texts = ["".join(rng.choice("abchelo ,\né  ") for _ in range(rng.randint(0, 40))) for _ in range(300)]
+    texts += [" leading", "trailing ", "  two  spaces  ", "a b a b", " "]
+    for name, pieces, by_word in (("words", PIECES, True),
+                                  ("joins", PIECES + [("a b", -0.5), ("  ", -0.7), ("o ,", -0.6)], False)):
+        toks = write_tokenizer(tmp_path / f"{name}.bin", pieces)
+        tok = Llama2cTokenizer(str(tmp_path / f"{name}.bin"))
+        assert tok._words_are_independent is by_word
+        for text in texts + texts[:20]:  # the second pass reads the word cache
+            assert tok.encode(text, add_special_tokens=False) == runc_encode(toks, text), (name, text)
+
+
 def test_decode_round_trip(tok_and_pieces):
     tok, _ = tok_and_pieces
     for text in ["hello, abc", "hé hello", "  a  b ", "日本 abc", "\u2581a"]:
