@@ -116,12 +116,26 @@ def crashing(batches, after: int):
         yield batch
 
 
-def resume_check(device: torch.device) -> list[dict]:
-    def saes():
-        return {"jumprelu": build("jumprelu", d_in=32, d_sae=256, target_l0=8, seed=1),
-                "topk": build("topk", d_in=32, d_sae=256, k=8, seed=2),
-                "batchtopk": build("batchtopk", d_in=32, d_sae=256, k=8, seed=3)}
+def small_saes(*names: str) -> dict:
+    """Fresh small SAEs (d_in 32, 256 latents, L0 8) for the Trainer runs compared bit for bit."""
+    makers = {"jumprelu": lambda: build("jumprelu", d_in=32, d_sae=256, target_l0=8, seed=1),
+              "topk": lambda: build("topk", d_in=32, d_sae=256, k=8, seed=2),
+              "batchtopk": lambda: build("batchtopk", d_in=32, d_sae=256, k=8, seed=3)}
+    return {name: makers[name]() for name in names}
 
+
+def weight_differences(reference: dict, got: dict) -> dict[str, tuple[list[str], float]]:
+    """Per SAE: the state keys that differ and the largest absolute difference among them."""
+    out = {}
+    for name in reference:
+        ref, new = reference[name].state_dict(), got[name].state_dict()
+        differing = [key for key in ref if not torch.equal(ref[key], new[key])]
+        out[name] = differing, max(((ref[k].double() - new[k].double()).abs().max().item() for k in differing),
+                                   default=0.0)
+    return out
+
+
+def resume_check(device: torch.device) -> list[dict]:
     rows = []
     for precision in ("none", "bf16"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -129,16 +143,13 @@ def resume_check(device: torch.device) -> list[dict]:
                 return TrainerConfig(total_tokens=256 * 40, batch_size=256, init_sample_tokens=512, log_every=5,
                                      checkpoint_every=7, progress=False, device=str(device), autocast=precision,
                                      out_dir=str(Path(tmp) / name))
-            reference = Trainer(saes(), config("ref")).fit(stream(60))
+            reference = Trainer(small_saes("jumprelu", "topk", "batchtopk"), config("ref")).fit(stream(60))
             try:
-                Trainer(saes(), config("run")).fit(crashing(stream(60), after=31))
+                Trainer(small_saes("jumprelu", "topk", "batchtopk"), config("run")).fit(crashing(stream(60), after=31))
             except Crash:
                 pass
-            resumed = Trainer(saes(), config("run")).fit(stream(60), resume=True)
-        for name in reference:
-            ref, got = reference[name].state_dict(), resumed[name].state_dict()
-            differing = [key for key in ref if not torch.equal(ref[key], got[key])]
-            largest = max(((ref[k].double() - got[k].double()).abs().max().item() for k in differing), default=0.0)
+            resumed = Trainer(small_saes("jumprelu", "topk", "batchtopk"), config("run")).fit(stream(60), resume=True)
+        for name, (differing, largest) in weight_differences(reference, resumed).items():
             rows.append(dict(sae=name, autocast=precision, identical=not differing, differing=differing,
                              largest_difference=largest, ok=not differing))
             print("  resume", json.dumps(rows[-1]), flush=True)
@@ -147,22 +158,18 @@ def resume_check(device: torch.device) -> list[dict]:
 
 def prefetch_check(device: torch.device) -> list[dict]:
     def run(prefetch: bool, items) -> dict:
-        saes = {"jumprelu": build("jumprelu", d_in=32, d_sae=256, target_l0=8, seed=1),
-                "topk": build("topk", d_in=32, d_sae=256, k=8, seed=2)}
         cfg = TrainerConfig(total_tokens=256 * 30, batch_size=256, init_sample_tokens=512, log_every=5,
                             checkpoint_every=0, progress=False, device=str(device), prefetch=prefetch)
-        return Trainer(saes, cfg).fit(items)
+        return Trainer(small_saes("jumprelu", "topk"), cfg).fit(items)
 
     feeds = {"float32": lambda: stream(40), "float16": lambda: (b.half() for b in stream(40)),
              "pinned": lambda: (b.pin_memory() if device.type == "cuda" else b for b in stream(40)),
              "rechunked": lambda: (part for b in stream(40) for part in b.split(100))}
     rows = []
     for feed, items in feeds.items():
-        plain, ahead = run(False, items()), run(True, items())
-        for name in plain:
-            ref, got = plain[name].state_dict(), ahead[name].state_dict()
-            differing = [key for key in ref if not torch.equal(ref[key], got[key])]
-            rows.append(dict(feed=feed, sae=name, identical=not differing, differing=differing, ok=not differing))
+        for name, (differing, largest) in weight_differences(run(False, items()), run(True, items())).items():
+            rows.append(dict(feed=feed, sae=name, identical=not differing, differing=differing,
+                             largest_difference=largest, ok=not differing))
             print("  prefetch", json.dumps(rows[-1]), flush=True)
     return rows
 

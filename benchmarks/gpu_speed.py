@@ -116,8 +116,8 @@ TRAINER_ARCHS = (("jumprelu", dict(target_l0=64)), ("topk", dict(k=64)), ("batch
 
 def trainer_run(device: torch.device, d_sae: int, arch: str, fields: dict, kernel: str, precision: str, steps: int,
                 profiled: bool = False, prefetch: bool = True) -> dict:
-    """One Trainer run on host batches (Gaussian, d_in 768, batch 4096; copied in each step):
-    tokens per second, and with ``profiled`` the top operators."""
+    """One Trainer run on host batches (Gaussian, d_in 768, batch 4096; prefetched, or copied in
+    each step): tokens per second, and with ``profiled`` the top operators."""
     host = host_batches()
     d_in, batch = host[0].shape[1], host[0].shape[0]
     sae = build(arch, d_in=d_in, d_sae=d_sae, seed=0, kernel=kernel, **fields)
