@@ -190,7 +190,7 @@ def test_steered_parameters_take_rms_normalised_steps_without_averaging():
     sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)
     groups = make_optimizer(sae).param_groups
     assert [len(g["params"]) for g in groups] == [len(list(sae.parameters())) - 1, 1]
-    assert groups[1]["params"][0] is sae.threshold_raw and groups[1]["lr_factor"] == sae.cfg.threshold_lr_factor
+    assert groups[1]["params"][0] is sae.threshold_raw and groups[1]["lr_factor"] == 1.0  # RMS steps, unset factor
 
 
 # sign: the size of the gradient plays no part (lr_factor 3 -> steps of 0.3).
@@ -213,14 +213,24 @@ def test_steered_parameters_may_take_sign_steps_instead(step, lr_factor, grads, 
     assert make_optimizer(sae).param_groups[1]["step"] == step
 
 
-def test_jumprelu_thresholds_take_sign_steps_from_4096_rows_per_step():
-    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)
-    assert sae.cfg.threshold_step == "auto"
-    assert [make_optimizer(sae, rows).param_groups[1]["step"] for rows in (None, 1024, 4095, 4096, 16384)] == \
-        ["rms", "rms", "rms", "sign", "sign"]
-    trainer = jumpscope.Trainer(sae, jumpscope.TrainerConfig(total_tokens=8192, batch_size=4096, device="cpu",
+def test_jumprelu_thresholds_take_sign_steps_from_16_activations_per_latent_shrinking_with_the_run():
+    sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)  # rows x 4 / 32 activations per latent
+    assert sae.cfg.threshold_step == "auto" and sae.cfg.threshold_lr_factor is None
+    groups = [make_optimizer(sae, rows, 500).param_groups[1] for rows in (None, 64, 127, 128, 4096)]
+    assert [g["step"] for g in groups] == ["rms", "rms", "rms", "sign", "sign"]
+    assert [g["lr_factor"] for g in groups] == [1.0, 1.0, 1.0, 0.5, 0.5]  # sign: sqrt(125 / 500)
+    # sign steps: sqrt(125 / steps), at most 1 (the thresholds travel as far as in 125 steps)
+    assert [make_optimizer(sae, 4096, steps).param_groups[1]["lr_factor"] for steps in (None, 50, 125, 2000)] \
+        == [1.0, 1.0, 1.0, 0.25]
+    wider = jumpscope.build("jumprelu", d_in=8, d_sae=4096, target_l0=4)  # 4096 rows: 4 per latent
+    assert make_optimizer(wider, 4096, 2000).param_groups[1]["step"] == "rms"
+    assert make_optimizer(wider, 4096, 2000).param_groups[1]["lr_factor"] == 1.0
+    given = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4, threshold_lr_factor=2.0)
+    assert [make_optimizer(given, rows, 2000).param_groups[1]["lr_factor"] for rows in (64, 4096)] == [2.0, 2.0]
+    trainer = jumpscope.Trainer(sae, jumpscope.TrainerConfig(total_tokens=4096 * 500, batch_size=4096, device="cpu",
                                                              progress=False))
-    assert next(iter(trainer.optimizers.values())).param_groups[1]["step"] == "sign"
+    group = next(iter(trainer.optimizers.values())).param_groups[1]
+    assert group["step"] == "sign" and group["lr_factor"] == 0.5
 
 
 def test_averaged_weights_restores_the_training_point_bit_for_bit():

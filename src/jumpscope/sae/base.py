@@ -327,9 +327,11 @@ class SAE(nn.Module):
         """After an averaging optimiser (an average of unit rows is not unit): unit decoder rows where
         the architecture compensates exactly. Default: nothing (a top-k choice would change)."""
 
-    def unaveraged_parameters(self, batch_size: int | None = None) -> dict[str, Any] | None:
+    def unaveraged_parameters(self, batch_size: int | None = None,
+                              total_steps: int | None = None) -> dict[str, Any] | None:
         """``{"params": [...], "lr_factor": f, "step": "rms" | "sign" | "signum"}``: parameters a controller
-        steers (JumpReLU's thresholds), trained unaveraged; ``batch_size`` (rows per step) may pick the step."""
+        steers (JumpReLU's thresholds), trained unaveraged; ``batch_size`` (rows per step) and
+        ``total_steps`` (the run's length) may pick the step and its size."""
         return None
 
     def sparsity_coefficient(self) -> float | None:

@@ -73,8 +73,8 @@ def step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return _StepFunction.apply(z, threshold, bandwidth)
 
 
-# threshold_step="auto" takes sign steps from this many rows per step (see the field)
-SIGN_STEP_MIN_BATCH = 4096
+SIGN_STEP_MIN_ACTIVE = 16  # threshold_step="auto": sign steps from this many activations per latent per step
+SIGN_STEP_REFERENCE_STEPS = 125  # threshold_lr_factor=None: sign steps travel as far as in a run this long
 
 
 @dataclass
@@ -114,33 +114,30 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     """'l0': lambda * ||f||_0 (paper); 'tanh': lambda * sum tanh(c |f_i| ||W_dec,i||) (Anthropic)."""
 
     l0_coefficient: float = 4.0
-    """lambda, the sparsity coefficient (ignored when target_l0 is set). On E||x|| = sqrt(d_in)
-    the squared error is about d_in times its size on E||x||^2 = 1, where the paper's 0.01
-    applies (preset('paper'))."""
+    """lambda, the sparsity coefficient (ignored under target_l0). On E||x|| = sqrt(d_in) the squared
+    error is about d_in times its size on E||x||^2 = 1, where the paper's 0.01 applies."""
 
     target_l0: float | None = None
     """Drive the batch L0 to this value with target_l0_coefficient * (L0/target - 1)^2."""
 
-    threshold_lr_factor: float = 1.0
-    """Under schedule-free sign descent with target_l0, the thresholds are not averaged and take
-    steps (threshold_step) of this many times lr. With the final calibration (calibrate_l0) to land
-    L0 on target, RMS steps at 1x gave FVU 0.1835 against 0.1924 at 2x (MiniLM, 122 steps of 4096)
-    and the same at 500 steps of 1024; sign steps at 0.5x 0.1757 against 0.1778 at 1x (one run
-    each, within the run-to-run spread; recipe check, benchmarks/README.md)."""
+    threshold_lr_factor: float | None = None
+    """Under schedule-free sign descent with target_l0 the thresholds are not averaged and take
+    steps (threshold_step) of this many times lr. None: sign steps min(1, sqrt(125 / steps in the
+    run)) (1 at 122 steps, 0.5 at 500, 0.25 at 2,000), RMS and signum steps 1. MiniLM, target 32,
+    width 2048, sign steps at 0.25x / 0.5x / 1x: 488 steps of 1024 FVU 0.1653 / 0.1627 / 0.1681,
+    1953 of 1024 0.1405 / 0.1451 / 0.1440; at 122 steps of 4096, width 8192, 0.5x 0.1628, 1x 0.1591."""
 
     calibrate_l0: bool = True
     """With target_l0: after the last step, scale every threshold by one factor so that the saved
-    (averaged) SAE's mean L0 on a sample of the training rows is target_l0 (calibration_tokens).
-    Short runs end with the controller still settling (SmolLM2, 122 steps: L0 28.7 for 32); the
-    factor is logged. preset('paper') leaves the thresholds as trained."""
+    (averaged) SAE's mean L0 on a sample of the training rows is target_l0 (calibration_tokens);
+    short runs end with the controller settling (the factor is logged). preset('paper'): off."""
 
     threshold_step: Literal["auto", "rms", "sign", "signum"] = "auto"
-    """How the unaveraged thresholds step under sign descent with target_l0: 'rms' (the
-    RMS-normalised steps above), 'sign' (sign steps of threshold_lr_factor x lr), 'signum' (sign
-    steps of a 0.9 momentum of the gradient) or 'auto': 'sign' when a step takes >= 4096 rows,
-    else 'rms'. MiniLM, target 32, 122 steps of 4096: sign 0.1778 vs rms 0.1835 FVU (width 2048),
-    0.1795 vs 0.1907 (8192); at 500 steps of 1024 sign steps lose the L0 (about 60 for targets
-    20-55; calibrated to 32: FVU 0.274 vs 0.208, signum 0.239)."""
+    """How those thresholds step: 'rms' (normalised by a running RMS of the gradient), 'sign',
+    'signum' (sign of a 0.9 momentum) or 'auto': 'sign' where a step holds at least 16 activations
+    of a latent on average (rows x target_l0 / d_sae), else 'rms' (a threshold moves only on steps
+    with inputs in its kernel; with few, sign steps lose the L0). MiniLM, width 2048, 488 steps of
+    1024, FVU sign (0.5x) / RMS: target 8 0.2844 / 0.2637, 16 0.2124 / 0.2122, 32 0.1627 / 0.1714."""
 
     target_l0_coefficient: float = 1000.0
     """Strength of the target-L0 penalty. With sign descent it must outweigh the squared error's
@@ -167,9 +164,8 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
 
     kernel: kernels.Kernel = "auto"
     """Training kernel: 'dense' (the reference path), 'sparse' (decoder and backward over the active
-    entries only, plus JumpReLU's threshold-window and TopK's AuxK entries; sae/kernels.py) or 'auto'
-    (sparse when at most 10% of the entries are active and d_sae >= 512 on CPU, 16384 on CUDA, 32768
-    under CUDA autocast; else dense). JumpReLU's sparse kernel needs sparsity_loss='l0'."""
+    and threshold-window entries; sae/kernels.py; needs sparsity_loss='l0') or 'auto' (sparse at
+    <= 10% active and d_sae >= 512 on CPU, 16384 on CUDA, 32768 under CUDA autocast)."""
 
     adam_beta1: float = 0.0
     """Adam's beta1 where Adam is chosen (preset('adam'), 'paper', 'tanh'): 0, as in the paper."""
@@ -340,15 +336,21 @@ class JumpReLUSAE(SAE):
         self.b_enc.mul_(norms)
         self.set_threshold(threshold)
 
-    def unaveraged_parameters(self, batch_size: int | None = None) -> dict[str, Any] | None:
+    def unaveraged_parameters(self, batch_size: int | None = None,
+                              total_steps: int | None = None) -> dict[str, Any] | None:
         # the target-L0 penalty steers the latest thresholds; their average would miss the target
-        if self.cfg.target_l0 is None:
+        cfg = self.cfg
+        if cfg.target_l0 is None:
             return None
-        step = self.cfg.threshold_step
+        step = cfg.threshold_step
         if step == "auto":
-            step = "sign" if batch_size is not None and batch_size >= SIGN_STEP_MIN_BATCH else "rms"
-        return {"params": [self.log_threshold if self.cfg.log_threshold else self.threshold_raw],
-                "lr_factor": self.cfg.threshold_lr_factor, "step": step}
+            active = None if batch_size is None else batch_size * cfg.target_l0 / cfg.d_sae
+            step = "sign" if active is not None and active >= SIGN_STEP_MIN_ACTIVE else "rms"
+        factor = cfg.threshold_lr_factor
+        if factor is None:
+            factor = min(1.0, math.sqrt(SIGN_STEP_REFERENCE_STEPS / total_steps)) if step == "sign" and total_steps else 1.0
+        return {"params": [self.log_threshold if cfg.log_threshold else self.threshold_raw],
+                "lr_factor": factor, "step": step}
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, ctx: StepContext) -> dict[str, float] | None:

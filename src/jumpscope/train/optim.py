@@ -139,12 +139,12 @@ def peak_lr(sae: SAE, total_steps: int | None = None) -> float:
     return lr
 
 
-def make_optimizer(sae: SAE, batch_size: int | None = None) -> torch.optim.Optimizer:
+def make_optimizer(sae: SAE, batch_size: int | None = None, total_steps: int | None = None) -> torch.optim.Optimizer:
     """The optimiser the SAE's own config names, with its hyperparameters (``batch_size``: the
-    rows of each step, over all processes, where the recipe depends on it)."""
+    rows of each step, over all processes, and ``total_steps``, where the recipe depends on them)."""
     cfg = sae.cfg
     if cfg.optimizer == "signsgd_schedulefree":
-        steered = sae.unaveraged_parameters(batch_size)
+        steered = sae.unaveraged_parameters(batch_size, total_steps)
         latest = {id(p) for p in steered["params"]} if steered else set()
         groups = [{"params": [p for p in sae.parameters() if id(p) not in latest]}]
         if latest:

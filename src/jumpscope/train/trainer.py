@@ -97,7 +97,7 @@ class Trainer:
         self.routes: dict[str, tuple[str, str | None]] = {}
         for sae in self.saes.values():
             sae.to(self.device).train()
-        self.optimizers = {name: make_optimizer(sae, self.cfg.batch_size) for name, sae in self.saes.items()}
+        self.optimizers = {n: make_optimizer(s, self.cfg.batch_size, self.cfg.total_steps) for n, s in self.saes.items()}
         self.step = 0
         self.input_scales: dict[str, float] = {}
         self.output_scales: dict[str, float] = {}
