@@ -213,21 +213,22 @@ def test_steered_parameters_may_take_sign_steps_instead(step, lr_factor, grads, 
     assert make_optimizer(sae).param_groups[1]["step"] == step
 
 
-def test_jumprelu_thresholds_take_sign_steps_from_16_activations_per_latent_shrinking_with_the_run():
+def test_jumprelu_thresholds_take_sign_steps_from_16_activations_per_latent_shrinking_with_small_batch_runs():
     sae = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4)  # rows x 4 / 32 activations per latent
     assert sae.cfg.threshold_step == "auto" and sae.cfg.threshold_lr_factor is None
-    groups = [make_optimizer(sae, rows, 500).param_groups[1] for rows in (None, 64, 127, 128, 4096)]
-    assert [g["step"] for g in groups] == ["rms", "rms", "rms", "sign", "sign"]
-    assert [g["lr_factor"] for g in groups] == [1.0, 1.0, 1.0, 0.5, 0.5]  # sign: sqrt(125 / 500)
-    # sign steps: sqrt(125 / steps), at most 1 (the thresholds travel as far as in 125 steps)
-    assert [make_optimizer(sae, 4096, steps).param_groups[1]["lr_factor"] for steps in (None, 50, 125, 2000)] \
+    groups = [make_optimizer(sae, rows, 500).param_groups[1] for rows in (None, 64, 127, 128, 1024, 4096)]
+    assert [g["step"] for g in groups] == ["rms", "rms", "rms", "sign", "sign", "sign"]
+    # sign steps under 4096 rows: sqrt(125 / steps), at most 1 (they travel as far as in 125 steps)
+    assert [g["lr_factor"] for g in groups] == [1.0, 1.0, 1.0, 0.5, 0.5, 1.0]
+    assert [make_optimizer(sae, 1024, steps).param_groups[1]["lr_factor"] for steps in (None, 50, 125, 2000)] \
         == [1.0, 1.0, 1.0, 0.25]
-    wider = jumpscope.build("jumprelu", d_in=8, d_sae=4096, target_l0=4)  # 4096 rows: 4 per latent
-    assert make_optimizer(wider, 4096, 2000).param_groups[1]["step"] == "rms"
-    assert make_optimizer(wider, 4096, 2000).param_groups[1]["lr_factor"] == 1.0
+    assert make_optimizer(sae, 4096, 2000).param_groups[1]["lr_factor"] == 1.0
+    wider = jumpscope.build("jumprelu", d_in=8, d_sae=4096, target_l0=4)  # 2048 rows: 2 per latent
+    assert make_optimizer(wider, 2048, 2000).param_groups[1]["step"] == "rms"
+    assert make_optimizer(wider, 2048, 2000).param_groups[1]["lr_factor"] == 1.0
     given = jumpscope.build("jumprelu", d_in=8, d_sae=32, target_l0=4, threshold_lr_factor=2.0)
-    assert [make_optimizer(given, rows, 2000).param_groups[1]["lr_factor"] for rows in (64, 4096)] == [2.0, 2.0]
-    trainer = jumpscope.Trainer(sae, jumpscope.TrainerConfig(total_tokens=4096 * 500, batch_size=4096, device="cpu",
+    assert [make_optimizer(given, rows, 2000).param_groups[1]["lr_factor"] for rows in (64, 1024)] == [2.0, 2.0]
+    trainer = jumpscope.Trainer(sae, jumpscope.TrainerConfig(total_tokens=1024 * 500, batch_size=1024, device="cpu",
                                                              progress=False))
     group = next(iter(trainer.optimizers.values())).param_groups[1]
     assert group["step"] == "sign" and group["lr_factor"] == 0.5

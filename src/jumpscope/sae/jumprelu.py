@@ -74,7 +74,7 @@ def step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 
 
 SIGN_STEP_MIN_ACTIVE = 16  # threshold_step="auto": sign steps from this many activations per latent per step
-SIGN_STEP_REFERENCE_STEPS = 125  # threshold_lr_factor=None: sign steps travel as far as in a run this long
+SIGN_STEP_FULL_BATCH, SIGN_STEP_REFERENCE_STEPS = 4096, 125  # smaller batches: travel as far as in 125 steps
 
 
 @dataclass
@@ -121,11 +121,10 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     """Drive the batch L0 to this value with target_l0_coefficient * (L0/target - 1)^2."""
 
     threshold_lr_factor: float | None = None
-    """Under schedule-free sign descent with target_l0 the thresholds are not averaged and take
-    steps (threshold_step) of this many times lr. None: sign steps min(1, sqrt(125 / steps in the
-    run)) (1 at 122 steps, 0.5 at 500, 0.25 at 2,000), RMS and signum steps 1. MiniLM, target 32,
-    width 2048, sign steps at 0.25x / 0.5x / 1x: 488 steps of 1024 FVU 0.1653 / 0.1627 / 0.1681,
-    1953 of 1024 0.1405 / 0.1451 / 0.1440; at 122 steps of 4096, width 8192, 0.5x 0.1628, 1x 0.1591."""
+    """Under sign descent with target_l0 the unaveraged thresholds step this many times lr. None: 1,
+    but sign steps under 4096 rows min(1, sqrt(125 / steps in the run)). MiniLM, target 32, batch
+    1024, sign steps at 0.25x / 0.5x / 1x: 488 steps FVU 0.1653 / 0.1627 / 0.1681, 1953 steps 0.1405
+    / 0.1451 / 0.1440; at batch 4096 1x ties or wins (width 8192, 122 steps: 0.1591 / 0.1628)."""
 
     calibrate_l0: bool = True
     """With target_l0: after the last step, scale every threshold by one factor so that the saved
@@ -348,7 +347,8 @@ class JumpReLUSAE(SAE):
             step = "sign" if active is not None and active >= SIGN_STEP_MIN_ACTIVE else "rms"
         factor = cfg.threshold_lr_factor
         if factor is None:
-            factor = min(1.0, math.sqrt(SIGN_STEP_REFERENCE_STEPS / total_steps)) if step == "sign" and total_steps else 1.0
+            shrink = step == "sign" and total_steps and batch_size is not None and batch_size < SIGN_STEP_FULL_BATCH
+            factor = min(1.0, math.sqrt(SIGN_STEP_REFERENCE_STEPS / total_steps)) if shrink else 1.0
         return {"params": [self.log_threshold if cfg.log_threshold else self.threshold_raw],
                 "lr_factor": factor, "step": step}
 
