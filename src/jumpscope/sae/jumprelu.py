@@ -139,9 +139,8 @@ class JumpReLUConfig(TunedSignDescentRecipe, SAEConfig):
     1024, FVU sign (0.5x) / RMS: target 8 0.2844 / 0.2637, 16 0.2124 / 0.2122, 32 0.1627 / 0.1714."""
 
     target_l0_coefficient: float = 1000.0
-    """Strength of the target-L0 penalty. With sign descent it must outweigh the squared error's
-    pull on the thresholds (on E||x|| = sqrt(d_in)): 10 left L0 at 52 for a target of 32, 300
-    and 1000 reached 32.5 and 32.2. Adam recipes use 10 (preset('adam'))."""
+    """Strength of the target-L0 penalty; under sign descent it must outweigh the squared error's pull
+    on the thresholds: 10 left L0 at 52 for a target of 32, 300 and 1000 reached 32.5 and 32.2."""
 
     tanh_scale: float = 4.0
     """c in the tanh sparsity penalty."""
