@@ -342,8 +342,8 @@ class JumpReLUSAE(SAE):
             return None
         step = cfg.threshold_step
         if step == "auto":
-            active = None if batch_size is None else batch_size * cfg.target_l0 / cfg.d_sae
-            step = "sign" if active is not None and active >= SIGN_STEP_MIN_ACTIVE else "rms"
+            enough = batch_size is not None and batch_size * cfg.target_l0 / cfg.d_sae >= SIGN_STEP_MIN_ACTIVE
+            step = "sign" if enough else "rms"
         factor = cfg.threshold_lr_factor
         if factor is None:
             shrink = step == "sign" and total_steps and batch_size is not None and batch_size < SIGN_STEP_FULL_BATCH
