@@ -33,6 +33,7 @@ run folder, job and log in the folder of the same name.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
 import json
@@ -54,6 +55,7 @@ import jumpscope  # noqa: E402
 from jumpscope.data.cache import CacheReader, is_complete  # noqa: E402
 from jumpscope.device import MALLOC_REUSE_ENV  # noqa: E402
 from jumpscope.sae.registry import config_class  # noqa: E402
+from jumpscope.train.decoder_refit import refit_decoder  # noqa: E402
 from jumpscope.train.optim import peak_lr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -247,6 +249,24 @@ def train_ours(args, setup: dict, cache: str, specs: list[str]) -> dict:
             "step_sizes": {spec: peak_lr(sae, trainer.cfg.total_steps) for spec, sae in saes.items()}}
 
 
+def refit_peer(sae, args, setup: dict, cache: str):
+    """A copy of sparsify's SAE with our decoder refit (train/decoder_refit.py) on the rows our
+    trainer's refit reads: its default decoder_refit_tokens, spread evenly over the same batches."""
+    peer = copy.deepcopy(sae)
+    steps = args.tokens // args.batch
+    rows = min(jumpscope.TrainerConfig.decoder_refit_tokens, steps * args.batch)
+
+    def chunks():
+        for step, batch in enumerate(Provider(cache, setup["site"], args.seed, BUFFER_ROWS, args.batch, steps)):
+            part = batch[: (step + 1) * rows // steps - step * rows // steps]
+            if len(part):
+                yield part, part
+
+    start = time.perf_counter()
+    note = refit_decoder(peer, chunks())
+    return peer, {**note, "seconds": time.perf_counter() - start}
+
+
 def run_sparsify(python: Path, args, setup: dict, data: dict) -> dict:
     job_dir = args.out.parent / args.out.stem
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -353,11 +373,14 @@ def main() -> None:
         speed = ours
     sparsify_sae = jumpscope.load(sparsify["folder"])
     sparsify["eval"] = evaluate(sparsify_sae, x_eval, args.batch)
+    refit_sae, sparsify["refit"] = refit_peer(sparsify_sae, args, setup, data["cache"])
+    sparsify["refit"]["eval"] = evaluate(refit_sae, x_eval, args.batch)
     evals = {spec: evaluate(sae, x_eval, args.batch) for spec, sae in ours["saes"].items()}
     lm = None
     if args.model != "minilm" and not args.no_lm_loss:
         try:
-            lm = lm_loss(args, setup, data["corpus"], {**ours["saes"], "sparsify": sparsify_sae})
+            lm = lm_loss(args, setup, data["corpus"], {**ours["saes"], "sparsify": sparsify_sae,
+                                                       "sparsify + our decoder refit": refit_sae})
         except Exception as error:  # optional: report, do not lose the rest
             lm = {"error": f"{type(error).__name__}: {error}"}
     report(args, data, ours, evals, sparsify, speed, lm, load_start, started)
@@ -385,6 +408,10 @@ def report(args, data, ours, evals, sparsify, speed, lm, load_start, started) ->
              f"{e['fvu'] / sp_fvu:.3f}") for spec, e in evals.items()]
     rows.append((f"sparsify 1.3.3 TopK k={args.k} ({setting}, lr {sparsify['lr']:.2e})", sp,
                  f"{sparsify['train_seconds']:.1f}", f"{sp_step:.3f}", "1"))
+    refit = sparsify.get("refit", {})
+    if "eval" in refit:
+        rows.append(("sparsify, then our decoder refit", refit["eval"], f"+{refit['seconds']:.1f}", "-",
+                     f"{refit['eval']['fvu'] / sp_fvu:.3f}"))
     lines = ["| SAE | L0 (held-out) | FVU | dead | dense (>10%) | train s | s/step (median) | FVU ours/sparsify |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {e['l0']:.1f} | {e['fvu']:.4f} | {e['dead_fraction']:.3f} | {e['dense_fraction']:.3f} | {s} | "
@@ -408,6 +435,10 @@ def report(args, data, ours, evals, sparsify, speed, lm, load_start, started) ->
                + (f" vs target {r['target_l0']:g}: {'within' if r['l0_within_5pct'] else 'NOT within'} 5% "
                   f"({100 * (r['l0'] / r['target_l0'] - 1):+.1f}%)" if "target_l0" in r else "") + "."
                for spec, r in ratios.items()]
+    if "eval" in refit:
+        summary.append(f"sparsify with our decoder refit too (the same {refit.get('refit_rows', 0):,.0f} training rows): "
+                       f"FVU {refit['eval']['fvu']:.4f}; ours over it: " + ", ".join(
+                           f"{spec} {evals[spec]['fvu'] / refit['eval']['fvu']:.3f}" for spec in evals) + ".")
     if speed is not None:
         summary.append(f"Speed, TopK k={args.k}: sparsify {sp_step:.3f} s/step vs ours ({first}{' alone' * alone}) "
                        f"{speed['step_seconds_median']:.3f} s/step: sparsify/ours "

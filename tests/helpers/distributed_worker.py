@@ -120,6 +120,7 @@ def run(scenario: str, out: Path, results: Path, rank: int, crash_after: int) ->
             pass
         if rank == 0:
             shutil.copy(out / "checkpoint.safetensors", results / f"{scenario}.crash_checkpoint.safetensors")
+            shutil.copytree(out / "refit_rows", results / f"{scenario}.crash_refit_rows")  # the decoder refit's rows
     trainer = Trainer(make_saes(suite), config(suite, str(out)))
     trained = trainer.fit(stream(), resume=kind == "resume")
     save_file(flat_state(trained), str(results / f"{scenario}.rank{rank}.safetensors"))

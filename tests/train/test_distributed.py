@@ -142,6 +142,7 @@ def test_one_process_resumes_a_checkpoint_written_under_torchrun(launch, one_pro
         folder = tmp_path / suite
         folder.mkdir()
         shutil.copy(results / f"{suite}_resume.crash_checkpoint.safetensors", folder / "checkpoint.safetensors")
+        shutil.copytree(results / f"{suite}_resume.crash_refit_rows", folder / "refit_rows")  # the run folder's
         trainer = Trainer(worker.make_saes(suite), worker.config(suite, str(folder)), SingleProcess())
         resumed = worker.flat_state(trainer.fit(worker.stream(), resume=True))
         assert_close(resumed, one_process[suite][1], names)

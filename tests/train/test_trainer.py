@@ -126,8 +126,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_input_scale_is_folded_so_saved_sae_takes_raw_activations():
     # Training on 50x larger activations must give the same SAE with biases/thresholds 50x larger.
-    small = Trainer(small_saes(), config()).fit(stream(60))
-    large = Trainer(small_saes(), config()).fit(stream(60, scale=50.0))
+    # without the decoder refit, whose least squares amplify jump_log's 1e-4 drift between the two
+    # runs twentyfold (its own scale handling: tests/train/test_decoder_refit.py)
+    small = Trainer(small_saes(), config(decoder_refit_tokens=0)).fit(stream(60))
+    large = Trainer(small_saes(), config(decoder_refit_tokens=0)).fit(stream(60, scale=50.0))
     for name in small:
         a, b = small[name], large[name]
         assert torch.allclose(a.W_enc, b.W_enc, atol=2e-4) and torch.allclose(a.W_dec, b.W_dec, atol=2e-4)

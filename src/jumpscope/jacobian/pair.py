@@ -105,6 +105,7 @@ class JacobianSAE(TopKSAE):
 
     config_class = JacobianSAEConfig
     cfg: JacobianSAEConfig
+    refits_decoder = False  # W_dec reconstructs mlp_in (not the target) and carries the Jacobian penalty
 
     def __init__(self, cfg: JacobianSAEConfig):
         super().__init__(cfg)

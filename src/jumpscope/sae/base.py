@@ -202,6 +202,9 @@ class SAE(nn.Module):
     output_scaled: ClassVar[tuple[str, ...]] = ("b_dec",)
     # Architectures whose loss routes the target through split_skip (see there).
     supports_skip: ClassVar[bool] = False
+    # Whether the trainer may refit W_dec by least squares on the codes (train/decoder_refit.py):
+    # only where W_dec's one job is to map this SAE's codes onto its target.
+    refits_decoder: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

@@ -9,9 +9,11 @@ use; items of any row count are re-chunked to exactly ``batch_size`` rows, after
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator, Mapping
 
 import torch
+from torch import Tensor
 
 from ..data.batch import Batch, as_batch, rows_of, skip_rows
 
@@ -95,3 +97,17 @@ def check_finite(batch: Batch, step: int) -> None:
             bad = (~torch.isfinite(part)).any(-1).nonzero()[:5].flatten().tolist()
             raise ValueError(f"non-finite activations (NaN or inf) in {key!r} in the batch of step {step}, "
                              f"rows {bad}...; check the model's dtype (fp16 overflow?) or the cache")
+
+
+def estimate_scale(sample: Tensor, convention: str) -> float:
+    """The scalar s such that sample / s follows the SAE's input-scaling convention (SPEC 1)."""
+    norms = sample.double().norm(dim=-1)
+    if convention == "unit_mean_sq_norm":
+        scale = norms.pow(2).mean().sqrt().item()
+    elif convention == "sqrt_d_in_norm":
+        scale = norms.mean().item() / math.sqrt(sample.shape[-1])
+    else:
+        return 1.0
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"cannot estimate the input scale: the sample's mean norm is {scale}")
+    return scale

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..data.batch import Batch
+from .decoder_refit import refit_decoder
 from .optim import ScheduleFreeSignSGD
 
 
@@ -145,3 +146,33 @@ def averaged_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             for param, value in zip(params, saved):
                 param.copy_(value)
         optimizer.averaged = False
+
+
+def refit_point(sae, optimizer: torch.optim.Optimizer, chunks: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """The decoder refit (:mod:`.decoder_refit`) of the weights the run saves (under schedule-free
+    averaging the average), written where the saved weights come from (:func:`save_decoder`)."""
+    with averaged_weights(optimizer):
+        note = refit_decoder(sae, chunks)
+        refit = sae.W_dec.detach().clone()
+    if note:
+        save_decoder(sae, optimizer, refit)
+    return note
+
+
+def share_refit(group, sae, optimizer: torch.optim.Optimizer, refit: bool) -> None:
+    """Under data parallelism only the main process keeps the rows and refits (``refit``: whether it
+    did); every process then takes its weights (the same elsewhere) and so its decoder."""
+    if group.world_size == 1 or not group.broadcast_object(refit):
+        return
+    group.broadcast_module(sae)
+    save_decoder(sae, optimizer, sae.W_dec.detach().clone())
+
+
+@torch.no_grad()
+def save_decoder(sae, optimizer: torch.optim.Optimizer, decoder: Tensor) -> None:
+    """``decoder`` into the parameter and, when averaged, its z, so that ``use_average`` then gives
+    it (the run is over: z has no further use)."""
+    sae.W_dec.copy_(decoder)
+    state = optimizer.state.get(sae.W_dec, {})
+    if "z" in state:
+        state["z"].copy_(decoder)

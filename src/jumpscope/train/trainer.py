@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -27,14 +26,15 @@ from ..device import resolve_device, reuse_freed_cpu_memory
 from ..sae.base import SAE, StepContext
 from ..sae.metrics import StreamingMetrics, batch_fvu
 from ..sae.mixed import bf16_selection_available
-from .batches import check_finite, copied_ahead, rebatch
-from .calibration import CalibrationSample, finish_point
+from .batches import check_finite, copied_ahead, estimate_scale, rebatch
+from .calibration import CalibrationSample, finish_point, refit_point, share_refit
 from .checkpoint import TrainingState, load_training, resume_configs, save_training
 from .config import TrainerConfig
 from .distributed import (SingleProcess, any_process, assign_saes, gather_by_name, process_group_from_env,
                           reduce_metrics, reduced_row, shard_batch, share_saes, share_scales, step_context)
 from .optim import lr_factor, make_optimizer, peak_lr, schedule_warnings, sparsity_factor, use_average
 from .progress import ProgressReporter
+from .refit_rows import RefitRows
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -48,20 +48,6 @@ def name_saes(saes: SAE | Sequence[SAE] | Mapping[str, SAE]) -> dict[str, SAE]:
     if not named:
         raise ValueError("no SAEs to train")
     return named
-
-
-def estimate_scale(sample: Tensor, convention: str) -> float:
-    """The scalar s such that sample / s follows the SAE's input-scaling convention (SPEC 1)."""
-    norms = sample.double().norm(dim=-1)
-    if convention == "unit_mean_sq_norm":
-        scale = norms.pow(2).mean().sqrt().item()
-    elif convention == "sqrt_d_in_norm":
-        scale = norms.mean().item() / math.sqrt(sample.shape[-1])
-    else:
-        return 1.0
-    if not scale > 0 or not math.isfinite(scale):
-        raise ValueError(f"cannot estimate the input scale: the sample's mean norm is {scale}")
-    return scale
 
 
 class Trainer:
@@ -108,6 +94,7 @@ class Trainer:
         self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir else None
         self.batch_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.calibration_sample: CalibrationSample | None = None  # once the routes are known
+        self.refit_rows: RefitRows | None = None  # likewise
         self.calibrations: dict[str, dict[str, float]] = {}  # what each SAE's calibration changed
         self.loss_finite = {name: torch.ones((), dtype=torch.bool, device=self.device) for name in self.saes}
 
@@ -172,6 +159,8 @@ class Trainer:
                 self._calibrate()
         if checkpoint is not None:
             self._save(checkpoint)
+        if self.step >= cfg.total_steps or self.step > first_step:  # its checkpoint holds the refit SAEs
+            self.refit_rows.remove()
         return self._finish()
 
     def _resolve_routes(self, first_item: Any) -> None:
@@ -198,9 +187,12 @@ class Trainer:
                     raise ValueError(f"SAEs reading {key!r} disagree on its width: {widths[key]} vs {width} "
                                      f"({name!r})")
         self.widths = widths
-        self.calibration_sample = CalibrationSample((key for name in self.all_saes for key in self.routes[name] if key),
-                                                    self.cfg.calibration_tokens, self.cfg.total_steps,
+        keys = [key for name in self.all_saes for key in self.routes[name] if key]
+        self.calibration_sample = CalibrationSample(keys, self.cfg.calibration_tokens, self.cfg.total_steps,
                                                     self.cfg.batch_size)
+        refits = self.batch_sharers.is_main and any(sae.refits_decoder for sae in self.saes.values())
+        self.refit_rows = RefitRows(keys, self.cfg.decoder_refit_tokens if refits else 0,
+                                    self.cfg.total_steps, self.cfg.batch_size, self.out_dir, self.processes.rank)
 
     def final_summary(self) -> dict[str, dict[str, Any]]:
         """Metrics over the last ``final_metrics_window`` tokens, per SAE, in raw units."""
@@ -248,6 +240,7 @@ class Trainer:
         total = cfg.total_steps
         batch = {key: value.to(self.device, torch.float32, non_blocking=True) for key, value in batch.items()}
         self.calibration_sample.add(self.step, batch)  # from the whole batch: the same on every process
+        self.refit_rows.add(self.step, batch)
         sharers = self.batch_sharers
         batch, weight = shard_batch(batch, sharers.rank, sharers.world_size)  # this process's rows
         logging_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == total
@@ -314,6 +307,9 @@ class Trainer:
             targets = sample.sample(target_key) / scale_out if target_key else rows
             ctx = StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out)
             note = finish_point(sae, self.optimizers[name], rows, targets, ctx, self.cfg.keep_training_point_margin)
+            pairs = self.refit_rows.pairs(input_key, target_key, scale_in, scale_out, self.device)
+            note.update(refit_point(sae, self.optimizers[name], pairs))
+            share_refit(self.batch_sharers, sae, self.optimizers[name], "refit_fvu_after" in note)
             if note:
                 self.calibrations[name] = note
                 if self.processes.is_main:
@@ -357,7 +353,7 @@ class Trainer:
             parts = gather_by_name(self.processes, parts, self.all_saes)
         if self.processes.is_main:
             save_training(path, self.step, parts, list(self.all_saes), self.cfg.to_dict(),
-                          resume_configs(self.all_saes), self.calibration_sample.state())
+                          resume_configs(self.all_saes), {**self.calibration_sample.state(), **self.refit_rows.state()})
 
     def _load(self, path: Path) -> None:
         step, states, input_scales, output_scales, trainer_tensors = load_training(
@@ -370,6 +366,7 @@ class Trainer:
         self.step = step
         self.input_scales, self.output_scales = input_scales, output_scales
         self.calibration_sample.restore(trainer_tensors, self.device)
+        self.refit_rows.restore(trainer_tensors, finished=step >= self.cfg.total_steps)
 
     # -- output -------------------------------------------------------------------------------
     def _finish(self) -> dict[str, SAE]:
@@ -380,8 +377,8 @@ class Trainer:
             self.final_metrics[name] = reduce_metrics(self.final_metrics[name], self.batch_sharers)
         summary = self.final_summary()
         for name, sae in self.saes.items():
-            if use_average(self.optimizers[name]):  # schedule-free: the averaged weights are the SAE
-                sae.unit_decoder_rows_exactly()
+            use_average(self.optimizers[name])  # schedule-free: the averaged weights are the SAE
+            sae.unit_decoder_rows_exactly()  # an average of unit rows, or a refit decoder, is not unit
             sae.fold_scaling(self.input_scales[name], self.output_scales[name])
             sae.eval()
         if self.out_dir is not None and self.batch_sharers.is_main:

@@ -1,0 +1,123 @@
+"""The training rows the decoder refit reads (:mod:`.decoder_refit`): up to ``rows`` of them,
+spread evenly over the run, in float32 on the host.
+
+Many more than the calibration sample (500k rows of 384 floats: 768 MB), so they are not in the
+checkpoint: with an output folder they are appended to one file per batch entry
+(``refit_rows/rank<r>/<i>.f32``: under data parallelism only the main process keeps them, its refit
+shared; with an SAE per process every process its own) and the
+checkpoint records how many rows count; a resumed run cuts the files back to that and appends on,
+so it refits on the rows an uninterrupted run would. Without a folder (and so without checkpoints)
+they stay in memory. The files go once the run's last checkpoint holds the refit SAEs
+(:meth:`RefitRows.remove`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.batch import Batch
+
+log = logging.getLogger(__name__)
+FOLDER = "refit_rows"
+
+
+class RefitRows:
+    """``rows`` rows of the batch entries ``keys`` (at most every row of ``total_steps`` batches of
+    ``batch_size``), on disk under ``folder`` when one is given."""
+
+    def __init__(self, keys: Iterable[str], rows: int, total_steps: int, batch_size: int,
+                 folder: Path | None = None, rank: int = 0):
+        self.keys, self.total_steps = sorted(set(keys)), int(total_steps)
+        self.rows = min(int(rows), self.total_steps * int(batch_size))
+        self.folder = Path(folder) / FOLDER / f"rank{rank}" if folder is not None and self.rows else None
+        self.kept: dict[str, list[Tensor]] = {key: [] for key in self.keys}
+        self.widths: dict[str, int] = {}
+        self.filled = 0
+        self.started = False  # files opened (cut to ``filled``) for this run
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{self.keys.index(key)}.f32"
+
+    def add(self, step: int, batch: Batch) -> None:
+        start, end = step * self.rows // self.total_steps, (step + 1) * self.rows // self.total_steps
+        if end <= start or step >= self.total_steps:
+            return
+        if self.folder is not None and not self.started:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for key in self.keys:  # a stale tail from a killed run, or a new run's empty files
+                with open(self._path(key), "ab") as handle:
+                    handle.truncate(self.filled * batch[key].shape[1] * 4)
+            self.started = True
+        for key in self.keys:
+            part = batch[key][: end - start].detach().to("cpu", torch.float32)
+            self.widths[key] = part.shape[1]
+            if self.folder is None:
+                self.kept[key].append(part.clone())
+            else:
+                with open(self._path(key), "ab") as handle:
+                    handle.write(part.contiguous().numpy().tobytes())
+        self.filled += end - start
+
+    def __len__(self) -> int:
+        return self.filled
+
+    def chunks(self, key: str, chunk_rows: int = 4096) -> Iterator[Tensor]:
+        """The kept rows of ``key``, ``chunk_rows`` at a time (host float32)."""
+        if self.folder is None:
+            if self.kept[key]:
+                yield from torch.cat(self.kept[key]).split(chunk_rows)
+            return
+        width = self.widths.get(key)
+        if width is None or not self._path(key).exists():
+            return
+        table = np.memmap(self._path(key), dtype=np.float32, mode="r", shape=(self.filled, width))
+        for start in range(0, self.filled, chunk_rows):
+            yield torch.from_numpy(np.array(table[start:start + chunk_rows]))
+
+    def pairs(self, input_key: str, target_key: str | None, input_scale: float, output_scale: float,
+              device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        """(input, target) chunks on ``device`` in an SAE's scaled units; the target is the input
+        where the SAE has no target entry."""
+        for x, target in zip(self.chunks(input_key), self.chunks(target_key or input_key)):
+            x = x.to(device) / input_scale
+            yield x, (target.to(device) / output_scale if target_key else x)
+
+    def state(self) -> dict[str, Tensor]:
+        """For the checkpoint: how many rows count and each entry's width (the rows stay in their
+        files; a run without a folder writes no checkpoint)."""
+        return {"refit.filled": torch.tensor(self.filled),
+                "refit.widths": torch.tensor([self.widths.get(key, 0) for key in self.keys])}
+
+    def restore(self, tensors: dict[str, Tensor], finished: bool) -> None:
+        """The count a checkpoint kept. Unless the run is ``finished`` (its checkpoint holds the
+        refit SAEs), the files should hold that many rows; where they do not (a checkpoint copied
+        without its folder), the refit takes the rows from here on, with a warning."""
+        filled = tensors.get("refit.filled")
+        if filled is None:  # a checkpoint written before refits: the rows from here on
+            return
+        self.filled = int(filled)
+        self.widths = {key: int(width) for key, width in zip(self.keys, tensors["refit.widths"].tolist()) if width}
+        if finished or self.folder is None:
+            return
+        short = [self._path(key) for key, width in self.widths.items() if not self._path(key).exists()
+                 or self._path(key).stat().st_size < self.filled * width * 4]
+        if short:
+            log.warning("%s holds fewer than the %d rows the checkpoint counts (copied without its folder?): the "
+                        "decoder refit will use only the rows from here on", short[0], self.filled)
+            self.filled = 0
+
+    def remove(self) -> None:
+        """Delete the files (the run is over and its checkpoint holds the refit SAEs)."""
+        if self.folder is not None and self.folder.exists():
+            shutil.rmtree(self.folder)
+            parent = self.folder.parent
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+        self.kept = {key: [] for key in self.keys}

@@ -1,0 +1,75 @@
+"""The refit's rows: spread over the run, on disk with an output folder, cut back on resume."""
+
+import pytest
+import torch
+
+from jumpscope.train import Trainer, TrainerConfig
+from jumpscope.train.refit_rows import FOLDER, RefitRows
+from recipes import adam_build
+
+
+def batches(n, rows=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [{"a": torch.randn(rows, 5, generator=generator), "b": torch.randn(rows, 3, generator=generator)}
+            for _ in range(n)]
+
+
+def kept(store, key):
+    return torch.cat(list(store.chunks(key, chunk_rows=50)))
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_rows_are_spread_evenly_over_the_run(tmp_path, on_disk):
+    data = batches(8)
+    store = RefitRows(["b", "a"], rows=100, total_steps=8, batch_size=64, folder=tmp_path if on_disk else None)
+    for step, batch in enumerate(data):
+        store.add(step, batch)
+    assert len(store) == 100
+    expected = torch.cat([batch["a"][: (step + 1) * 100 // 8 - step * 100 // 8] for step, batch in enumerate(data)])
+    assert torch.equal(kept(store, "a"), expected)
+    assert kept(store, "b").shape == (100, 3)
+    assert (tmp_path / FOLDER).exists() == on_disk
+    store.remove()
+    assert not (tmp_path / FOLDER).exists()
+
+
+def test_a_resumed_store_cuts_the_files_back_to_the_checkpoints_count(tmp_path):
+    data = batches(6)
+    first = RefitRows(["a"], rows=6 * 64, total_steps=6, batch_size=64, folder=tmp_path)
+    for step in range(4):
+        first.add(step, data[step])
+    state = first.state()
+    first.add(4, data[4])  # written after the checkpoint: a killed run's tail
+    second = RefitRows(["a"], rows=6 * 64, total_steps=6, batch_size=64, folder=tmp_path)
+    second.restore({f"{key}": value for key, value in state.items()}, finished=False)
+    for step in (4, 5):
+        second.add(step, data[step])
+    assert torch.equal(kept(second, "a"), torch.cat([batch["a"] for batch in data]))
+
+
+def test_rows_lost_with_the_folder_are_named_and_the_refit_takes_the_rows_from_then_on(tmp_path, caplog):
+    data = batches(2)
+    store = RefitRows(["a"], rows=128, total_steps=2, batch_size=64, folder=tmp_path)
+    store.add(0, data[0])
+    state = store.state()
+    (tmp_path / FOLDER / "rank0" / "0.f32").write_bytes(b"\0" * 12)
+    again = RefitRows(["a"], rows=128, total_steps=2, batch_size=64, folder=tmp_path)
+    again.restore(state, finished=True)  # a finished run's checkpoint holds the refit SAE: no rows needed
+    assert len(again) == 64
+    again = RefitRows(["a"], rows=128, total_steps=2, batch_size=64, folder=tmp_path)
+    again.restore(state, finished=False)
+    assert "0.f32 holds fewer than the 64 rows" in caplog.text
+    again.add(1, data[1])
+    assert torch.equal(kept(again, "a"), data[1]["a"])
+
+
+def test_a_run_with_an_output_folder_refits_as_one_in_memory_and_leaves_no_rows(tmp_path):
+    def run(out_dir):
+        cfg = TrainerConfig(total_tokens=64 * 10, batch_size=64, init_sample_tokens=64, progress=False,
+                            device="cpu", out_dir=out_dir, checkpoint_every=3)
+        sae = adam_build("topk", d_in=5, d_sae=16, k=2, seed=0)
+        return Trainer({"s": sae}, cfg).fit(iter([batch["a"] for batch in batches(10)]))["s"]
+
+    in_memory, on_disk = run(None), run(str(tmp_path / "run"))
+    assert torch.equal(in_memory.W_dec, on_disk.W_dec)
+    assert not (tmp_path / "run" / FOLDER).exists()
