@@ -46,6 +46,8 @@ def test_the_refit_decoder_zeroes_the_ridge_objectives_gradient(arch, fields):
         sae.b_enc.fill_(0.05)  # ReLU: some latents active on every row
         codes = sae.encode(x).double()
         fit = (sae.split_skip(x, target)[0] - sae.b_dec).double()
+        variance = (target - target.mean(0)).pow(2).sum()
+        before = (target - sae(x)).pow(2).sum() / variance
     old = sae.W_dec.detach().double().clone()
     note = refit_decoder(sae, [(x[:300], target[:300]), (x[300:], target[300:])], ridge=0.05)
     new = sae.W_dec.detach().double()
@@ -54,7 +56,8 @@ def test_the_refit_decoder_zeroes_the_ridge_objectives_gradient(arch, fields):
     assert gradient.abs().max() < 1e-4 * (codes.T @ fit).abs().max()
     assert not torch.allclose(new, old, atol=1e-3)
     with torch.no_grad():  # the note's FVUs are those of the forward before and after
-        after = (target - sae(x)).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+        after = (target - sae(x)).pow(2).sum() / variance
+    assert note["refit_fvu_before"] == pytest.approx(float(before), rel=1e-5)
     assert note["refit_fvu_after"] == pytest.approx(float(after), rel=1e-4)
     assert note["refit_fvu_after"] < note["refit_fvu_before"]
     assert note["refit_rows"] == 512

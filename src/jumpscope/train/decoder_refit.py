@@ -69,6 +69,7 @@ def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1
     gram = torch.zeros(width, width, dtype=torch.float64, device=device)
     cross = torch.zeros(width, d_out, dtype=torch.float64, device=device)
     square = torch.zeros((), dtype=torch.float64, device=device)  # sum of |what the latents fit|^2
+    before = torch.zeros((), dtype=torch.float64, device=device)  # ... less the trained decoder's part
     target_sum = torch.zeros(d_out, dtype=torch.float64, device=device)
     target_square = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
@@ -78,8 +79,10 @@ def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1
         for x, target in chunks:
             fit, _ = sae.split_skip(x, target)
             fit = fit - sae.b_dec
-            gram_update(gram, cross, sae.encode(x).float(), fit)
+            codes = sae.encode(x).float()
+            gram_update(gram, cross, codes, fit)
             square += fit.double().pow(2).sum()
+            before += (fit - (sae.decode(codes) - sae.b_dec)).double().pow(2).sum()
             target_sum += target.double().sum(0)
             target_square += target.double().pow(2).sum()
             count += x.shape[0]
@@ -97,11 +100,9 @@ def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1
         return {}
     new = torch.cholesky_solve(cross + shrink * old, factor)
     variance = float(target_square - target_sum.pow(2).sum() / count)
-
-    def error(weights: Tensor) -> float:
-        return float(square - 2 * (weights * cross).sum() + (weights * (gram @ weights)).sum())
-
-    before, after = error(old), error(new)
+    # |Y - F W|^2 = |Y|^2 - 2 <W, F^T Y> + <W, G W>, and at the solution G W = F^T Y + s (W_old - W)
+    after = float(square - (new * cross).sum() + shrink * (new * (old - new)).sum())
+    before = float(before)
     if not after < before:  # the ridge objective cannot rise; a sum's rounding can
         return {}
     sae.W_dec.copy_(new.to(sae.W_dec.dtype))

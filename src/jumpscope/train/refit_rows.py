@@ -70,9 +70,15 @@ class RefitRows:
 
     def chunks(self, key: str, chunk_rows: int = 4096) -> Iterator[Tensor]:
         """The kept rows of ``key``, ``chunk_rows`` at a time (host float32)."""
-        if self.folder is None:
-            if self.kept[key]:
-                yield from torch.cat(self.kept[key]).split(chunk_rows)
+        if self.folder is None:  # the kept slots, joined up to chunk_rows (no copy of them all)
+            group: list[Tensor] = []
+            for part in self.kept[key]:
+                group.append(part)
+                if sum(len(p) for p in group) >= chunk_rows:
+                    yield torch.cat(group)
+                    group = []
+            if group:
+                yield torch.cat(group)
             return
         width = self.widths.get(key)
         if width is None or not self._path(key).exists():
