@@ -104,6 +104,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reuse-sparsify", action="store_true",
                    help="keep sparsify's result from an earlier run of the same job (same cache, batches, width, k, "
                         "fields) instead of training it again: its side is deterministic, only ours changed")
+    p.add_argument("--decoder-refit-tokens", type=int, default=0, metavar="N",
+                   help="our trainer's decoder refit on N training rows (TrainerConfig.decoder_refit_tokens; default 0, "
+                        "off, as in the library), and sparsify's saved SAE refit alike on the same rows (an extra row)")
     p.add_argument("--out", type=Path, default=None, help="JSON (default results/peer_sparsify_MODEL[_quick].json)")
     args = p.parse_args()
     args.out = args.out or RESULTS / f"peer_sparsify_{args.model}{'_quick' if args.quick else ''}.json"
@@ -229,7 +232,7 @@ def train_ours(args, setup: dict, cache: str, specs: list[str]) -> dict:
     saes = {spec: build_ours(spec, args, setup) for spec in specs}
     trainer = jumpscope.Trainer(saes, jumpscope.TrainerConfig(
         total_tokens=args.tokens, batch_size=args.batch, device="cpu", progress=False, checkpoint_every=0,
-        autocast=args.autocast))
+        autocast=args.autocast, decoder_refit_tokens=args.decoder_refit_tokens))
     provider = Provider(cache, setup["site"], args.seed, BUFFER_ROWS, args.batch, steps)
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
@@ -251,10 +254,10 @@ def train_ours(args, setup: dict, cache: str, specs: list[str]) -> dict:
 
 def refit_peer(sae, args, setup: dict, cache: str):
     """A copy of sparsify's SAE with our decoder refit (train/decoder_refit.py) on the rows our
-    trainer's refit reads: its default decoder_refit_tokens, spread evenly over the same batches."""
+    trainer's refit reads: --decoder-refit-tokens of them, spread evenly over the same batches."""
     peer = copy.deepcopy(sae)
     steps = args.tokens // args.batch
-    rows = min(jumpscope.TrainerConfig.decoder_refit_tokens, steps * args.batch)
+    rows = min(args.decoder_refit_tokens, steps * args.batch)
 
     def chunks():
         for step, batch in enumerate(Provider(cache, setup["site"], args.seed, BUFFER_ROWS, args.batch, steps)):
@@ -373,14 +376,16 @@ def main() -> None:
         speed = ours
     sparsify_sae = jumpscope.load(sparsify["folder"])
     sparsify["eval"] = evaluate(sparsify_sae, x_eval, args.batch)
-    refit_sae, sparsify["refit"] = refit_peer(sparsify_sae, args, setup, data["cache"])
-    sparsify["refit"]["eval"] = evaluate(refit_sae, x_eval, args.batch)
+    refit_sae = None
+    if args.decoder_refit_tokens:
+        refit_sae, sparsify["refit"] = refit_peer(sparsify_sae, args, setup, data["cache"])
+        sparsify["refit"]["eval"] = evaluate(refit_sae, x_eval, args.batch)
     evals = {spec: evaluate(sae, x_eval, args.batch) for spec, sae in ours["saes"].items()}
     lm = None
     if args.model != "minilm" and not args.no_lm_loss:
         try:
-            lm = lm_loss(args, setup, data["corpus"], {**ours["saes"], "sparsify": sparsify_sae,
-                                                       "sparsify + our decoder refit": refit_sae})
+            peers = {"sparsify": sparsify_sae, **({"sparsify + our decoder refit": refit_sae} if refit_sae else {})}
+            lm = lm_loss(args, setup, data["corpus"], {**ours["saes"], **peers})
         except Exception as error:  # optional: report, do not lose the rest
             lm = {"error": f"{type(error).__name__}: {error}"}
     report(args, data, ours, evals, sparsify, speed, lm, load_start, started)

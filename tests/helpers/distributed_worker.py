@@ -91,7 +91,8 @@ EXACT = ("jumprelu", "jumprelu_sparse", "topk", "gated", "relu", "jumprelu_targe
 def config(suite: str, out: str | None) -> TrainerConfig:
     return TrainerConfig(total_tokens=BATCH * STEPS, batch_size=BATCH, init_sample_tokens=2 * BATCH,
                          dead_tokens=BATCH, final_metrics_tokens=8 * BATCH, log_every=4, checkpoint_every=5,
-                         progress=False, device="cpu", out_dir=out, distribute="saes" if suite == "saes" else "data")
+                         progress=False, device="cpu", out_dir=out, distribute="saes" if suite == "saes" else "data",
+                         decoder_refit_tokens=BATCH * STEPS)  # the refit's rows and its sharing under torchrun
 
 
 class Crash(RuntimeError):

@@ -129,7 +129,7 @@ def test_the_refit_of_a_run_on_activations_fifty_times_larger_is_the_same_sae_sc
     for scale in (1.0, 50.0):
         sae = build("topk", d_in=D_IN, d_sae=WIDTH, k=4, seed=0)
         cfg = TrainerConfig(total_tokens=256 * 12, batch_size=256, init_sample_tokens=256, progress=False,
-                            device="cpu")
+                            device="cpu", decoder_refit_tokens=4096)
         trainer = Trainer({"sae": sae}, cfg)
         trained.append(trainer.fit(iter([scale * dictionary_rows(256, seed=10 + i) for i in range(12)]))["sae"])
         assert "calibration_refit_fvu_after" in trainer.final_summary()["sae"]

@@ -66,10 +66,36 @@ def test_rows_lost_with_the_folder_are_named_and_the_refit_takes_the_rows_from_t
 def test_a_run_with_an_output_folder_refits_as_one_in_memory_and_leaves_no_rows(tmp_path):
     def run(out_dir):
         cfg = TrainerConfig(total_tokens=64 * 10, batch_size=64, init_sample_tokens=64, progress=False,
-                            device="cpu", out_dir=out_dir, checkpoint_every=3)
+                            device="cpu", out_dir=out_dir, checkpoint_every=3, decoder_refit_tokens=640)
         sae = adam_build("topk", d_in=5, d_sae=16, k=2, seed=0)
         return Trainer({"s": sae}, cfg).fit(iter([batch["a"] for batch in batches(10)]))["s"]
 
     in_memory, on_disk = run(None), run(str(tmp_path / "run"))
     assert torch.equal(in_memory.W_dec, on_disk.W_dec)
+    assert not torch.allclose(in_memory.W_dec.norm(dim=1), torch.ones(16))  # refit: TopK's rows off unit norm
     assert not (tmp_path / "run" / FOLDER).exists()
+
+
+def test_an_interrupted_run_with_the_refit_resumes_to_identical_weights(tmp_path):
+    """Killed after step 7 (checkpoint at 6: the files hold a row tail the checkpoint does not count),
+    resumed: the refit reads the rows an uninterrupted run's does."""
+    data = [batch["a"] for batch in batches(10)]
+
+    def trainer(out_dir):
+        cfg = TrainerConfig(total_tokens=64 * 10, batch_size=64, init_sample_tokens=64, progress=False,
+                            device="cpu", out_dir=str(out_dir), checkpoint_every=3, decoder_refit_tokens=640)
+        return Trainer({"s": adam_build("topk", d_in=5, d_sae=16, k=2, seed=0)}, cfg)
+
+    def crashing():
+        for index, batch in enumerate(data):
+            if index == 8:
+                raise RuntimeError("simulated kill")
+            yield batch
+
+    reference = trainer(tmp_path / "ref").fit(iter(data))["s"]
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        trainer(tmp_path / "run").fit(crashing())
+    assert (tmp_path / "run" / FOLDER).exists()
+    resumed = trainer(tmp_path / "run").fit(iter(data), resume=True)["s"]
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
