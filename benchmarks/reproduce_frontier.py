@@ -145,6 +145,9 @@ def main(argv=None) -> int:
                         help="with --retrain: the saved sweeps (folder names under benchmarks/results, {model} "
                              "filled in) whose other architectures are reported beside the retrained ones, a later "
                              "folder's points replacing an earlier one's per architecture (default: frontier_{model})")
+    parser.add_argument("--decoder-refit-tokens", type=int, default=0, metavar="N",
+                        help="train with the decoder refit on N rows (TrainerConfig.decoder_refit_tokens; default 0, "
+                             "off, as in the library)")
     parser.add_argument("--retrain-suffix", default="_retrained", metavar="SUFFIX",
                         help="with --retrain: the retrained sweep's folder is frontier_{model}SUFFIX")
     args = parser.parse_args(argv)
@@ -166,7 +169,8 @@ def main(argv=None) -> int:
         for suffix, fields, sae_fields in variants:
             out = RESULTS / f"frontier_{name}{suffix}{'_quick' if args.quick else ''}"
             sweep = SweepConfig(**fields, out=str(out), resume=args.resume, device="cpu",
-                                trainer=TrainerConfig(**setup["trainer"], progress=True))
+                                trainer=TrainerConfig(**setup["trainer"], progress=True,
+                                                      decoder_refit_tokens=args.decoder_refit_tokens))
             load0, started = os.getloadavg()[0], time.time()
             if not args.report_only:
                 run_sweep(sweep, ActivationConfig(**setup["activations"](paths)), sae_fields)
