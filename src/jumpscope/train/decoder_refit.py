@@ -66,17 +66,18 @@ def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1
     if not sae.refits_decoder or width > MAX_WIDTH:
         return {}
     device = sae.W_dec.device
-    gram = torch.zeros(width, width, dtype=torch.float64, device=device)
-    cross = torch.zeros(width, d_out, dtype=torch.float64, device=device)
-    square = torch.zeros((), dtype=torch.float64, device=device)  # sum of |what the latents fit|^2
-    before = torch.zeros((), dtype=torch.float64, device=device)  # ... less the trained decoder's part
-    target_sum = torch.zeros(d_out, dtype=torch.float64, device=device)
-    target_square = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     training = sae.training
     sae.eval()
     try:
         for x, target in chunks:
+            if count == 0:  # the sums, once there are rows (none: no width^2 allocation)
+                gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+                cross = torch.zeros(width, d_out, dtype=torch.float64, device=device)
+                square = torch.zeros((), dtype=torch.float64, device=device)  # sum of |what the latents fit|^2
+                before = torch.zeros((), dtype=torch.float64, device=device)  # ... less the trained decoder's
+                target_sum = torch.zeros(d_out, dtype=torch.float64, device=device)
+                target_square = torch.zeros((), dtype=torch.float64, device=device)
             fit, _ = sae.split_skip(x, target)
             fit = fit - sae.b_dec
             codes = sae.encode(x).float()
@@ -88,8 +89,10 @@ def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1
             count += x.shape[0]
     finally:
         sae.train(training)
+    if count == 0:
+        return {}
     shrink = ridge * float(gram.diagonal().mean())
-    if count == 0 or not shrink > 0:
+    if not shrink > 0:
         return {}
     old = sae.W_dec.detach().double()
     system = gram.clone()

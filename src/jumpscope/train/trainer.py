@@ -307,8 +307,9 @@ class Trainer:
             targets = sample.sample(target_key) / scale_out if target_key else rows
             ctx = StepContext(step=self.step, input_scale=scale_in, output_scale=scale_out)
             note = finish_point(sae, self.optimizers[name], rows, targets, ctx, self.cfg.keep_training_point_margin)
-            pairs = self.refit_rows.pairs(input_key, target_key, scale_in, scale_out, self.device)
-            note.update(refit_point(sae, self.optimizers[name], pairs))
+            if len(self.refit_rows):  # this process kept rows (under data parallelism the main one)
+                pairs = self.refit_rows.pairs(input_key, target_key, scale_in, scale_out, self.device)
+                note.update(refit_point(sae, self.optimizers[name], pairs))
             share_refit(self.batch_sharers, sae, self.optimizers[name], "refit_fvu_after" in note)
             if note:
                 self.calibrations[name] = note
