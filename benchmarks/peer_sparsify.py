@@ -55,6 +55,7 @@ import jumpscope  # noqa: E402
 from jumpscope.data.cache import CacheReader, is_complete  # noqa: E402
 from jumpscope.device import MALLOC_REUSE_ENV  # noqa: E402
 from jumpscope.sae.registry import config_class  # noqa: E402
+from jumpscope.train.calibration import spread_slots  # noqa: E402
 from jumpscope.train.decoder_refit import refit_decoder  # noqa: E402
 from jumpscope.train.optim import peak_lr  # noqa: E402
 
@@ -261,7 +262,8 @@ def refit_peer(sae, args, setup: dict, cache: str):
 
     def chunks():
         for step, batch in enumerate(Provider(cache, setup["site"], args.seed, BUFFER_ROWS, args.batch, steps)):
-            part = batch[: (step + 1) * rows // steps - step * rows // steps]
+            start, end = spread_slots(step, rows, steps)
+            part = batch[: end - start]
             if len(part):
                 yield part, part
 

@@ -27,6 +27,12 @@ from .decoder_refit import refit_decoder
 from .optim import ScheduleFreeSignSGD
 
 
+def spread_slots(step: int, rows: int, total_steps: int) -> tuple[int, int]:
+    """``[start, end)``: the rows of a ``rows``-row sample, spread evenly over ``total_steps``
+    batches, that step ``step`` fills (the calibration sample's, the decoder refit's)."""
+    return step * rows // total_steps, (step + 1) * rows // total_steps
+
+
 class CalibrationSample:
     """``rows`` training rows of the batch entries ``keys``, spread evenly over ``total_steps``
     batches of ``batch_size`` (at most every row of the run)."""
@@ -40,7 +46,7 @@ class CalibrationSample:
 
     def slots(self, step: int) -> tuple[int, int]:
         """The rows of the sample that step ``step`` fills."""
-        return step * self.rows // self.total_steps, (step + 1) * self.rows // self.total_steps
+        return spread_slots(step, self.rows, self.total_steps)
 
     def add(self, step: int, batch: Batch) -> None:
         self.latest = batch

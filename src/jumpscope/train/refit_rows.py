@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..data.batch import Batch
+from .calibration import spread_slots
 
 log = logging.getLogger(__name__)
 FOLDER = "refit_rows"
@@ -46,7 +47,7 @@ class RefitRows:
         return self.folder / f"{self.keys.index(key)}.f32"
 
     def add(self, step: int, batch: Batch) -> None:
-        start, end = step * self.rows // self.total_steps, (step + 1) * self.rows // self.total_steps
+        start, end = spread_slots(step, self.rows, self.total_steps)
         if end <= start or step >= self.total_steps:
             return
         if self.folder is not None and not self.started:
@@ -74,7 +75,7 @@ class RefitRows:
             group: list[Tensor] = []
             for part in self.kept[key]:
                 group.append(part)
-                if sum(len(p) for p in group) >= chunk_rows:
+                if sum(map(len, group)) >= chunk_rows:  # a few parts per chunk
                     yield torch.cat(group)
                     group = []
             if group:
