@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jumpscope import Trainer, TrainerConfig, build
-from jumpscope.device import reuse_freed_cpu_memory
+from jumpscope.device import available_memory, reuse_freed_cpu_memory
 
 trainer_module = importlib.import_module("jumpscope.train.trainer")
 
@@ -45,3 +45,19 @@ def test_the_trainer_applies_it_only_when_asked(monkeypatch, wanted):
     Trainer(build("topk", d_in=4, d_sae=8, k=2), TrainerConfig(total_tokens=64, batch_size=32, device="cpu",
                                                                progress=False, reuse_cpu_memory=wanted))
     assert calls == ([1] if wanted else [])
+
+
+def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroups_room(tmp_path):
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    proc.mkdir(), cgroup.mkdir()
+    (proc / "meminfo").write_text("MemTotal:  1000 kB\nMemFree:  10 kB\nMemAvailable:  800 kB\n")
+    assert available_memory("cpu", proc, cgroup) == 800 * 1024  # no cgroup files
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("5\n")
+    assert available_memory("cpu", proc, cgroup) == 800 * 1024  # no limit
+    (cgroup / "memory.max").write_text(f"{600 * 1024}\n")
+    (cgroup / "memory.current").write_text(f"{100 * 1024}\n")
+    assert available_memory("cpu", proc, cgroup) == 500 * 1024  # the container's limit is the smaller
+    (proc / "meminfo").unlink()
+    assert available_memory("cpu", proc, cgroup) == 500 * 1024
+    assert available_memory("cpu", proc, tmp_path / "none") is None

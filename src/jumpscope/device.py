@@ -10,10 +10,12 @@ import ctypes
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_device", "local_device", "launched_by_torchrun", "reuse_freed_cpu_memory", "MALLOC_REUSE_ENV"]
+__all__ = ["resolve_device", "local_device", "launched_by_torchrun", "reuse_freed_cpu_memory", "MALLOC_REUSE_ENV",
+           "available_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +81,35 @@ def reuse_freed_cpu_memory() -> bool:
     if not _cpu_memory_reused:
         log.debug("mallopt refused the mmap/trim thresholds; CPU tensors stay freshly mapped")
     return _cpu_memory_reused
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def available_memory(device: torch.device | str = "cpu", proc: Path = Path("/proc"),
+                     cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes a new allocation can take on ``device`` without swapping or an out-of-memory kill:
+    on CUDA the device's free memory; on Linux the smaller of MemAvailable and what this cgroup
+    (v2) may still take, since a container's limit is not in /proc/meminfo. None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    found = []
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    limit, used = _read_int(cgroup / "memory.max"), _read_int(cgroup / "memory.current")
+    if limit is not None and used is not None:
+        found.append(max(limit - used, 0))
+    return min(found) if found else None

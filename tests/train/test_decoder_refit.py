@@ -85,13 +85,30 @@ def test_a_jacobian_pair_keeps_its_decoder():
     assert torch.equal(pair.W_dec, old)
 
 
-def test_nothing_changes_without_rows_or_above_the_width_limit(monkeypatch):
+def test_nothing_changes_without_rows_or_above_the_width_limit(monkeypatch, caplog):
     sae = build("topk", d_in=D_IN, d_sae=WIDTH, k=2, seed=1)
     old = sae.W_dec.detach().clone()
     assert refit_decoder(sae, []) == {}
     monkeypatch.setattr(importlib.import_module("jumpscope.train.decoder_refit"), "MAX_WIDTH", WIDTH - 1)
-    assert refit_decoder(sae, [(dictionary_rows(100), dictionary_rows(100))]) == {}
+    assert refit_decoder(sae, [(dictionary_rows(100), dictionary_rows(100))], name="SAE 'wide'") == {}
     assert torch.equal(sae.W_dec, old)
+    assert "SAE 'wide': decoder refit skipped at width 24" in caplog.text
+
+
+def test_the_refit_is_skipped_with_a_warning_where_its_system_does_not_fit_in_free_memory(monkeypatch, caplog):
+    module = importlib.import_module("jumpscope.train.decoder_refit")
+    need = module.refit_memory(WIDTH, D_IN)
+    assert need >= 8 * WIDTH * WIDTH  # at least the float64 Gram
+    sae = build("topk", d_in=D_IN, d_sae=WIDTH, k=2, seed=1)
+    old = sae.W_dec.detach().clone()
+    rows = dictionary_rows(100)
+    monkeypatch.setattr(module, "available_memory", lambda device: need - 1)
+    assert refit_decoder(sae, [(rows, rows)], name="SAE 'a'") == {}
+    assert torch.equal(sae.W_dec, old)
+    assert "SAE 'a': decoder refit skipped" in caplog.text and "GiB are free on cpu" in caplog.text
+    monkeypatch.setattr(module, "available_memory", lambda device: need)
+    assert refit_decoder(sae, [(rows, rows)])["refit_fvu_after"] < 1
+    assert not torch.equal(sae.W_dec, old)
 
 
 def held_out_fvu(sae, x):

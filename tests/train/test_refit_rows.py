@@ -1,5 +1,8 @@
 """The refit's rows: spread over the run, on disk with an output folder, cut back on resume."""
 
+import importlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -99,3 +102,40 @@ def test_an_interrupted_run_with_the_refit_resumes_to_identical_weights(tmp_path
     resumed = trainer(tmp_path / "run").fit(iter(data), resume=True)["s"]
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_rows_beyond_the_free_space_are_not_kept_and_a_resumed_run_keeps_the_smaller_count(
+        tmp_path, monkeypatch, caplog, on_disk):
+    module = importlib.import_module("jumpscope.train.refit_rows")
+    row_bytes = 4 * 5  # one float32 row of "a"
+    if on_disk:  # 9/10 of the disk's free bytes may hold rows: room for 90
+        monkeypatch.setattr(module.shutil, "disk_usage", lambda path: SimpleNamespace(free=100 * row_bytes))
+    else:  # half the free memory: room for 90
+        monkeypatch.setattr(module, "available_memory", lambda device: 180 * row_bytes)
+    data = batches(8)
+    store = RefitRows(["a"], rows=400, total_steps=8, batch_size=64, folder=tmp_path if on_disk else None)
+    for step in range(4):
+        store.add(step, data[step])
+    assert "the 400 rows still to keep need" in caplog.text and "keeping about 90" in caplog.text
+    state = store.state()
+    again = RefitRows(["a"], rows=400, total_steps=8, batch_size=64, folder=tmp_path if on_disk else None)
+    again.restore(state, finished=False)
+    again.kept = store.kept
+    for step in range(4, 8):
+        again.add(step, data[step])
+    assert again.rows == store.rows == 90 and len(again) == 90  # spread over the run, at most what fits
+    assert kept(again, "a").shape == (90, 5)
+
+
+def test_the_rows_still_to_come_set_the_count_when_the_check_happens_mid_run(tmp_path, monkeypatch):
+    module = importlib.import_module("jumpscope.train.refit_rows")
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda path: SimpleNamespace(free=int(60 * 20 / 0.9) + 1))
+    store = RefitRows(["a"], rows=400, total_steps=8, batch_size=64, folder=tmp_path)
+    store.filled = 200  # a resumed run at step 4 whose checkpoint counted 200 rows, with room left for 60
+    (tmp_path / FOLDER / "rank0").mkdir(parents=True)
+    (tmp_path / FOLDER / "rank0" / "0.f32").write_bytes(b"\0" * 200 * 20)
+    data = batches(8)
+    for step in range(4, 8):
+        store.add(step, data[step])
+    assert 200 + 55 <= len(store) <= 200 + 60

@@ -154,11 +154,12 @@ def averaged_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         optimizer.averaged = False
 
 
-def refit_point(sae, optimizer: torch.optim.Optimizer, chunks: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+def refit_point(sae, optimizer: torch.optim.Optimizer, chunks: Iterable[tuple[Tensor, Tensor]],
+                name: str = "SAE") -> dict[str, float]:
     """The decoder refit (:mod:`.decoder_refit`) of the weights the run saves (under schedule-free
     averaging the average), written where the saved weights come from (:func:`save_decoder`)."""
     with averaged_weights(optimizer):
-        note = refit_decoder(sae, chunks)
+        note = refit_decoder(sae, chunks, name=name)
         refit = sae.W_dec.detach().clone()
     if note:
         save_decoder(sae, optimizer, refit)

@@ -43,7 +43,9 @@ class TrainerConfig:
     training rows spread evenly over the run (train/decoder_refit.py); 0: no refit. Lowers FVU
     (MiniLM, 500k tokens, width 8192: -11%) but raised stories260K's delta LM loss (JumpReLU, L0
     32: +37%), so it is off by default. The rows are float32 on the host (768 MB per 500k rows at
-    d_in 384), in the output folder while the run lasts. Widths above 16,384 skip it."""
+    d_in 384), in the output folder while the run lasts; fewer are kept where its disk (without a
+    folder, half the free memory) cannot hold them. Widths above 16,384, or a float64 width^2
+    system larger than the free memory (2 GiB at 16,384), keep the trained decoder, with a warning."""
 
     keep_training_point_margin: float | None = 0.1
     """Under schedule-free averaging, save the training point instead of the average when its FVU

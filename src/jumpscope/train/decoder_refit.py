@@ -22,23 +22,34 @@ above ``MAX_WIDTH`` are left as trained.
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Iterable
-
 import warnings
+from typing import Iterable
 
 import torch
 from torch import Tensor
 
-MAX_WIDTH = 16_384  # the float64 Gram, the system and its factor: 6 GiB at this width
+from ..device import available_memory
+
+MAX_WIDTH = 16_384  # the float64 Gram, factored in place: 2 GiB at this width
+
+log = logging.getLogger(__name__)
+
+
+def refit_memory(width: int, d_out: int) -> int:
+    """Bytes the refit holds at its peak: the float64 Gram (factored in place), the cross
+    products, the old and the new decoder, and a chunk's float64 codes."""
+    return 8 * (width * width + 4 * width * d_out + 4096 * width)
 
 
 def gram_update(gram: Tensor, cross: Tensor, codes: Tensor, target: Tensor) -> None:
     """``gram += codes^T codes`` and ``cross += codes^T target`` (float64 sums); on the CPU
     through the nonzero entries of ``codes``, multiplied in float64."""
-    if codes.device.type != "cpu":
-        gram.add_((codes.T @ codes).double())
-        cross.add_((codes.T @ target).double())
+    if codes.device.type != "cpu":  # float64 operands: no width^2 temporary beside the sum
+        codes = codes.double()
+        gram.addmm_(codes.T, codes)
+        cross.addmm_(codes.T, target.double())
         return
     rows, cols = codes.nonzero(as_tuple=True)  # row-major: the CSR order
     values = codes[rows, cols].double()
@@ -56,14 +67,31 @@ def gram_update(gram: Tensor, cross: Tensor, codes: Tensor, target: Tensor) -> N
         cross.add_(torch.sparse.mm(codes_t, target.double()))
 
 
+def _fits(width: int, d_out: int, device: torch.device, name: str) -> bool:
+    """Whether the refit's peak memory is free on ``device``; a warning where it is not."""
+    need, free = refit_memory(width, d_out), available_memory(device)
+    if free is None or need <= free:
+        return True
+    log.warning("%s: decoder refit skipped, the trained decoder kept: its float64 systems at width %d need %.1f GiB "
+                "and %.1f GiB are free on %s (free memory, or train narrower SAEs, to refit)", name, width,
+                need / 2**30, free / 2**30, device)
+    return False
+
+
 @torch.no_grad()
-def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1e-2) -> dict[str, float]:
+def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1e-2,
+                  name: str = "SAE") -> dict[str, float]:
     """Replace ``sae.W_dec`` by the ridge least-squares decoder on the rows ``chunks`` yields, as
     ``(input, target)`` pairs in the SAE's own (scaled) units. Returns the FVU on those rows
     before and after (computed from the sums, no second pass), or ``{}`` where nothing was done
-    (an SAE that does not refit its decoder, a width above MAX_WIDTH, no rows, no active latent)."""
+    (an SAE that does not refit its decoder, a width above MAX_WIDTH, too little free memory for
+    its width^2 system, no rows, no active latent). ``name`` names the SAE in warnings."""
     width, d_out, start = sae.cfg.d_sae, sae.cfg.d_output, time.perf_counter()
-    if not sae.refits_decoder or width > MAX_WIDTH:
+    if not sae.refits_decoder:
+        return {}
+    if width > MAX_WIDTH:
+        log.warning("%s: decoder refit skipped at width %d (above %d, its float64 system would need %.0f GiB); the "
+                    "trained decoder is kept", name, width, MAX_WIDTH, refit_memory(width, d_out) / 2**30)
         return {}
     device = sae.W_dec.device
     count = 0
@@ -72,6 +100,8 @@ def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1
     try:
         for x, target in chunks:
             if count == 0:  # the sums, once there are rows (none: no width^2 allocation)
+                if not _fits(width, d_out, device, name):
+                    return {}
                 gram = torch.zeros(width, width, dtype=torch.float64, device=device)
                 cross = torch.zeros(width, d_out, dtype=torch.float64, device=device)
                 square = torch.zeros((), dtype=torch.float64, device=device)  # sum of |what the latents fit|^2
@@ -95,10 +125,9 @@ def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1
     if not shrink > 0:
         return {}
     old = sae.W_dec.detach().double()
-    system = gram.clone()
-    system.diagonal().add_(shrink)
-    factor, info = torch.linalg.cholesky_ex(system)
-    del system
+    gram.diagonal().add_(shrink)
+    info = torch.empty((), dtype=torch.int32, device=device)
+    factor, _ = torch.linalg.cholesky_ex(gram, out=(gram, info))  # in place: one width^2 matrix at the peak
     if int(info):
         return {}
     new = torch.cholesky_solve(cross + shrink * old, factor)

@@ -7,8 +7,9 @@ checkpoint: with an output folder they are appended to one file per batch entry
 shared; with an SAE per process every process its own) and the
 checkpoint records how many rows count; a resumed run cuts the files back to that and appends on,
 so it refits on the rows an uninterrupted run would. Without a folder (and so without checkpoints)
-they stay in memory. The files go once the run's last checkpoint holds the refit SAEs
-(:meth:`RefitRows.remove`).
+they stay in memory. Where the disk (without a folder, half the free memory) cannot hold the rows
+still to come, fewer are kept, with a warning, and the checkpoint keeps the smaller count. The
+files go once the run's last checkpoint holds the refit SAEs (:meth:`RefitRows.remove`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..data.batch import Batch
+from ..device import available_memory
 from .calibration import spread_slots
 
 log = logging.getLogger(__name__)
@@ -47,15 +49,13 @@ class RefitRows:
         return self.folder / f"{self.keys.index(key)}.f32"
 
     def add(self, step: int, batch: Batch) -> None:
-        start, end = spread_slots(step, self.rows, self.total_steps)
-        if end <= start or step >= self.total_steps:
+        if step >= self.total_steps or not self.rows:
             return
-        if self.folder is not None and not self.started:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for key in self.keys:  # a stale tail from a killed run, or a new run's empty files
-                with open(self._path(key), "ab") as handle:
-                    handle.truncate(self.filled * batch[key].shape[1] * 4)
-            self.started = True
+        if not self.started:
+            self._start(step, batch)
+        start, end = spread_slots(step, self.rows, self.total_steps)
+        if end <= start:
+            return
         for key in self.keys:
             part = batch[key][: end - start].detach().to("cpu", torch.float32)
             self.widths[key] = part.shape[1]
@@ -65,6 +65,29 @@ class RefitRows:
                 with open(self._path(key), "ab") as handle:
                     handle.write(part.contiguous().numpy().tobytes())
         self.filled += end - start
+
+    def _start(self, step: int, batch: Batch) -> None:
+        """Keep only as many rows as fit (half the free memory, or nine tenths of the folder's disk)
+        and open the files, cut to the rows the checkpoint counts."""
+        self.started = True
+        row_bytes = 4 * sum(batch[key].shape[1] for key in self.keys)
+        to_come = self.rows - spread_slots(step, self.rows, self.total_steps)[0]
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            free, where = 0.9 * shutil.disk_usage(self.folder).free, f"on the disk of {self.folder}"
+        else:
+            memory = available_memory("cpu")
+            free, where = (None, "") if memory is None else (0.5 * memory, "in memory (half of what is free)")
+        if free is not None and to_come * row_bytes > free:
+            fit = int(free // row_bytes)
+            self.rows = min(self.rows, fit * self.total_steps // max(self.total_steps - step, 1))
+            log.warning("decoder refit: the %d rows still to keep need %.1f GiB and %.1f GiB is free %s: keeping "
+                        "about %d (lower decoder_refit_tokens, or free space)", to_come, to_come * row_bytes / 2**30,
+                        free / 2**30, where, fit)
+        if self.folder is not None:
+            for key in self.keys:  # a stale tail from a killed run, or a new run's empty files
+                with open(self._path(key), "ab") as handle:
+                    handle.truncate(self.filled * batch[key].shape[1] * 4)
 
     def __len__(self) -> int:
         return self.filled
@@ -99,7 +122,7 @@ class RefitRows:
     def state(self) -> dict[str, Tensor]:
         """For the checkpoint: how many rows count and each entry's width (the rows stay in their
         files; a run without a folder writes no checkpoint)."""
-        return {"refit.filled": torch.tensor(self.filled),
+        return {"refit.filled": torch.tensor(self.filled), "refit.rows": torch.tensor(self.rows),
                 "refit.widths": torch.tensor([self.widths.get(key, 0) for key in self.keys])}
 
     def restore(self, tensors: dict[str, Tensor], finished: bool) -> None:
@@ -110,6 +133,8 @@ class RefitRows:
         if filled is None:  # a checkpoint written before refits: the rows from here on
             return
         self.filled = int(filled)
+        if "refit.rows" in tensors:  # a smaller count the run chose to fit its memory or disk
+            self.rows = min(self.rows, int(tensors["refit.rows"]))
         self.widths = {key: int(width) for key, width in zip(self.keys, tensors["refit.widths"].tolist()) if width}
         if finished or self.folder is None:
             return

@@ -309,7 +309,7 @@ class Trainer:
             note = finish_point(sae, self.optimizers[name], rows, targets, ctx, self.cfg.keep_training_point_margin)
             if len(self.refit_rows):  # this process kept rows (under data parallelism the main one)
                 pairs = self.refit_rows.pairs(input_key, target_key, scale_in, scale_out, self.device)
-                note.update(refit_point(sae, self.optimizers[name], pairs))
+                note.update(refit_point(sae, self.optimizers[name], pairs, f"SAE {name!r}"))
             share_refit(self.batch_sharers, sae, self.optimizers[name], "refit_fvu_after" in note)
             if note:
                 self.calibrations[name] = note
