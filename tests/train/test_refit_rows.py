@@ -139,3 +139,21 @@ def test_the_rows_still_to_come_set_the_count_when_the_check_happens_mid_run(tmp
     for step in range(4, 8):
         store.add(step, data[step])
     assert 200 + 55 <= len(store) <= 200 + 60
+
+
+def test_rows_reach_the_files_a_flush_at_a_time_and_all_of_them_before_a_checkpoint(tmp_path, monkeypatch):
+    module = importlib.import_module("jumpscope.train.refit_rows")
+    data = batches(4)
+    path = tmp_path / FOLDER / "rank0" / "0.f32"
+    monkeypatch.setattr(module, "FLUSH_BYTES", 1 << 40)  # never by size: only at a checkpoint or a read
+    store = RefitRows(["a"], rows=4 * 64, total_steps=4, batch_size=64, folder=tmp_path)
+    store.add(0, data[0])
+    store.add(1, data[1])
+    assert path.stat().st_size == 0 and len(store) == 128
+    state = store.state()
+    assert path.stat().st_size == 128 * 5 * 4 and int(state["refit.filled"]) == 128
+    monkeypatch.setattr(module, "FLUSH_BYTES", 64 * 5 * 4)  # one step's rows
+    store.add(2, data[2])
+    assert path.stat().st_size == 192 * 5 * 4
+    store.add(3, data[3])
+    assert torch.equal(kept(store, "a"), torch.cat([batch["a"] for batch in data]))

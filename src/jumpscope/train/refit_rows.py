@@ -1,5 +1,6 @@
 """The training rows the decoder refit reads (:mod:`.decoder_refit`): up to ``rows`` of them,
-spread evenly over the run, in float32 on the host.
+spread evenly over the run, in float32 on the host (gathered on the batches' device and copied
+over 64 MB at a time, so a GPU run does not wait for the host at every step).
 
 Many more than the calibration sample (500k rows of 384 floats: 768 MB), so they are not in the
 checkpoint: with an output folder they are appended to one file per batch entry
@@ -29,6 +30,7 @@ from .calibration import spread_slots
 
 log = logging.getLogger(__name__)
 FOLDER = "refit_rows"
+FLUSH_BYTES = 64 << 20  # rows gathered on the batches' device before one copy to the host
 
 
 class RefitRows:
@@ -41,6 +43,8 @@ class RefitRows:
         self.rows = min(int(rows), self.total_steps * int(batch_size))
         self.folder = Path(folder) / FOLDER / f"rank{rank}" if folder is not None and self.rows else None
         self.kept: dict[str, list[Tensor]] = {key: [] for key in self.keys}
+        self.pending: dict[str, list[Tensor]] = {key: [] for key in self.keys}  # not yet on the host
+        self.pending_bytes = 0
         self.widths: dict[str, int] = {}
         self.filled = 0
         self.started = False  # files opened (cut to ``filled``) for this run
@@ -56,15 +60,28 @@ class RefitRows:
         start, end = spread_slots(step, self.rows, self.total_steps)
         if end <= start:
             return
-        for key in self.keys:
-            part = batch[key][: end - start].detach().to("cpu", torch.float32)
+        for key in self.keys:  # on the batch's device until a flush: no host sync per step on a GPU
+            part = batch[key][: end - start].detach().to(dtype=torch.float32, copy=True)
             self.widths[key] = part.shape[1]
+            self.pending[key].append(part)
+        self.filled += end - start
+        self.pending_bytes += (end - start) * 4 * sum(self.widths.values())
+        if self.pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Move the rows kept since the last flush to the host: into memory, or appended to the files."""
+        for key, parts in self.pending.items():
+            if not parts:
+                continue
+            rows = torch.cat(parts).cpu()
             if self.folder is None:
-                self.kept[key].append(part.clone())
+                self.kept[key].append(rows)
             else:
                 with open(self._path(key), "ab") as handle:
-                    handle.write(part.contiguous().numpy().tobytes())
-        self.filled += end - start
+                    handle.write(rows.contiguous().numpy().tobytes())
+        self.pending = {key: [] for key in self.keys}
+        self.pending_bytes = 0
 
     def _start(self, step: int, batch: Batch) -> None:
         """Keep only as many rows as fit (half the free memory, or nine tenths of the folder's disk)
@@ -94,6 +111,7 @@ class RefitRows:
 
     def chunks(self, key: str, chunk_rows: int = 4096) -> Iterator[Tensor]:
         """The kept rows of ``key``, ``chunk_rows`` at a time (host float32)."""
+        self.flush()
         if self.folder is None:  # the kept slots, joined up to chunk_rows (no copy of them all)
             group: list[Tensor] = []
             for part in self.kept[key]:
@@ -122,6 +140,7 @@ class RefitRows:
     def state(self) -> dict[str, Tensor]:
         """For the checkpoint: how many rows count and each entry's width (the rows stay in their
         files; a run without a folder writes no checkpoint)."""
+        self.flush()  # the files hold every row counted
         return {"refit.filled": torch.tensor(self.filled), "refit.rows": torch.tensor(self.rows),
                 "refit.widths": torch.tensor([self.widths.get(key, 0) for key in self.keys])}
 
@@ -153,3 +172,5 @@ class RefitRows:
             if parent.exists() and not any(parent.iterdir()):
                 parent.rmdir()
         self.kept = {key: [] for key in self.keys}
+        self.pending = {key: [] for key in self.keys}
+        self.pending_bytes = 0

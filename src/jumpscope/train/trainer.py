@@ -346,6 +346,7 @@ class Trainer:
         """One file for every SAE, as one process writes it (collective: every process calls it)."""
         sharers = self.batch_sharers
         by_sae = sharers is not self.processes
+        self.refit_rows.flush()  # every process's files hold the rows the checkpoint counts
         parts = {name: TrainingState(self.saes[name], self.optimizers[name], self.since_fired[name],
                                      reduce_metrics(self.final_metrics[name], sharers), self.input_scales[name],
                                      self.output_scales[name]).portable(to_cpu=by_sae)
