@@ -259,8 +259,8 @@ def test_logprobs_parsed(server):
 
 
 def test_concurrency_bounded_and_ordered(server):
-    server.default = {"sleep": 0.05}
-    client = backend(server, max_concurrency=3, timeout_s=2)
+    server.default = {"sleep": 0.3}  # long enough that requests overlap on a loaded machine
+    client = backend(server, max_concurrency=3, timeout_s=20)
     texts = [f"q{i}" for i in range(10)]
     replies = client.complete([ask(t) for t in texts])
     assert [r.text for r in replies] == [f"echo:{t}" for t in texts]
