@@ -94,11 +94,13 @@ def _read_int(path: Path) -> int | None:
 def available_memory(device: torch.device | str = "cpu", proc: Path = Path("/proc"),
                      cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes a new allocation can take on ``device`` without swapping or an out-of-memory kill:
-    on CUDA the device's free memory; on Linux the smaller of MemAvailable and what this cgroup
-    (v2) may still take, since a container's limit is not in /proc/meminfo. None where unknown."""
+    on CUDA the device's free memory and what torch's caching allocator holds unused; on Linux the
+    smaller of MemAvailable and what this cgroup (v2) may still take, since a container's limit is
+    not in /proc/meminfo. None where unknown."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
     if device.type != "cpu":
         return None
     found = []
