@@ -153,3 +153,15 @@ def test_the_refit_of_a_run_on_activations_fifty_times_larger_is_the_same_sae_sc
     small, large = trained
     assert torch.allclose(small.W_dec, large.W_dec, atol=1e-4)
     assert torch.allclose(50 * small.b_dec, large.b_dec, atol=5e-3)
+
+
+@pytest.mark.cuda
+def test_the_refit_on_a_gpu_gives_the_cpus_decoder():
+    """The CUDA path (dense float64 Gram on the device, factored in place) against the CPU's sparse one."""
+    x = dictionary_rows(2048, seed=4)
+    cpu = build("topk", d_in=D_IN, d_sae=WIDTH, k=3, seed=2)
+    gpu = build("topk", d_in=D_IN, d_sae=WIDTH, k=3, seed=2).to("cuda")
+    on_cpu = refit_decoder(cpu, [(chunk, chunk) for chunk in x.split(500)])
+    on_gpu = refit_decoder(gpu, [(chunk.cuda(), chunk.cuda()) for chunk in x.split(500)])
+    assert on_gpu["refit_fvu_after"] == pytest.approx(on_cpu["refit_fvu_after"], rel=1e-4)
+    assert torch.allclose(gpu.W_dec.cpu(), cpu.W_dec, rtol=1e-4, atol=1e-5)

@@ -157,3 +157,13 @@ def test_rows_reach_the_files_a_flush_at_a_time_and_all_of_them_before_a_checkpo
     assert path.stat().st_size == 192 * 5 * 4
     store.add(3, data[3])
     assert torch.equal(kept(store, "a"), torch.cat([batch["a"] for batch in data]))
+
+
+@pytest.mark.cuda
+def test_rows_from_gpu_batches_reach_the_host_unchanged(tmp_path):
+    data = batches(4)
+    store = RefitRows(["a", "b"], rows=4 * 64, total_steps=4, batch_size=64, folder=tmp_path)
+    for step, batch in enumerate(data):
+        store.add(step, {key: value.cuda() for key, value in batch.items()})
+    assert torch.equal(kept(store, "a"), torch.cat([batch["a"] for batch in data]))
+    assert torch.equal(kept(store, "b"), torch.cat([batch["b"] for batch in data]))
