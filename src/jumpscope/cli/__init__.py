@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import JumpscopeError
 from ..safeio import one_line
 # Each module registers its command; this order is the order of `jumpscope --help`.
-from . import archs, info, convert, eval, dashboard, train, jsae, suite, sweep, steer, serve, find, autointerp  # noqa: F401,E501
+from . import archs, info, convert, eval, refit, dashboard, train, jsae, suite, sweep, steer, serve, find, autointerp  # noqa: F401,E501
 from .common import COMMANDS, Command, command
 
 __all__ = ["main", "build_parser", "command", "Command", "COMMANDS"]
