@@ -107,6 +107,8 @@ def training_rows(source: ActivationSource, sites: list[str], rows: int, progres
             break
     if count == 0:
         raise ValueError("the text gave no training rows to refit on")
+    if count < rows:
+        log.warning("the text's training windows gave %d of the %d rows asked for: refitting on those", count, rows)
     return {site: torch.cat(chunks)[:rows] for site, chunks in parts.items()}
 
 
