@@ -78,3 +78,21 @@ def test_rows_beyond_half_the_free_memory_are_not_taken(monkeypatch, caplog):
 def test_bad_settings_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         RefitJobConfig(saes=("x",), **{field: value})
+
+
+def test_a_transcoder_is_refit_toward_its_target_site_and_a_jacobian_pair_is_skipped(trained, caplog):
+    from jumpscope.jobs.refit import run_refit
+
+    root, activations = trained
+    transcoder = jumpscope.build("topk", d_in=32, d_sae=48, k=4, d_out=32, apply_b_dec_to_input=False, seed=1,
+                                 site="layers.1.mlp_in", target_site="layers.1.mlp_out", model=activations.model)
+    jumpscope.save(transcoder, root / "transcoder")
+    pair = jumpscope.build("jsae", d_in=32, d_sae=48, k=4, seed=1, site="layers.1.mlp_in", model=activations.model)
+    jumpscope.save(pair, root / "pair")
+    job = RefitJobConfig(saes=(str(root / "transcoder"), str(root / "pair")), tokens=1024, out=str(root / "refit_tc"),
+                         compare=False, device="cpu", progress=False)
+    notes = run_refit(job, activations)["refit"]
+    assert list(notes) == ["transcoder"] and notes["transcoder"]["refit_fvu_after"] < notes["transcoder"]["refit_fvu_before"]
+    assert "pair: JacobianSAE SAEs keep their decoder" in caplog.text and not (root / "refit_tc" / "pair").exists()
+    refit = jumpscope.load(root / "refit_tc" / "transcoder")
+    assert refit.cfg.target_site == "layers.1.mlp_out" and torch.equal(refit.W_enc, transcoder.W_enc)
