@@ -244,7 +244,8 @@ class SAE(nn.Module):
         self.check_input(x)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        flat = x.reshape(-1, x.shape[-1])  # the bias inside the product: no second pass over (n, d_sae)
+        return torch.addmm(self.b_enc, flat, self.W_enc).reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, f: Tensor) -> Tensor:
         """``f @ W_dec + b_dec``; outside training on the CPU through f's nonzero entries when it is

@@ -96,7 +96,7 @@ class BatchTopKSAE(TopKSAE):
         flat = acts.reshape(-1)
         keep = self.cfg.k * (flat.numel() // self.cfg.d_sae)
         values, indices = flat.topk(keep, sorted=False)
-        kept = torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
+        kept = torch.zeros_like(flat).scatter_(0, indices, values).reshape(pre.shape)
         detached = values.detach()
         smallest = torch.where(detached > 0, detached, torch.full_like(detached, float("inf"))).min()
         return kept, smallest

@@ -97,7 +97,7 @@ class TopKSAE(SAE):
             values, indices = kernels.row_topk(flat, self.cfg.k)
         else:
             values, indices = flat.topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(flat).scatter(-1, indices, torch.relu(values)).reshape(pre.shape)
+        return torch.zeros_like(flat).scatter_(-1, indices, torch.relu(values)).reshape(pre.shape)  # in place: no copy
 
     def training_activation(self, pre: Tensor) -> Tensor:
         """The activation used inside ``loss`` (may update running statistics in subclasses)."""
@@ -115,7 +115,7 @@ class TopKSAE(SAE):
         if k_aux == 0:
             return pre.new_zeros(())
         values, indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        aux_acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        aux_acts = torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
         return reconstruction_error(error, aux_acts @ self.W_dec)
 
     def loss(self, x: Tensor, ctx: StepContext, target: Tensor | None = None) -> LossOutput:
