@@ -165,3 +165,14 @@ def test_the_refit_on_a_gpu_gives_the_cpus_decoder():
     on_gpu = refit_decoder(gpu, [(chunk.cuda(), chunk.cuda()) for chunk in x.split(500)])
     assert on_gpu["refit_fvu_after"] == pytest.approx(on_cpu["refit_fvu_after"], rel=1e-4)
     assert torch.allclose(gpu.W_dec.cpu(), cpu.W_dec, rtol=1e-4, atol=1e-5)
+
+
+def test_too_few_rows_per_latent_are_named(caplog):
+    sae = build("topk", d_in=D_IN, d_sae=WIDTH, k=3, seed=0)
+    few = dictionary_rows(WIDTH * 4)
+    assert refit_decoder(sae, [(few, few)], name="SAE 'x'")
+    assert "SAE 'x': decoder refit on 96 rows for 24 latents (4.0 per latent)" in caplog.text
+    caplog.clear()
+    enough = dictionary_rows(WIDTH * 16)
+    refit_decoder(sae, [(enough, enough)])
+    assert "per latent" not in caplog.text

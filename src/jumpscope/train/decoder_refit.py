@@ -34,6 +34,8 @@ from ..device import available_memory
 
 MAX_WIDTH = 16_384  # the float64 Gram, factored in place: 2 GiB at this width
 
+MIN_ROWS_PER_LATENT = 16  # fewer: a warning (the refit may overfit its rows)
+
 log = logging.getLogger(__name__)
 
 
@@ -121,6 +123,11 @@ def refit_decoder(sae, chunks: Iterable[tuple[Tensor, Tensor]], ridge: float = 1
         sae.train(training)
     if count == 0:
         return {}
+    if count < MIN_ROWS_PER_LATENT * width:
+        log.warning("%s: decoder refit on %d rows for %d latents (%.1f per latent): below about %d per latent it can "
+                    "fit these rows and reconstruct new text worse (MiniLM, 3072 latents: held-out FVU 0.157 -> "
+                    "0.171 at 5 rows per latent, 0.152 at 11, 0.143 at 21)", name, count, width, count / width,
+                    MIN_ROWS_PER_LATENT)
     shrink = ridge * float(gram.diagonal().mean())
     if not shrink > 0:
         return {}
