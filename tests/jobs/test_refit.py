@@ -70,7 +70,7 @@ def test_rows_beyond_half_the_free_memory_are_not_taken(monkeypatch, caplog):
     assert affordable_rows(5_000, {"a": 64}) == 5_000
     assert affordable_rows(50_000, {"a": 64}) == 10_000 and "refitting on 10000" in caplog.text
     monkeypatch.setattr(module, "available_memory", lambda device: 100)
-    with pytest.raises(MemoryError, match="too little for a refit"):
+    with pytest.raises(ValueError, match="too little for a refit"):
         affordable_rows(50_000, {"a": 64})
 
 

@@ -87,8 +87,8 @@ def affordable_rows(rows: int, widths: dict[str, int]) -> int:
         return rows
     fit = int(free / 2 // row_bytes)
     if fit < CHUNK_ROWS:
-        raise MemoryError(f"{rows:,} rows of {sum(widths.values())} floats need {rows * row_bytes / 2**30:.1f} GiB and "
-                          f"{free / 2**30:.1f} GiB is free: too little for a refit")
+        raise ValueError(f"{rows:,} rows of {sum(widths.values())} floats need {rows * row_bytes / 2**30:.1f} GiB and "
+                         f"{free / 2**30:.1f} GiB is free: too little for a refit (free memory first)")
     log.warning("refit: %d rows need %.1f GiB and %.1f GiB is free: refitting on %d (half of it)", rows,
                 rows * row_bytes / 2**30, free / 2**30, fit)
     return fit
