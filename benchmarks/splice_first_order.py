@@ -15,7 +15,8 @@ SAE after the decoder refit of train/decoder_refit.py on that many training rows
 
 Usage: ``python benchmarks/splice_first_order.py --model stories --folder frontier_stories_travel
 --names jumprelu-target_l0_8 jumprelu-target_l0_32 --refit-rows 524288`` (SmolLM2: ``--model
-smollm2 --folder frontier_smollm2``; its training rows come from peer_sparsify's cache). Skips
+smollm2 --folder frontier_smollm2``; its training rows come from peer_sparsify's cache; the rows are
+``jumpscope refit``'s, shuffled through the activation config's buffer). Skips
 cleanly without the shared data.
 """
 
@@ -39,6 +40,7 @@ from jumpscope.activations import ActivationConfig  # noqa: E402
 from jumpscope.activations.source import ActivationSource  # noqa: E402
 from jumpscope.models.harvest import unpack_batch  # noqa: E402
 from jumpscope.models.splice import replace_sites  # noqa: E402
+from jumpscope.jobs.refit import training_rows  # noqa: E402
 from jumpscope.train.decoder_refit import refit_decoder  # noqa: E402
 
 
@@ -49,19 +51,6 @@ def summed_ce(model, site, ids, train, attention, transform):
     scored = train[:, :-1] & train[:, 1:] & attention[:, 1:]
     log_probs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     return -log_probs[scored].sum(), int(scored.sum())
-
-
-def training_rows(source: ActivationSource, site: str, rows: int) -> torch.Tensor:
-    """``rows`` training rows of ``site``: from the configured cache, else harvested in corpus order."""
-    parts, count = [], 0
-    stream = source.training_stream(rows, 4096, progress=False) if source.cfg.cache else source.chunks("train")
-    for item in stream:
-        part = item[site].reshape(-1, item[site].shape[-1]).float()
-        parts.append(part)
-        count += len(part)
-        if count >= rows:
-            break
-    return torch.cat(parts)[:rows]
 
 
 def measure(model, site, saes: dict, batches: list) -> dict:
@@ -127,7 +116,7 @@ def main(argv=None) -> int:
     folder = RESULTS / (args.folder or f"frontier_{args.model}")
     saes = {name: jumpscope.load(folder / name) for name in args.names}
     if args.refit_rows:
-        rows = training_rows(source, site, args.refit_rows)
+        rows = training_rows(source, [site], args.refit_rows, progress=False)[site]
         print(f"refit rows: {len(rows):,}", flush=True)
         for name in args.names:
             refit = copy.deepcopy(saes[name])

@@ -65,7 +65,7 @@ def test_refit_never_overwrites_an_earlier_refit(trained, capsys):
 
 
 def test_rows_beyond_half_the_free_memory_are_not_taken(monkeypatch, caplog):
-    module = importlib.import_module("jumpscope.jobs.refit")
+    module = importlib.import_module("jumpscope.train.refit_rows")  # where the refit rows' memory is read
     monkeypatch.setattr(module, "available_memory", lambda device: 2 * 10_000 * 4 * 64)
     assert affordable_rows(5_000, {"a": 64}) == 5_000
     assert affordable_rows(50_000, {"a": 64}) == 10_000 and "refitting on 10000" in caplog.text

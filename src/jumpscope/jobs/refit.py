@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..activations import ActivationConfig, ActivationSource
-from ..device import available_memory, resolve_device
+from ..device import resolve_device
 from ..errors import check_positive
 from ..evaluate.heldout import evaluate_saes, results_table
 from ..formats.loading import load_saes, model_of
@@ -27,6 +27,7 @@ from ..formats.native import save_native
 from ..safeio import write_text
 from ..sae.base import SAE
 from ..train.decoder_refit import refit_decoder
+from ..train.refit_rows import memory_for_rows
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096
@@ -82,15 +83,15 @@ class RefitJobConfig:
 def affordable_rows(rows: int, widths: dict[str, int]) -> int:
     """``rows``, or fewer where half the free memory cannot hold that many float32 rows of ``widths``."""
     row_bytes = 4 * sum(widths.values())
-    free = available_memory("cpu")
-    if free is None or rows * row_bytes <= free / 2:
+    budget = memory_for_rows()
+    if budget is None or rows * row_bytes <= budget:
         return rows
-    fit = int(free / 2 // row_bytes)
+    fit = int(budget // row_bytes)
     if fit < CHUNK_ROWS:
         raise ValueError(f"{rows:,} rows of {sum(widths.values())} floats need {rows * row_bytes / 2**30:.1f} GiB and "
-                         f"{free / 2**30:.1f} GiB is free: too little for a refit (free memory first)")
+                         f"{2 * budget / 2**30:.1f} GiB is free: too little for a refit (free memory first)")
     log.warning("refit: %d rows need %.1f GiB and %.1f GiB is free: refitting on %d (half of it)", rows,
-                rows * row_bytes / 2**30, free / 2**30, fit)
+                rows * row_bytes / 2**30, 2 * budget / 2**30, fit)
     return fit
 
 

@@ -33,6 +33,12 @@ FOLDER = "refit_rows"
 FLUSH_BYTES = 64 << 20  # rows gathered on the batches' device before one copy to the host
 
 
+def memory_for_rows() -> float | None:
+    """Host bytes refit rows may take: half of what is free (the rest is the run's), None where unknown."""
+    free = available_memory("cpu")
+    return None if free is None else 0.5 * free
+
+
 class RefitRows:
     """``rows`` rows of the batch entries ``keys`` (at most every row of ``total_steps`` batches of
     ``batch_size``), on disk under ``folder`` when one is given."""
@@ -93,8 +99,7 @@ class RefitRows:
             self.folder.mkdir(parents=True, exist_ok=True)
             free, where = 0.9 * shutil.disk_usage(self.folder).free, f"on the disk of {self.folder}"
         else:
-            memory = available_memory("cpu")
-            free, where = (None, "") if memory is None else (0.5 * memory, "in memory (half of what is free)")
+            free, where = memory_for_rows(), "in memory (half of what is free)"
         if free is not None and to_come * row_bytes > free:
             fit = int(free // row_bytes)
             self.rows = min(self.rows, fit * self.total_steps // max(self.total_steps - step, 1))
